@@ -1,0 +1,149 @@
+//! The running host: builds every stage from the config, starts them in dependency order, and
+//! stops them in the reverse order on SIGTERM or SIGINT so that nothing buffered is lost:
+//! listeners close, every buffered trace is decided (trigger `shutdown`), the exporter flushes
+//! within `shutdown.timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::buffer::worker::{WorkerContext, Workers};
+use crate::buffer::{MemoryBudget, Timings};
+use crate::clock::MonotonicClock;
+use crate::config::Config;
+use crate::decide::PolicyChain;
+use crate::export::Exporter;
+use crate::receiver::{Ingest, Receivers, bind, signalled};
+use crate::telemetry::Metrics;
+use crate::telemetry::admin::{self, Health};
+
+/// Runs until SIGTERM or SIGINT, then shuts down cleanly.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let admin_addr = match config.admin.endpoint {
+        Some(addr) => {
+            Some(start_admin(addr, metrics.clone(), health.clone(), stop_rx.clone()).await?)
+        }
+        None => None,
+    };
+
+    let exporter =
+        Exporter::start(&config.exporter, metrics.clone()).context("starting the exporter")?;
+    let memory = Arc::new(MemoryBudget::new(config.buffer.max_buffer_bytes.bytes()));
+    let workers = Workers::spawn(
+        config.worker_count(),
+        WorkerContext {
+            timings: Timings::from_config(&config.buffer),
+            memory: memory.clone(),
+            metrics: metrics.clone(),
+            export: exporter.queue.clone(),
+            clock: Arc::new(MonotonicClock::default()),
+            remember_kept: config.buffer.remember_kept,
+            remember_dropped: config.buffer.remember_dropped,
+        },
+        &PolicyChain::from_config(&config.decide),
+    )
+    .context("starting decision workers")?;
+    let ingest = Arc::new(Ingest::new(
+        workers.senders.clone(),
+        memory,
+        metrics.clone(),
+    ));
+
+    let (listen_stop_tx, listen_stop_rx) = watch::channel(false);
+    let receivers = Receivers::start(
+        &config.receivers,
+        ingest.clone(),
+        metrics.clone(),
+        listen_stop_rx,
+    )
+    .await
+    .context("starting receivers")?;
+    for (kind, addr) in [
+        ("grpc", receivers.grpc),
+        ("http", receivers.http),
+        ("admin", admin_addr),
+    ] {
+        if let Some(addr) = addr {
+            // Tests and scripts read these lines to learn ports bound as 0.
+            tracing::info!("{kind} listening on {addr}");
+        }
+    }
+    tracing::info!(
+        workers = config.worker_count(),
+        exporter = ?config.exporter.kind,
+        "tailgate ready"
+    );
+    health.set_ready(true);
+
+    let signal = wait_for_signal().await;
+    tracing::info!(
+        signal,
+        "shutting down: closing listeners, deciding buffered traces, flushing"
+    );
+    let deadline = tokio::time::Instant::now() + config.shutdown.timeout.0;
+    health.set_ready(false);
+    exporter.begin_shutdown(deadline);
+
+    let _ = listen_stop_tx.send(true);
+    // Listeners finish the requests they are serving; a client that holds its connection
+    // open does not get to hold up shutdown past a quarter of the budget.
+    let grace = config.shutdown.timeout.0 / 4;
+    if tokio::time::timeout(grace, receivers.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("listeners still had connections open; refusing further requests");
+    }
+    ingest.stop_accepting();
+
+    // Deciding is CPU work on the worker threads; wait for it off the async runtime.
+    tokio::task::spawn_blocking(move || workers.shutdown())
+        .await
+        .context("waiting for decision workers")?;
+    exporter.finish().await;
+    let _ = stop_tx.send(true);
+    tracing::info!("tailgate stopped");
+    Ok(())
+}
+
+async fn start_admin(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = bind(addr, "admin").await?;
+    let local = listener.local_addr()?;
+    let app = admin::router(metrics, health);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(signalled(stop))
+            .await
+        {
+            tracing::error!(error = %e, "admin listener stopped");
+        }
+    });
+    Ok(local)
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the only way out is being killed; wait on Ctrl-C instead.
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,547 @@
+//! Traces in waiting: every span of a trace is held here until the trace is decided.
+//!
+//! Owns the per-shard trace table, the decision timing (root grace, idle, decision wait, caps),
+//! the memory accounting that bounds the whole buffer, and the memory of past decisions that
+//! late spans follow. It never decides anything itself and never drops a span: a trace leaves
+//! only through [`TraceBuffer::pop_due`], [`TraceBuffer::pop_oldest`], [`TraceBuffer::take`] or
+//! [`TraceBuffer::drain`], and the caller must hand every trace it takes to the decision step.
+//!
+//! Time is a parameter (`now`, nanoseconds of a monotonic clock), never read here, so tests
+//! drive it without sleeping and a replay can run on record time.
+
+mod memory;
+mod remembered;
+pub mod worker;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryBudget;
+pub use remembered::{DecisionMemory, Remembered};
+
+/// A W3C / OTLP trace id.
+pub type TraceId = [u8; 16];
+
+/// Nanoseconds on the host's monotonic clock.
+pub type Nanos = u64;
+
+/// Fields of a `ResourceSpans` other than its scope spans, shared by every span of the batch.
+#[derive(Debug)]
+pub struct ResourceHeader {
+    /// Encoded fields (resource, schema url) exactly as received.
+    pub fields: Box<[u8]>,
+    /// `service.name`, or empty when the resource has none.
+    pub service: Arc<str>,
+}
+
+/// Fields of a `ScopeSpans` other than its spans, plus the resource it belongs to.
+#[derive(Debug)]
+pub struct ScopeHeader {
+    pub resource: Arc<ResourceHeader>,
+    pub fields: Box<[u8]>,
+}
+
+/// One buffered span: its protobuf bytes as received plus the index fields the host needs
+/// without decoding. 64 bytes of index beside the bytes themselves.
+#[derive(Debug, Clone)]
+pub struct BufferedSpan {
+    pub bytes: Box<[u8]>,
+    pub scope: Arc<ScopeHeader>,
+    pub span_id: [u8; 8],
+    pub parent_span_id: [u8; 8],
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub status_code: u8,
+    pub kind: u8,
+}
+
+impl BufferedSpan {
+    pub fn is_root(&self) -> bool {
+        self.parent_span_id == [0; 8]
+    }
+
+    /// Bytes this span holds while buffered: its wire bytes plus its index.
+    pub fn cost(&self) -> usize {
+        self.bytes.len() + std::mem::size_of::<Self>()
+    }
+}
+
+/// Fixed cost of one buffered trace beyond its spans: table entry, schedule and arrival entries.
+pub const TRACE_OVERHEAD: usize = 160;
+
+/// Why a trace was decided when it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// The root span arrived and `root_grace` passed with no newer span.
+    RootGrace,
+    /// No span arrived for `trace_idle`.
+    TraceIdle,
+    /// `decision_wait` passed since the first span.
+    DecisionWait,
+    /// The trace reached `max_spans_per_trace`.
+    SpanCap,
+    /// The trace reached `max_bytes_per_trace`.
+    ByteCap,
+    /// The buffer ran short of memory and this was among the oldest traces.
+    Memory,
+    /// The process is shutting down.
+    Shutdown,
+    /// A span that arrived after its trace was decided.
+    Late,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 8] = [
+        Trigger::RootGrace,
+        Trigger::TraceIdle,
+        Trigger::DecisionWait,
+        Trigger::SpanCap,
+        Trigger::ByteCap,
+        Trigger::Memory,
+        Trigger::Shutdown,
+        Trigger::Late,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::RootGrace => "root_grace",
+            Trigger::TraceIdle => "trace_idle",
+            Trigger::DecisionWait => "decision_wait",
+            Trigger::SpanCap => "span_cap",
+            Trigger::ByteCap => "byte_cap",
+            Trigger::Memory => "memory",
+            Trigger::Shutdown => "shutdown",
+            Trigger::Late => "late",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The timing and cap settings of the buffer, in clock units.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub root_grace: Nanos,
+    pub trace_idle: Nanos,
+    pub decision_wait: Nanos,
+    pub max_spans_per_trace: usize,
+    pub max_bytes_per_trace: usize,
+}
+
+impl Timings {
+    pub fn from_config(b: &crate::config::BufferConfig) -> Self {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            root_grace: nanos(b.root_grace.0),
+            trace_idle: nanos(b.trace_idle.0),
+            decision_wait: nanos(b.decision_wait.0),
+            max_spans_per_trace: b.max_spans_per_trace,
+            max_bytes_per_trace: b.max_bytes_per_trace.bytes(),
+        }
+    }
+}
+
+/// A trace still waiting for its decision.
+#[derive(Debug)]
+pub struct PendingTrace {
+    pub spans: Vec<BufferedSpan>,
+    /// Bytes accounted to the memory budget for this trace.
+    pub cost: usize,
+    pub first_seen: Nanos,
+    pub last_seen: Nanos,
+    /// When the root span arrived (spans arrive once ended, so the root has ended by then).
+    pub root_seen: Option<Nanos>,
+}
+
+impl PendingTrace {
+    /// When this trace is due, and which rule makes it due first.
+    fn due(&self, t: &Timings) -> (Nanos, Trigger) {
+        let mut due = (
+            self.first_seen.saturating_add(t.decision_wait),
+            Trigger::DecisionWait,
+        );
+        let idle = self.last_seen.saturating_add(t.trace_idle);
+        if idle < due.0 {
+            due = (idle, Trigger::TraceIdle);
+        }
+        if let Some(root) = self.root_seen {
+            // The grace is a quiet period: children that arrive after the root extend it, so a
+            // trace whose spans are still trickling in is not cut in two.
+            let grace = root.max(self.last_seen).saturating_add(t.root_grace);
+            if grace <= due.0 {
+                due = (grace, Trigger::RootGrace);
+            }
+        }
+        due
+    }
+
+    pub fn span_count(&self) -> usize {
+        self.spans.len()
+    }
+}
+
+/// A trace taken out of the buffer for its decision.
+#[derive(Debug)]
+pub struct DueTrace {
+    pub trace_id: TraceId,
+    pub trace: PendingTrace,
+    pub trigger: Trigger,
+}
+
+type TraceMap = HashMap<TraceId, PendingTrace, foldhash::fast::RandomState>;
+
+/// One shard of the buffer. Owned by one worker thread; no locks inside.
+pub struct TraceBuffer {
+    traces: TraceMap,
+    /// Min-heap of times at which a trace may be due. Entries are hints: a popped entry is
+    /// re-checked against the trace's current deadline, so spans arriving later (which only
+    /// move deadlines out) need no heap update.
+    schedule: BinaryHeap<Reverse<(Nanos, TraceId)>>,
+    /// Traces in order of first arrival, for deciding the oldest first under memory pressure.
+    /// Entries of traces already decided are skipped when met.
+    arrivals: VecDeque<(Nanos, TraceId)>,
+    timings: Timings,
+    cost: usize,
+    spans: usize,
+}
+
+/// What happened to a span offered to the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Buffered; the trace waits on.
+    Waiting,
+    /// Buffered, and the trace reached a cap: take it now with this trigger.
+    CapReached(Trigger),
+}
+
+impl TraceBuffer {
+    pub fn new(timings: Timings) -> Self {
+        Self {
+            traces: TraceMap::default(),
+            schedule: BinaryHeap::new(),
+            arrivals: VecDeque::new(),
+            timings,
+            cost: 0,
+            spans: 0,
+        }
+    }
+
+    /// Adds a span to its trace. `cost` is what the caller reserved for it in the budget.
+    pub fn insert(
+        &mut self,
+        trace_id: TraceId,
+        span: BufferedSpan,
+        cost: usize,
+        now: Nanos,
+    ) -> Inserted {
+        let is_root = span.is_root();
+        let timings = self.timings;
+        let trace = match self.traces.entry(trace_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let first_due = now.saturating_add(timings.trace_idle.min(timings.decision_wait));
+                self.schedule.push(Reverse((first_due, trace_id)));
+                self.arrivals.push_back((now, trace_id));
+                e.insert(PendingTrace {
+                    spans: Vec::with_capacity(4),
+                    cost: 0,
+                    first_seen: now,
+                    last_seen: now,
+                    root_seen: None,
+                })
+            }
+        };
+        trace.spans.push(span);
+        trace.cost += cost;
+        trace.last_seen = now;
+        if is_root && trace.root_seen.is_none() {
+            trace.root_seen = Some(now);
+            // The root may make the trace due before the entry already scheduled.
+            self.schedule
+                .push(Reverse((now.saturating_add(timings.root_grace), trace_id)));
+        }
+        self.cost += cost;
+        self.spans += 1;
+        if trace.spans.len() >= timings.max_spans_per_trace {
+            Inserted::CapReached(Trigger::SpanCap)
+        } else if trace.cost >= timings.max_bytes_per_trace {
+            Inserted::CapReached(Trigger::ByteCap)
+        } else {
+            Inserted::Waiting
+        }
+    }
+
+    /// Takes a trace out (after a cap was reached).
+    pub fn take(&mut self, trace_id: &TraceId, trigger: Trigger) -> Option<DueTrace> {
+        let trace = self.traces.remove(trace_id)?;
+        Some(self.account_removed(*trace_id, trace, trigger))
+    }
+
+    fn account_removed(
+        &mut self,
+        trace_id: TraceId,
+        trace: PendingTrace,
+        trigger: Trigger,
+    ) -> DueTrace {
+        self.cost -= trace.cost;
+        self.spans -= trace.spans.len();
+        DueTrace {
+            trace_id,
+            trace,
+            trigger,
+        }
+    }
+
+    /// The next trace whose deadline has passed, if any.
+    pub fn pop_due(&mut self, now: Nanos) -> Option<DueTrace> {
+        while let Some(&Reverse((at, trace_id))) = self.schedule.peek() {
+            if at > now {
+                return None;
+            }
+            self.schedule.pop();
+            let Some(trace) = self.traces.get(&trace_id) else {
+                continue; // decided earlier; a stale hint
+            };
+            let (due, trigger) = trace.due(&self.timings);
+            if due <= now {
+                let trace = self.traces.remove(&trace_id)?;
+                self.prune_arrivals();
+                return Some(self.account_removed(trace_id, trace, trigger));
+            }
+            self.schedule.push(Reverse((due, trace_id)));
+        }
+        None
+    }
+
+    /// The oldest trace, for an early decision under memory pressure.
+    pub fn pop_oldest(&mut self) -> Option<DueTrace> {
+        while let Some((first_seen, trace_id)) = self.arrivals.pop_front() {
+            let current = self.traces.get(&trace_id).map(|t| t.first_seen);
+            if current == Some(first_seen) {
+                let trace = self.traces.remove(&trace_id)?;
+                return Some(self.account_removed(trace_id, trace, Trigger::Memory));
+            }
+        }
+        None
+    }
+
+    /// Every trace still buffered, for shutdown.
+    pub fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
+        let traces = std::mem::take(&mut self.traces);
+        self.schedule.clear();
+        self.arrivals.clear();
+        let mut out: Vec<DueTrace> = traces
+            .into_iter()
+            .map(|(trace_id, trace)| DueTrace {
+                trace_id,
+                trace,
+                trigger,
+            })
+            .collect();
+        out.sort_by_key(|d| d.trace.first_seen);
+        self.cost = 0;
+        self.spans = 0;
+        out
+    }
+
+    /// Drops arrival entries of traces already decided, so the queue tracks live traces.
+    fn prune_arrivals(&mut self) {
+        while let Some((first_seen, trace_id)) = self.arrivals.front() {
+            let live = self.traces.get(trace_id).map(|t| t.first_seen) == Some(*first_seen);
+            if live {
+                break;
+            }
+            self.arrivals.pop_front();
+        }
+    }
+
+    /// The earliest time at which [`Self::pop_due`] may return a trace.
+    pub fn next_wakeup(&self) -> Option<Nanos> {
+        self.schedule.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub fn trace_count(&self) -> usize {
+        self.traces.len()
+    }
+
+    pub fn span_count(&self) -> usize {
+        self.spans
+    }
+
+    pub fn cost(&self) -> usize {
+        self.cost
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.traces.is_empty()
+    }
+}
+
+/// Which shard owns a trace. Trace ids are random in their low bytes (W3C level 2 asks for
+/// the rightmost 7 bytes to be random), so they spread evenly without hashing.
+pub fn shard_of(trace_id: &TraceId, shards: usize) -> usize {
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    // Multiply to mix the bytes before the modulo; shards is tiny.
+    (u64::from_le_bytes(low).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % shards.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+    const S: Nanos = 1_000 * MS;
+
+    fn timings() -> Timings {
+        Timings {
+            root_grace: 2 * S,
+            trace_idle: 10 * S,
+            decision_wait: 30 * S,
+            max_spans_per_trace: 5,
+            max_bytes_per_trace: 1 << 20,
+        }
+    }
+
+    pub(crate) fn span(parent: u8, len: usize) -> BufferedSpan {
+        let resource = Arc::new(ResourceHeader {
+            fields: Box::new([]),
+            service: Arc::from("svc"),
+        });
+        BufferedSpan {
+            bytes: vec![0u8; len].into_boxed_slice(),
+            scope: Arc::new(ScopeHeader {
+                resource,
+                fields: Box::new([]),
+            }),
+            span_id: [1; 8],
+            parent_span_id: [parent; 8],
+            start_unix_nano: 0,
+            end_unix_nano: 0,
+            status_code: 0,
+            kind: 0,
+        }
+    }
+
+    fn tid(n: u8) -> TraceId {
+        [n; 16]
+    }
+
+    fn insert(b: &mut TraceBuffer, id: u8, parent: u8, now: Nanos) -> Inserted {
+        let s = span(parent, 100);
+        let cost = s.cost();
+        b.insert(tid(id), s, cost, now)
+    }
+
+    #[test]
+    fn root_trace_is_decided_after_root_grace_not_decision_wait() {
+        let mut b = TraceBuffer::new(timings());
+        insert(&mut b, 1, 7, 0);
+        insert(&mut b, 1, 0, S); // root arrives at 1 s
+        assert!(b.pop_due(3 * S - 1).is_none());
+        let due = b.pop_due(3 * S).expect("due after grace");
+        assert_eq!(due.trigger, Trigger::RootGrace);
+        assert_eq!(due.trace.spans.len(), 2);
+        assert!(b.is_empty());
+        assert_eq!(b.cost(), 0);
+    }
+
+    #[test]
+    fn children_after_the_root_extend_the_grace() {
+        let mut b = TraceBuffer::new(timings());
+        insert(&mut b, 1, 0, 0);
+        insert(&mut b, 1, 9, 1500 * MS);
+        assert!(b.pop_due(2 * S).is_none());
+        let due = b.pop_due(3500 * MS).unwrap();
+        assert_eq!(
+            (due.trigger, due.trace.spans.len()),
+            (Trigger::RootGrace, 2)
+        );
+    }
+
+    #[test]
+    fn rootless_trace_waits_for_idle_then_decision_wait() {
+        let mut b = TraceBuffer::new(timings());
+        insert(&mut b, 1, 7, 0);
+        assert!(b.pop_due(10 * S - 1).is_none());
+        assert_eq!(b.pop_due(10 * S).unwrap().trigger, Trigger::TraceIdle);
+
+        // A trace that keeps receiving spans is cut at decision_wait.
+        for i in 0..=30 {
+            insert(&mut b, 2, 7, i * S);
+        }
+        let due = b.pop_due(30 * S).unwrap();
+        assert_eq!(due.trigger, Trigger::DecisionWait);
+    }
+
+    #[test]
+    fn caps_are_reported_on_insert() {
+        let mut b = TraceBuffer::new(timings());
+        for i in 0..4 {
+            assert_eq!(insert(&mut b, 1, 7, i), Inserted::Waiting);
+        }
+        assert_eq!(
+            insert(&mut b, 1, 7, 5),
+            Inserted::CapReached(Trigger::SpanCap)
+        );
+        let due = b.take(&tid(1), Trigger::SpanCap).unwrap();
+        assert_eq!(due.trace.spans.len(), 5);
+        assert_eq!(b.span_count(), 0);
+    }
+
+    #[test]
+    fn oldest_first_under_pressure_and_drain_takes_everything() {
+        let mut b = TraceBuffer::new(timings());
+        insert(&mut b, 3, 7, 0);
+        insert(&mut b, 1, 7, 1);
+        insert(&mut b, 2, 7, 2);
+        insert(&mut b, 3, 7, 3);
+        let first = b.pop_oldest().unwrap();
+        assert_eq!((first.trace_id, first.trigger), (tid(3), Trigger::Memory));
+        assert_eq!(first.trace.spans.len(), 2);
+        assert_eq!(b.pop_oldest().unwrap().trace_id, tid(1));
+        let rest = b.drain(Trigger::Shutdown);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].trace_id, tid(2));
+        assert!(b.is_empty() && b.cost() == 0 && b.span_count() == 0);
+        assert!(b.pop_due(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn cost_accounting_balances() {
+        let mut b = TraceBuffer::new(timings());
+        let mut total = 0;
+        for i in 0..50u8 {
+            let s = span(if i % 5 == 0 { 0 } else { 1 }, 10 + i as usize);
+            total += s.cost();
+            let c = s.cost();
+            b.insert(tid(i % 7), s, c, i as u64 * MS);
+        }
+        assert_eq!(b.cost(), total);
+        let mut taken = 0;
+        while let Some(d) = b.pop_due(u64::MAX / 2) {
+            taken += d.trace.cost;
+        }
+        assert_eq!(taken, total);
+        assert_eq!(b.cost(), 0);
+    }
+
+    #[test]
+    fn shards_spread_random_ids() {
+        let mut counts = [0usize; 4];
+        let mut x: u64 = 0x1234_5678;
+        for _ in 0..4000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&x.to_le_bytes());
+            counts[shard_of(&id, 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+}

@@ -1,0 +1,396 @@
+//! Export: kept traces leave the host here.
+//!
+//! Owns the bounded queue between the decision workers and the network, batching by size and
+//! time, regrouping kept spans by resource and scope (a resource is written once per batch,
+//! never copied per span), and the sinks: the OTLP/JSON-lines file (the embedded default) and
+//! OTLP over gRPC or HTTP. It never drops a span without counting it: every span pushed here
+//! ends up counted as exported or as failed with a reason.
+
+mod file;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::buffer::{BufferedSpan, ScopeHeader, TraceId};
+use crate::config::{Compression, ExporterConfig, ExporterKind};
+use crate::decide::Stamp;
+use crate::otlp::wire::{self, EncodeResource, EncodeScope, EncodeSpan};
+use crate::telemetry::Metrics;
+
+pub use file::FileSink;
+use transport::{Protocol, RetryPolicy, SendError, Transport, TransportConfig};
+
+/// A trace decided keep, on its way out.
+#[derive(Debug)]
+pub struct KeptTrace {
+    pub trace_id: TraceId,
+    pub spans: Vec<BufferedSpan>,
+    pub stamp: Arc<Stamp>,
+}
+
+/// Bounds the spans between the workers and the network. A worker that finds it full waits,
+/// which stops it deciding, which fills the buffer, which makes the receivers refuse with a
+/// retryable code: back-pressure reaches the senders instead of memory growing.
+struct SpanBudget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    cap: usize,
+}
+
+impl SpanBudget {
+    fn acquire(&self, spans: usize) {
+        let mut used = self.used.lock();
+        // A trace larger than the whole queue still goes through, alone.
+        while *used > 0 && *used + spans > self.cap {
+            self.freed.wait(&mut used);
+        }
+        *used += spans;
+    }
+
+    fn release(&self, spans: usize) {
+        *self.used.lock() -= spans;
+        self.freed.notify_all();
+    }
+}
+
+/// The workers' handle on the export queue.
+#[derive(Clone)]
+pub struct ExportQueue {
+    tx: mpsc::UnboundedSender<KeptTrace>,
+    budget: Arc<SpanBudget>,
+    metrics: Arc<Metrics>,
+}
+
+impl ExportQueue {
+    /// Queues a kept trace, blocking the calling worker while the queue is full.
+    pub fn push(&self, trace: KeptTrace) {
+        let spans = trace.spans.len();
+        self.budget.acquire(spans);
+        self.metrics.export_queue_spans.inc_by(spans as i64);
+        if self.tx.send(trace).is_err() {
+            // Only after the exporter has stopped, which happens after every worker: count it.
+            self.budget.release(spans);
+            self.metrics.export_queue_spans.dec_by(spans as i64);
+            self.metrics.export_failed("exporter_stopped", spans as u64);
+        }
+    }
+}
+
+/// Where batches go.
+enum Sink {
+    File(Arc<FileSink>),
+    Otlp(Arc<Transport>, RetryPolicy),
+}
+
+/// The running exporter: a queue handle for the workers and the task that drains it.
+pub struct Exporter {
+    pub queue: ExportQueue,
+    task: tokio::task::JoinHandle<()>,
+    shutdown_deadline: watch::Sender<Option<Instant>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterError {
+    #[error("exporter file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("exporter: {0}")]
+    Transport(String),
+}
+
+impl Exporter {
+    /// Starts the exporter task on the current tokio runtime.
+    pub fn start(config: &ExporterConfig, metrics: Arc<Metrics>) -> Result<Self, ExporterError> {
+        let sink = match config.kind {
+            ExporterKind::File => Sink::File(Arc::new(
+                FileSink::open(&config.path, config.max_file_size.0, config.max_files).map_err(
+                    |source| ExporterError::File {
+                        path: config.path.display().to_string(),
+                        source,
+                    },
+                )?,
+            )),
+            ExporterKind::OtlpGrpc | ExporterKind::OtlpHttp => {
+                let transport = Transport::new(TransportConfig {
+                    protocol: if config.kind == ExporterKind::OtlpGrpc {
+                        Protocol::Grpc
+                    } else {
+                        Protocol::HttpProtobuf
+                    },
+                    endpoint: config.endpoint.clone(),
+                    headers: config
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    gzip: config.compression == Compression::Gzip,
+                    timeout: config.timeout.0,
+                })
+                .map_err(|e| ExporterError::Transport(e.to_string()))?;
+                let policy = RetryPolicy {
+                    initial_backoff: config.retry_initial_backoff.0,
+                    max_backoff: config.retry_max_backoff.0,
+                    max_elapsed: config.retry_max_elapsed.0,
+                    ..RetryPolicy::default()
+                };
+                Sink::Otlp(Arc::new(transport), policy)
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(SpanBudget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            cap: config.queue_max_spans,
+        });
+        let (shutdown_deadline, deadline_rx) = watch::channel(None);
+        let batcher = Batcher {
+            sink: Arc::new(sink),
+            budget: budget.clone(),
+            metrics: metrics.clone(),
+            max_spans: config.batch_max_spans,
+            timeout: config.batch_timeout.0,
+            in_flight: Arc::new(Semaphore::new(match config.kind {
+                // One writer keeps the file's lines whole and in decision order.
+                ExporterKind::File => 1,
+                _ => config.concurrency,
+            })),
+            deadline: deadline_rx,
+        };
+        let task = tokio::spawn(batcher.run(rx));
+        Ok(Self {
+            queue: ExportQueue {
+                tx,
+                budget,
+                metrics,
+            },
+            task,
+            shutdown_deadline,
+        })
+    }
+
+    /// From now on, retries give up at `deadline`: shutdown has begun. Call before stopping the
+    /// workers, so a worker waiting on a full queue is not held up by a backend that is down.
+    pub fn begin_shutdown(&self, deadline: Instant) {
+        let _ = self.shutdown_deadline.send(Some(deadline));
+    }
+
+    /// Flushes what is queued and waits for it to be delivered or to fail. Call after every
+    /// worker has stopped and dropped its queue handle.
+    pub async fn finish(self) {
+        drop(self.queue);
+        let _ = self.task.await;
+    }
+}
+
+struct Batcher {
+    sink: Arc<Sink>,
+    budget: Arc<SpanBudget>,
+    metrics: Arc<Metrics>,
+    max_spans: usize,
+    timeout: Duration,
+    in_flight: Arc<Semaphore>,
+    deadline: watch::Receiver<Option<Instant>>,
+}
+
+impl Batcher {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<KeptTrace>) {
+        let mut sends = JoinSet::new();
+        let mut batch: Vec<KeptTrace> = Vec::new();
+        let mut spans = 0usize;
+        let mut flush_at: Option<Instant> = None;
+        loop {
+            let timer = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(trace) => {
+                        if batch.is_empty() {
+                            flush_at = Some(Instant::now() + self.timeout);
+                        }
+                        spans += trace.spans.len();
+                        batch.push(trace);
+                        if spans >= self.max_spans {
+                            self.flush(&mut batch, &mut spans, &mut sends).await;
+                            flush_at = None;
+                        }
+                    }
+                    None => break,
+                },
+                _ = timer => {
+                    self.flush(&mut batch, &mut spans, &mut sends).await;
+                    flush_at = None;
+                }
+            }
+            while sends.try_join_next().is_some() {}
+        }
+        self.flush(&mut batch, &mut spans, &mut sends).await;
+        while sends.join_next().await.is_some() {}
+    }
+
+    async fn flush(&self, batch: &mut Vec<KeptTrace>, spans: &mut usize, sends: &mut JoinSet<()>) {
+        if batch.is_empty() {
+            return;
+        }
+        let traces = std::mem::take(batch);
+        let count = std::mem::take(spans);
+        // Wait for a free slot here, so a slow backend slows the batcher (and through the
+        // queue budget, the workers) instead of piling up tasks.
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let sink = self.sink.clone();
+        let budget = self.budget.clone();
+        let metrics = self.metrics.clone();
+        let deadline = self.deadline.clone();
+        sends.spawn(async move {
+            let body = Bytes::from(encode_batch(&traces));
+            drop(traces);
+            let started = std::time::Instant::now();
+            let outcome = deliver(&sink, body, &metrics, deadline).await;
+            metrics
+                .export_latency
+                .observe(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok(rejected) => {
+                    let rejected = rejected.min(count as u64);
+                    metrics.exported_spans.inc_by(count as u64 - rejected);
+                    if rejected > 0 {
+                        metrics.export_failed("rejected_by_backend", rejected);
+                    }
+                    metrics.export_batch("sent");
+                }
+                Err(reason) => {
+                    metrics.export_failed(reason, count as u64);
+                    metrics.export_batch("failed");
+                }
+            }
+            metrics.export_queue_spans.dec_by(count as i64);
+            budget.release(count);
+            drop(permit);
+        });
+    }
+}
+
+/// Sends one batch; `Ok` carries the spans the backend rejected in a partial success.
+async fn deliver(
+    sink: &Sink,
+    body: Bytes,
+    metrics: &Metrics,
+    mut deadline: watch::Receiver<Option<Instant>>,
+) -> Result<u64, &'static str> {
+    match sink {
+        Sink::File(file) => {
+            let file = file.clone();
+            match tokio::task::spawn_blocking(move || file.write_batch(&body)).await {
+                Ok(Ok(())) => Ok(0),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "file exporter could not write a batch");
+                    Err("io")
+                }
+                Err(_) => Err("io"),
+            }
+        }
+        Sink::Otlp(transport, policy) => {
+            let current = *deadline.borrow();
+            let send = transport::send_with_retry(transport, body, policy, current, |e| {
+                metrics.export_retries.inc();
+                tracing::warn!(error = ?e, "export attempt failed; retrying");
+            });
+            // Shutdown may begin while this batch is retrying: stop waiting at its deadline.
+            let shutdown = async {
+                loop {
+                    let current = *deadline.borrow_and_update();
+                    if let Some(at) = current {
+                        tokio::time::sleep_until(at).await;
+                        return;
+                    }
+                    if deadline.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                result = send => match result {
+                    Ok(delivered) => {
+                        if delivered.rejected_spans > 0 {
+                            tracing::warn!(rejected = delivered.rejected_spans, message = %delivered.message,
+                                "backend rejected part of a batch");
+                        } else if !delivered.message.is_empty() {
+                            tracing::warn!(message = %delivered.message, "backend warning on export");
+                        }
+                        Ok(u64::try_from(delivered.rejected_spans).unwrap_or(0))
+                    }
+                    Err(SendError::Permanent { message }) => {
+                        tracing::error!(%message, "backend refused a batch; not retrying");
+                        Err("permanent_error")
+                    }
+                    Err(SendError::Retryable { message, .. }) => {
+                        tracing::error!(%message, "gave up on a batch after retrying");
+                        Err("retries_exhausted")
+                    }
+                },
+                _ = shutdown => {
+                    tracing::error!("shutdown timeout reached while a batch was still being retried");
+                    Err("shutdown_timeout")
+                }
+            }
+        }
+    }
+}
+
+/// Encodes kept traces as one `ExportTraceServiceRequest`, with spans regrouped under one
+/// `ResourceSpans` per distinct resource and one `ScopeSpans` per distinct scope, and each
+/// span's decision stamp appended to it.
+pub fn encode_batch(traces: &[KeptTrace]) -> Vec<u8> {
+    // Spans of one request share their header by pointer; different requests from the same
+    // service carry equal bytes. Look up by pointer first, by bytes only for a new pointer.
+    let mut by_pointer: HashMap<*const ScopeHeader, (usize, usize)> = HashMap::new();
+    let mut resource_by_bytes: HashMap<&[u8], usize> = HashMap::new();
+    let mut scope_by_bytes: HashMap<(usize, &[u8]), usize> = HashMap::new();
+    let mut resources: Vec<EncodeResource<'_>> = Vec::new();
+    for trace in traces {
+        for span in &trace.spans {
+            let header: &ScopeHeader = &span.scope;
+            let (r, s) = *by_pointer
+                .entry(header as *const ScopeHeader)
+                .or_insert_with(|| {
+                    let fields: &[u8] = &header.resource.fields;
+                    let r = *resource_by_bytes.entry(fields).or_insert_with(|| {
+                        resources.push(EncodeResource {
+                            fields,
+                            scopes: Vec::new(),
+                        });
+                        resources.len() - 1
+                    });
+                    let scope_fields: &[u8] = &header.fields;
+                    let s = *scope_by_bytes.entry((r, scope_fields)).or_insert_with(|| {
+                        resources[r].scopes.push(EncodeScope {
+                            fields: scope_fields,
+                            spans: Vec::new(),
+                        });
+                        resources[r].scopes.len() - 1
+                    });
+                    (r, s)
+                });
+            resources[r].scopes[s].spans.push(EncodeSpan {
+                bytes: &span.bytes,
+                extra: &trace.stamp.encoded,
+            });
+        }
+    }
+    wire::encode_request(&resources)
+}

@@ -1,0 +1,341 @@
+//! OTLP/HTTP receiver: `POST /v1/traces` with a protobuf or JSON body, optionally gzip.
+//!
+//! The body is read as a stream and bounded after decompression: a small gzip body that would
+//! expand past `max_request_size` is cut off while inflating, never held in memory whole.
+//! Error bodies are `google.rpc.Status` in the request's own encoding, as OTLP asks.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use http_body_util::BodyExt;
+use prost::Message;
+
+use super::ingest::{Ingest, Refusal};
+use crate::otlp::{RpcStatus, json};
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+struct HttpState {
+    ingest: Arc<Ingest>,
+    metrics: Arc<Metrics>,
+    max_request_size: usize,
+    retry_after: Duration,
+}
+
+pub fn router(
+    ingest: Arc<Ingest>,
+    metrics: Arc<Metrics>,
+    max_request_size: usize,
+    retry_after: Duration,
+) -> Router {
+    Router::new()
+        .route("/v1/traces", any(export))
+        .with_state(HttpState {
+            ingest,
+            metrics,
+            max_request_size,
+            retry_after,
+        })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+/// gRPC status codes used in `google.rpc.Status` bodies.
+const INVALID_ARGUMENT: i32 = 3;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const UNIMPLEMENTED: i32 = 12;
+const UNAVAILABLE: i32 = 14;
+
+async fn export(State(s): State<HttpState>, req: Request) -> Response {
+    let encoding = content_type(req.headers());
+    // Errors about the request itself answer in its encoding when we can tell it, else JSON.
+    let reply_as = encoding.unwrap_or(Encoding::Json);
+    if req.method() != Method::POST {
+        s.metrics.request("http", "bad_method");
+        let mut r = status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            reply_as,
+            UNIMPLEMENTED,
+            "only POST is allowed on /v1/traces",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let Some(encoding) = encoding else {
+        s.metrics.request("http", "unsupported_media_type");
+        return status_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            reply_as,
+            INVALID_ARGUMENT,
+            "Content-Type must be application/x-protobuf or application/json",
+        );
+    };
+    let gzip = match content_encoding(req.headers()) {
+        Ok(gzip) => gzip,
+        Err(name) => {
+            s.metrics.request("http", "unsupported_media_type");
+            return status_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                encoding,
+                INVALID_ARGUMENT,
+                &format!("unsupported Content-Encoding {name:?}; use gzip or none"),
+            );
+        }
+    };
+    let body = match read_body(req.into_body(), gzip, s.max_request_size).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            s.metrics.request("http", "too_large");
+            return status_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                encoding,
+                RESOURCE_EXHAUSTED,
+                &format!(
+                    "request larger than {} bytes after decompression",
+                    s.max_request_size
+                ),
+            );
+        }
+        Err(BodyError::Corrupt(why)) => {
+            s.metrics.request("http", "malformed");
+            return status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why);
+        }
+    };
+    let result = super::run_ingest(body.len(), || match encoding {
+        Encoding::Protobuf => s.ingest.accept_protobuf(&body, "http_protobuf"),
+        Encoding::Json => s.ingest.accept_json(&body, "http_json"),
+    });
+    match result {
+        Ok(accepted) => {
+            s.metrics.request("http", super::outcome(&accepted));
+            let response = super::grpc::response_for(accepted);
+            let body = match encoding {
+                Encoding::Protobuf => response.encode_to_vec(),
+                Encoding::Json => json::encode_response(&response).into_bytes(),
+            };
+            typed(StatusCode::OK, encoding, body)
+        }
+        Err(Refusal::Malformed(why)) => {
+            s.metrics.request("http", "malformed");
+            status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why)
+        }
+        Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown)) => {
+            s.metrics.request("http", "unavailable");
+            let why = if matches!(refusal, Refusal::Busy) {
+                "tailgate's trace buffer is full; retry later"
+            } else {
+                "tailgate is shutting down"
+            };
+            let mut r =
+                status_response(StatusCode::SERVICE_UNAVAILABLE, encoding, UNAVAILABLE, why);
+            let secs = s.retry_after.as_secs().max(1);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r
+        }
+    }
+}
+
+/// The media type, ignoring parameters such as `charset=utf-8`.
+fn content_type(headers: &HeaderMap) -> Option<Encoding> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = value.split(';').next()?.trim();
+    if media.eq_ignore_ascii_case("application/x-protobuf")
+        || media.eq_ignore_ascii_case("application/protobuf")
+    {
+        Some(Encoding::Protobuf)
+    } else if media.eq_ignore_ascii_case("application/json") {
+        Some(Encoding::Json)
+    } else {
+        None
+    }
+}
+
+/// Ok(true) for gzip, Ok(false) for none; Err names an encoding we do not accept.
+fn content_encoding(headers: &HeaderMap) -> Result<bool, String> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(false);
+    };
+    let value = value.to_str().unwrap_or("").trim();
+    if value.eq_ignore_ascii_case("gzip") || value.eq_ignore_ascii_case("x-gzip") {
+        Ok(true)
+    } else if value.is_empty() || value.eq_ignore_ascii_case("identity") {
+        Ok(false)
+    } else {
+        Err(value.to_owned())
+    }
+}
+
+#[derive(Debug)]
+enum BodyError {
+    TooLarge,
+    Corrupt(String),
+}
+
+/// Reads the body, inflating gzip on the fly, and stops as soon as either the bytes on the
+/// wire or the bytes after inflation pass `limit`.
+async fn read_body(mut body: Body, gzip: bool, limit: usize) -> Result<Vec<u8>, BodyError> {
+    let mut raw_len = 0usize;
+    let mut plain = Vec::new();
+    let mut inflater = gzip.then(|| flate2::write::MultiGzDecoder::new(LimitedSink::new(limit)));
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| BodyError::Corrupt(format!("reading the request body: {e}")))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        raw_len += chunk.len();
+        if raw_len > limit {
+            return Err(BodyError::TooLarge);
+        }
+        match inflater.as_mut() {
+            Some(inflater) => inflater
+                .write_all(&chunk)
+                .map_err(|e| inflate_error(inflater.get_ref(), e))?,
+            None => plain.extend_from_slice(&chunk),
+        }
+    }
+    match inflater {
+        Some(mut inflater) => {
+            inflater
+                .try_finish()
+                .map_err(|e| inflate_error(inflater.get_ref(), e))?;
+            let sink = inflater
+                .finish()
+                .map_err(|e| BodyError::Corrupt(format!("invalid gzip body: {e}")))?;
+            Ok(sink.buf)
+        }
+        None => Ok(plain),
+    }
+}
+
+fn inflate_error(sink: &LimitedSink, e: io::Error) -> BodyError {
+    if sink.exceeded {
+        BodyError::TooLarge
+    } else {
+        BodyError::Corrupt(format!("invalid gzip body: {e}"))
+    }
+}
+
+/// Collects inflated bytes and refuses to grow past the limit.
+struct LimitedSink {
+    buf: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl LimitedSink {
+    fn new(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            limit,
+            exceeded: false,
+        }
+    }
+}
+
+impl Write for LimitedSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.exceeded = true;
+            return Err(io::Error::other("decompressed body exceeds the size limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn typed(code: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response {
+    let content_type = match encoding {
+        Encoding::Protobuf => "application/x-protobuf",
+        Encoding::Json => "application/json",
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from(body),
+    )
+        .into_response()
+}
+
+fn status_response(code: StatusCode, encoding: Encoding, rpc_code: i32, message: &str) -> Response {
+    let body = match encoding {
+        Encoding::Protobuf => RpcStatus {
+            code: rpc_code,
+            message: message.to_owned(),
+            details: Vec::new(),
+        }
+        .encode_to_vec(),
+        Encoding::Json => json::encode_status(rpc_code, message).into_bytes(),
+    };
+    typed(code, encoding, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::best());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn gzip_bomb_is_cut_off_at_the_limit() {
+        let bomb = gzip(&vec![0u8; 50 << 20]);
+        assert!(bomb.len() < 100 << 10);
+        let err = read_body(Body::from(bomb), true, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn gzip_within_the_limit_inflates_and_corrupt_gzip_is_an_error() {
+        let data = b"hello otlp".repeat(100);
+        let body = read_body(Body::from(gzip(&data)), true, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(body, data);
+        let err = read_body(Body::from(b"not gzip at all".to_vec()), true, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::Corrupt(_)));
+    }
+
+    #[test]
+    fn content_type_accepts_parameters() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert_eq!(content_type(&h), Some(Encoding::Json));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/X-Protobuf"),
+        );
+        assert_eq!(content_type(&h), Some(Encoding::Protobuf));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(content_type(&h), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! OTLP receivers: gRPC on 4317 and HTTP (protobuf and JSON) on 4318 by default.
+//!
+//! Owns the listeners and the translation between OTLP's transport rules (status codes, error
+//! bodies, size limits, compression) and the shared ingest path. A receiver never buffers or
+//! decides anything itself; it answers only after the spans are in the buffer or refused.
+
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use ingest::{Accepted, Ingest, Refusal};
+
+use crate::config::ReceiversConfig;
+use crate::telemetry::Metrics;
+
+/// Bodies above this are parsed with `block_in_place`, so a 64 MiB request does not stall the
+/// other connections served by the same runtime thread.
+const INLINE_PARSE_LIMIT: usize = 256 << 10;
+
+fn run_ingest<T>(len: usize, f: impl FnOnce() -> T) -> T {
+    if len > INLINE_PARSE_LIMIT {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// Label for the `tailgate_requests_total{outcome}` counter.
+fn outcome(accepted: &Accepted) -> &'static str {
+    if accepted.rejected_spans > 0 {
+        "partial"
+    } else {
+        "ok"
+    }
+}
+
+/// Listening receivers, with the addresses they actually bound (port 0 resolves here).
+pub struct Receivers {
+    pub grpc: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Receivers {
+    /// Binds every configured listener and starts serving until `shutdown` resolves.
+    pub async fn start(
+        config: &ReceiversConfig,
+        ingest: Arc<Ingest>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let limit = config.max_request_size.bytes();
+        let mut tasks = Vec::new();
+        let mut grpc_addr = None;
+        let mut http_addr = None;
+        if let Some(addr) = config.grpc {
+            let listener = bind(addr, "grpc").await?;
+            grpc_addr = Some(listener.local_addr()?);
+            let service = grpc::TraceServiceRaw::new(ingest.clone(), metrics.clone(), limit);
+            let signal = signalled(shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, signal)
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "OTLP/gRPC receiver stopped");
+                }
+            }));
+        }
+        if let Some(addr) = config.http {
+            let listener = bind(addr, "http").await?;
+            http_addr = Some(listener.local_addr()?);
+            let app = http::router(ingest, metrics, limit, config.retry_after.0);
+            let signal = signalled(shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .await
+                {
+                    tracing::error!(error = %e, "OTLP/HTTP receiver stopped");
+                }
+            }));
+        }
+        Ok(Self {
+            grpc: grpc_addr,
+            http: http_addr,
+            tasks,
+        })
+    }
+
+    /// Waits until every listener has closed and its in-flight requests are answered.
+    pub async fn stopped(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Resolves once `flag` turns true (or its sender is gone).
+pub(crate) async fn signalled(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|&stop| stop).await;
+}
+
+pub(crate) async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
+    })
+}

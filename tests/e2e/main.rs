@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `tailgate` binary over real sockets on 127.0.0.1.
+
+mod cli;
+mod conformance;
+mod exporter;
+mod memory;
+mod pipeline;
+mod support;
+
+/// The downstream test receivers, shared by the exporter and memory tests.
+use exporter as exporter_backend;
