@@ -305,47 +305,36 @@ async fn deliver(
             }
         }
         Sink::Otlp(transport, policy) => {
-            let current = *deadline.borrow();
-            let send = transport::send_with_retry(transport, body, policy, current, |e| {
-                metrics.export_retries.inc();
-                tracing::warn!(error = ?e, "export attempt failed; retrying");
-            });
-            // Shutdown may begin while this batch is retrying: stop waiting at its deadline.
-            let shutdown = async {
-                loop {
-                    let current = *deadline.borrow_and_update();
-                    if let Some(at) = current {
-                        tokio::time::sleep_until(at).await;
-                        return;
+            // Shutdown may begin while this batch is retrying; the watch cuts retries short.
+            let result =
+                transport::send_with_retry_until(transport, body, policy, &mut deadline, |e| {
+                    metrics.export_retries.inc();
+                    tracing::warn!(error = %e, "export attempt failed; retrying");
+                })
+                .await;
+            match result {
+                Ok(delivered) => {
+                    if delivered.rejected_spans > 0 {
+                        tracing::warn!(rejected = delivered.rejected_spans, message = %delivered.message,
+                            "backend rejected part of a batch");
+                    } else if !delivered.message.is_empty() {
+                        tracing::warn!(message = %delivered.message, "backend warning on export");
                     }
-                    if deadline.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
+                    Ok(u64::try_from(delivered.rejected_spans).unwrap_or(0))
                 }
-            };
-            tokio::select! {
-                result = send => match result {
-                    Ok(delivered) => {
-                        if delivered.rejected_spans > 0 {
-                            tracing::warn!(rejected = delivered.rejected_spans, message = %delivered.message,
-                                "backend rejected part of a batch");
-                        } else if !delivered.message.is_empty() {
-                            tracing::warn!(message = %delivered.message, "backend warning on export");
-                        }
-                        Ok(u64::try_from(delivered.rejected_spans).unwrap_or(0))
-                    }
-                    Err(SendError::Permanent { message }) => {
-                        tracing::error!(%message, "backend refused a batch; not retrying");
-                        Err("permanent_error")
-                    }
-                    Err(SendError::Retryable { message, .. }) => {
+                Err(SendError::Permanent { message }) => {
+                    tracing::error!(%message, "backend refused a batch; not retrying");
+                    Err("permanent_error")
+                }
+                Err(SendError::Retryable { message, .. }) => {
+                    let shutting_down = deadline.borrow().is_some_and(|at| Instant::now() >= at);
+                    if shutting_down {
+                        tracing::error!(%message, "shutdown timeout reached while a batch was still being retried");
+                        Err("shutdown_timeout")
+                    } else {
                         tracing::error!(%message, "gave up on a batch after retrying");
                         Err("retries_exhausted")
                     }
-                },
-                _ = shutdown => {
-                    tracing::error!("shutdown timeout reached while a batch was still being retried");
-                    Err("shutdown_timeout")
                 }
             }
         }
