@@ -20,6 +20,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::otlp::{RetryInfo, RpcStatus};
 use bytes::{BufMut as _, Bytes};
 use http::header::{
     CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
@@ -661,43 +662,6 @@ impl Decoder for ReplyDecoder {
     }
 }
 
-/// `google.rpc.Status` (google/rpc/status.proto): the payload of `grpc-status-details-bin`, and
-/// the OTLP/HTTP error body.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    #[prost(string, tag = "2")]
-    pub message: String,
-    #[prost(message, repeated, tag = "3")]
-    pub details: Vec<ProtoAny>,
-}
-
-/// `google.protobuf.Any` (google/protobuf/any.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ProtoAny {
-    #[prost(string, tag = "1")]
-    pub type_url: String,
-    #[prost(bytes = "vec", tag = "2")]
-    pub value: Vec<u8>,
-}
-
-/// `google.rpc.RetryInfo` (google/rpc/error_details.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RetryInfo {
-    #[prost(message, optional, tag = "1")]
-    pub retry_delay: Option<ProtoDuration>,
-}
-
-/// `google.protobuf.Duration` (google/protobuf/duration.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ProtoDuration {
-    #[prost(int64, tag = "1")]
-    pub seconds: i64,
-    #[prost(int32, tag = "2")]
-    pub nanos: i32,
-}
-
 /// The delay of a `google.rpc.RetryInfo` inside serialized `google.rpc.Status` details.
 /// Anything malformed or negative counts as no delay requested.
 pub fn grpc_retry_delay(details: &[u8]) -> Option<Duration> {
@@ -1034,6 +998,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::otlp::{ProtoAny, ProtoDuration};
 
     fn sample_request() -> ExportTraceServiceRequest {
         ExportTraceServiceRequest {

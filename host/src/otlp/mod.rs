@@ -4,7 +4,8 @@
 pub mod json;
 pub mod wire;
 
-/// `google.rpc.Status`, the body of every OTLP/HTTP error response.
+/// `google.rpc.Status` (google/rpc/status.proto): the payload of `grpc-status-details-bin`, and
+/// the body of every OTLP/HTTP error response.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RpcStatus {
     #[prost(int32, tag = "1")]
@@ -12,16 +13,30 @@ pub struct RpcStatus {
     #[prost(string, tag = "2")]
     pub message: String,
     #[prost(message, repeated, tag = "3")]
-    pub details: Vec<prost_types_any::Any>,
+    pub details: Vec<ProtoAny>,
 }
 
-/// `google.protobuf.Any`, declared here to avoid a dependency for one message.
-pub mod prost_types_any {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Any {
-        #[prost(string, tag = "1")]
-        pub type_url: String,
-        #[prost(bytes = "vec", tag = "2")]
-        pub value: Vec<u8>,
-    }
+/// `google.protobuf.Any` (google/protobuf/any.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProtoAny {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo` (google/rpc/error_details.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    pub retry_delay: Option<ProtoDuration>,
+}
+
+/// `google.protobuf.Duration` (google/protobuf/duration.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
 }
