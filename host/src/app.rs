@@ -4,7 +4,9 @@
 //! within `shutdown.timeout`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -13,21 +15,43 @@ use crate::buffer::worker::{WorkerContext, Workers};
 use crate::buffer::{MemoryBudget, Timings};
 use crate::clock::MonotonicClock;
 use crate::config::Config;
-use crate::decide::PolicyChain;
 use crate::export::Exporter;
+use crate::plugin::PolicyRuntime;
+use crate::plugin::chain::WasmChainFactory;
+use crate::plugin::reload::{self, Reloader};
 use crate::receiver::{Ingest, Receivers, bind, signalled};
 use crate::telemetry::Metrics;
 use crate::telemetry::admin::{self, Health};
 
 /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Policies load (compile, type-check, init) before anything listens: a refused policy
+    // stops the start with its reason.
+    let base_dir = reload::base_dir_of(config_path.as_deref());
+    let runtime = PolicyRuntime::start(&config, &base_dir).context("loading policies")?;
+    metrics.attach_policy_counters(runtime.engine.counters().clone());
+    let reloader = Reloader::new(
+        runtime.clone(),
+        metrics.clone(),
+        config_path.clone(),
+        base_dir,
+    );
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    reloader.watch(config.plugins.watch_interval.0, stop_watch.clone());
+
     let admin_addr = match config.admin.endpoint {
         Some(addr) => {
-            Some(start_admin(addr, metrics.clone(), health.clone(), stop_rx.clone()).await?)
+            let admin = admin::AdminState {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                reloader: reloader.clone(),
+                reload_token: config.admin.reload_token.clone(),
+            };
+            Some(start_admin(addr, admin, stop_rx.clone()).await?)
         }
         None => None,
     };
@@ -46,7 +70,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             remember_kept: config.buffer.remember_kept,
             remember_dropped: config.buffer.remember_dropped,
         },
-        &PolicyChain::from_config(&config.decide),
+        &WasmChainFactory {
+            runtime,
+            metrics: metrics.clone(),
+        },
     )
     .context("starting decision workers")?;
     let ingest = Arc::new(Ingest::new(
@@ -81,7 +108,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     health.set_ready(true);
 
+    let sighup = tokio::spawn(reload_on_sighup(reloader.clone()));
     let signal = wait_for_signal().await;
+    sighup.abort();
+    stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         signal,
         "shutting down: closing listeners, deciding buffered traces, flushing"
@@ -112,15 +142,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGHUP reloads the policy set, as operators expect of a daemon.
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload or a file change");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let r = reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
+    }
+}
+
 async fn start_admin(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    state: admin::AdminState,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr, "admin").await?;
     let local = listener.local_addr()?;
-    let app = admin::router(metrics, health);
+    let app = admin::router(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(signalled(stop))

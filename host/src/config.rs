@@ -23,6 +23,126 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub plugins: PluginsConfig,
+    /// The policy chain, in order. Empty: every trace gets `decide.default`.
+    pub policies: Vec<PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Compiled policies are cached here, keyed by the wasm's sha256 and the engine, so a
+    /// restart or reload of an unchanged policy skips compilation. Empty: no cache.
+    pub cache_dir: PathBuf,
+    /// Distinct values one label of a policy counter may take before the rest are folded into
+    /// `__overflow__`.
+    pub max_label_values: usize,
+    /// How often plugin files and the config file are checked for changes (hot swap). Zero
+    /// turns watching off; SIGHUP and `POST /reload` still work.
+    pub watch_interval: Seconds,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: PathBuf::from("tailgate-data/plugin-cache"),
+            max_label_values: 1000,
+            watch_interval: Seconds(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Whether a policy's verdict counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    /// The verdict takes part in the decision.
+    #[default]
+    Enforce,
+    /// The policy runs and is measured, but its verdict is ignored.
+    Shadow,
+}
+
+/// What a failing policy call (trap, timeout, memory cap) counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Losing an error trace is worse than keeping a boring one.
+    #[default]
+    Keep,
+    Drop,
+    Abstain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Names the policy in metrics, logs and `sampling.policy`.
+    pub name: String,
+    /// A bundled policy by name (`keep-errors`, `latency`, …)…
+    pub plugin: Option<String>,
+    /// …or a WebAssembly component file, relative to the config file.
+    pub path: Option<PathBuf>,
+    /// Refuse the component unless its sha256 (hex) is this.
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// A `drop` from a drop rule wins over every `keep` (e.g. health checks).
+    #[serde(default)]
+    pub drop_rule: bool,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Linear memory cap of one instance.
+    #[serde(default = "default_policy_memory")]
+    pub memory_limit: Size,
+    /// Wall-clock budget of one call (epoch interruption).
+    #[serde(default = "default_policy_timeout")]
+    pub timeout: Seconds,
+    /// Optional deterministic budget per call, in wasmtime fuel units.
+    pub fuel: Option<u64>,
+    /// Caps on a verdict's attribute writes.
+    #[serde(default = "default_max_patches")]
+    pub max_patches: usize,
+    #[serde(default = "default_max_patch_bytes")]
+    pub max_patch_bytes: Size,
+    /// Log lines per second the policy may write; the rest are counted and dropped.
+    #[serde(default = "default_log_per_second")]
+    pub log_per_second: u32,
+    /// Seeds the policy's deterministic random stream.
+    #[serde(default)]
+    pub seed: u64,
+    /// Consecutive failures that quarantine the policy…
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    /// …for this long, after which it is tried again.
+    #[serde(default = "default_quarantine_for")]
+    pub quarantine_for: Seconds,
+    /// The policy's own settings, handed to its `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_policy_memory() -> Size {
+    Size(16 << 20)
+}
+fn default_policy_timeout() -> Seconds {
+    // Policies read a few fields per trace; 50 ms is generous and still bounds a stuck one.
+    Seconds(Duration::from_millis(50))
+}
+fn default_max_patches() -> usize {
+    256
+}
+fn default_max_patch_bytes() -> Size {
+    Size(64 << 10)
+}
+fn default_log_per_second() -> u32 {
+    10
+}
+fn default_quarantine_after() -> u32 {
+    10
+}
+fn default_quarantine_for() -> Seconds {
+    Seconds(Duration::from_secs(60))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,12 +312,16 @@ impl Default for ExporterConfig {
 pub struct AdminConfig {
     /// `/metrics`, `/healthz`, `/readyz`; loopback by default since it is unauthenticated.
     pub endpoint: Option<SocketAddr>,
+    /// Bearer token for `POST /reload`; unset disables the endpoint (SIGHUP and file changes
+    /// still reload).
+    pub reload_token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             endpoint: Some(SocketAddr::from(([127, 0, 0, 1], 9477))),
+            reload_token: None,
         }
     }
 }
@@ -385,6 +509,30 @@ impl Config {
             }
             ExporterKind::File => {}
         }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.policies {
+            if p.plugin.is_some() == p.path.is_some() {
+                return Err((
+                    "policies.name",
+                    format!(
+                        "policy {:?} needs exactly one of `plugin` and `path`",
+                        p.name
+                    ),
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err((
+                    "policies.name",
+                    format!("policy name {:?} is used twice", p.name),
+                ));
+            }
+            if p.timeout.0.is_zero() {
+                return Err((
+                    "policies.timeout",
+                    format!("policy {:?}: must be greater than zero", p.name),
+                ));
+            }
+        }
         if self.receivers.grpc.is_none() && self.receivers.http.is_none() {
             return Err((
                 "receivers",
@@ -415,8 +563,12 @@ fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = header.trim().to_owned();
+        if line.starts_with('[') {
+            // `[table]` and `[[array-of-tables]]` alike.
+            current = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
             if section.is_empty() && current == key {
                 return Some(i + 1);
             }

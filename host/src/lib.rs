@@ -12,5 +12,6 @@ pub mod config;
 pub mod decide;
 pub mod export;
 pub mod otlp;
+pub mod plugin;
 pub mod receiver;
 pub mod telemetry;

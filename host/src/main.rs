@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            let config_path = config.clone();
             let loaded = match &config {
                 Some(path) => Config::load(path),
                 None => Config::parse("", tailgate::config::EMBEDDED_SOURCE),
@@ -43,7 +44,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(tailgate::app::run(config)) {
+            match runtime.block_on(tailgate::app::run(config, config_path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -5,6 +5,7 @@ mod conformance;
 mod exporter;
 mod memory;
 mod pipeline;
+mod policies;
 mod support;
 
 /// The downstream test receivers, shared by the exporter and memory tests.

@@ -32,6 +32,8 @@ pub type Nanos = u64;
 pub struct ResourceHeader {
     /// Encoded fields (resource, schema url) exactly as received.
     pub fields: Box<[u8]>,
+    /// The `Resource` message alone, for attribute lookups.
+    pub resource: Box<[u8]>,
     /// `service.name`, or empty when the resource has none.
     pub service: Arc<str>,
 }
@@ -410,6 +412,7 @@ mod tests {
     pub(crate) fn span(parent: u8, len: usize) -> BufferedSpan {
         let resource = Arc::new(ResourceHeader {
             fields: Box::new([]),
+            resource: Box::new([]),
             service: Arc::from("svc"),
         });
         BufferedSpan {

@@ -224,12 +224,12 @@ impl Worker {
     fn decide(&mut self, due: DueTrace) {
         let DueTrace {
             trace_id,
-            trace,
+            mut trace,
             trigger,
         } = due;
-        let decision = self.decider.decide(&TraceView {
+        let decision = self.decider.decide(&mut TraceView {
             trace_id: &trace_id,
-            spans: &trace.spans,
+            spans: &mut trace.spans,
             trigger,
         });
         let now = self.ctx.clock.now();
@@ -240,9 +240,15 @@ impl Worker {
             .observe(Duration::from_nanos(now.saturating_sub(since)).as_secs_f64());
         metrics.decided(trigger, decision.keep, &decision.policy);
         self.ctx.memory.release(trace.cost);
-        let spans = trace.spans.len() as u64;
         if decision.keep {
-            metrics.kept(trigger, spans);
+            let before = trace.spans.len() as u64;
+            let trimmed = crate::decide::apply(&decision, &mut trace.spans) as u64;
+            if trimmed > 0 {
+                // Trimmed spans leave by a decision too: count them as dropped.
+                metrics.dropped(trigger, trimmed);
+                metrics.trimmed(&decision.policy, trimmed);
+            }
+            metrics.kept(trigger, before - trimmed);
             let stamp = Arc::new(Stamp::new(&decision, trigger));
             self.decisions.remember_kept(trace_id, stamp.clone());
             self.ctx.export.push(KeptTrace {
@@ -251,7 +257,7 @@ impl Worker {
                 stamp,
             });
         } else {
-            metrics.dropped(trigger, spans);
+            metrics.dropped(trigger, trace.spans.len() as u64);
             self.decisions.remember_dropped(&trace_id);
         }
     }

@@ -4,10 +4,14 @@
 //! verdicts, and the `sampling.*` stamp written on kept spans. It never touches the buffer or
 //! the exporter: the worker hands it a complete trace and acts on the [`Decision`].
 
+mod apply;
+
 use std::sync::Arc;
 
 use crate::buffer::{BufferedSpan, TraceId, Trigger};
 use crate::config::{DecideConfig, DefaultVerdict};
+pub use apply::apply;
+
 use crate::otlp::wire::{self, AttrValue};
 
 /// One policy's opinion of a trace.
@@ -21,17 +25,38 @@ pub enum Verdict {
 /// A complete trace as the decision step sees it.
 pub struct TraceView<'a> {
     pub trace_id: &'a TraceId,
-    pub spans: &'a [BufferedSpan],
+    /// Lent for the decision; a decider may move them out but must put them back.
+    pub spans: &'a mut Vec<BufferedSpan>,
     pub trigger: Trigger,
 }
 
 /// The outcome for one trace.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Decision {
     pub keep: bool,
     /// The policy whose verdict decided (or `default`).
     pub policy: Arc<str>,
     pub reason: String,
+    /// The probability with which traces like this one are kept, when below 1; stamped as the
+    /// OTel `th` threshold so backends can re-weight counts.
+    pub probability: Option<f64>,
+    /// Validated edits from the policies, applied only if the trace is kept.
+    pub edits: Vec<TraceEdit>,
+}
+
+/// One validated change to a kept trace. Indexes refer to the trace's spans as the decision
+/// step saw them; encoded values were checked against the caps before they got here.
+#[derive(Debug, Clone)]
+pub enum TraceEdit {
+    /// Set an attribute on a span: `kv` is an encoded `Span.attributes` entry (tag included).
+    SpanAttribute { span: u32, key: String, kv: Vec<u8> },
+    /// Set an attribute on the resource of a span (and every span of the trace sharing it).
+    ResourceAttribute {
+        span: u32,
+        attribute: opentelemetry_proto::tonic::common::v1::KeyValue,
+    },
+    /// Trim a leaf span from the kept trace.
+    RemoveSpan(u32),
 }
 
 /// What kept spans carry about their decision, encoded once per trace and appended to each
@@ -75,6 +100,7 @@ impl Stamp {
             keep: true,
             policy: self.policy.clone(),
             reason: self.reason.clone(),
+            ..Decision::default()
         };
         Self::new(&decision, Trigger::Late)
     }
@@ -83,7 +109,7 @@ impl Stamp {
 /// Decides whole traces. One instance per worker thread, so implementations may keep state
 /// (streaming percentiles, rate limiters) without locks.
 pub trait Decider: Send {
-    fn decide(&mut self, trace: &TraceView<'_>) -> Decision;
+    fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision;
 }
 
 /// Builds one [`Decider`] per worker thread.
@@ -109,11 +135,12 @@ impl PolicyChain {
 }
 
 impl Decider for PolicyChain {
-    fn decide(&mut self, _trace: &TraceView<'_>) -> Decision {
+    fn decide(&mut self, _trace: &mut TraceView<'_>) -> Decision {
         Decision {
             keep: self.default == DefaultVerdict::Keep,
             policy: self.default_policy.clone(),
             reason: format!("no policy decided; default verdict {}", self.default),
+            ..Decision::default()
         }
     }
 }
@@ -131,9 +158,10 @@ mod tests {
     #[test]
     fn default_verdict_comes_from_config() {
         let trace_id = [1u8; 16];
-        let view = TraceView {
+        let mut spans = Vec::new();
+        let mut view = TraceView {
             trace_id: &trace_id,
-            spans: &[],
+            spans: &mut spans,
             trigger: Trigger::RootGrace,
         };
         let mut keep = PolicyChain::from_config(&DecideConfig {
@@ -142,8 +170,8 @@ mod tests {
         let mut drop = PolicyChain::from_config(&DecideConfig {
             default: DefaultVerdict::Drop,
         });
-        assert!(keep.decide(&view).keep);
-        let d = drop.decide(&view);
+        assert!(keep.decide(&mut view).keep);
+        let d = drop.decide(&mut view);
         assert!(!d.keep);
         assert_eq!(&*d.policy, "default");
     }

@@ -345,41 +345,52 @@ async fn deliver(
 /// `ResourceSpans` per distinct resource and one `ScopeSpans` per distinct scope, and each
 /// span's decision stamp appended to it.
 pub fn encode_batch(traces: &[KeptTrace]) -> Vec<u8> {
+    encode_grouped(
+        traces
+            .iter()
+            .flat_map(|t| t.spans.iter().map(move |s| (s, &*t.stamp.encoded))),
+    )
+}
+
+/// Encodes spans as they were received, regrouped the same way (a policy's `otlp-bytes`).
+pub fn encode_spans(spans: &[BufferedSpan]) -> Vec<u8> {
+    encode_grouped(spans.iter().map(|s| (s, &[][..])))
+}
+
+fn encode_grouped<'a>(spans: impl Iterator<Item = (&'a BufferedSpan, &'a [u8])>) -> Vec<u8> {
     // Spans of one request share their header by pointer; different requests from the same
     // service carry equal bytes. Look up by pointer first, by bytes only for a new pointer.
     let mut by_pointer: HashMap<*const ScopeHeader, (usize, usize)> = HashMap::new();
     let mut resource_by_bytes: HashMap<&[u8], usize> = HashMap::new();
     let mut scope_by_bytes: HashMap<(usize, &[u8]), usize> = HashMap::new();
     let mut resources: Vec<EncodeResource<'_>> = Vec::new();
-    for trace in traces {
-        for span in &trace.spans {
-            let header: &ScopeHeader = &span.scope;
-            let (r, s) = *by_pointer
-                .entry(header as *const ScopeHeader)
-                .or_insert_with(|| {
-                    let fields: &[u8] = &header.resource.fields;
-                    let r = *resource_by_bytes.entry(fields).or_insert_with(|| {
-                        resources.push(EncodeResource {
-                            fields,
-                            scopes: Vec::new(),
-                        });
-                        resources.len() - 1
+    for (span, extra) in spans {
+        let header: &ScopeHeader = &span.scope;
+        let (r, s) = *by_pointer
+            .entry(header as *const ScopeHeader)
+            .or_insert_with(|| {
+                let fields: &[u8] = &header.resource.fields;
+                let r = *resource_by_bytes.entry(fields).or_insert_with(|| {
+                    resources.push(EncodeResource {
+                        fields,
+                        scopes: Vec::new(),
                     });
-                    let scope_fields: &[u8] = &header.fields;
-                    let s = *scope_by_bytes.entry((r, scope_fields)).or_insert_with(|| {
-                        resources[r].scopes.push(EncodeScope {
-                            fields: scope_fields,
-                            spans: Vec::new(),
-                        });
-                        resources[r].scopes.len() - 1
-                    });
-                    (r, s)
+                    resources.len() - 1
                 });
-            resources[r].scopes[s].spans.push(EncodeSpan {
-                bytes: &span.bytes,
-                extra: &trace.stamp.encoded,
+                let scope_fields: &[u8] = &header.fields;
+                let s = *scope_by_bytes.entry((r, scope_fields)).or_insert_with(|| {
+                    resources[r].scopes.push(EncodeScope {
+                        fields: scope_fields,
+                        spans: Vec::new(),
+                    });
+                    resources[r].scopes.len() - 1
+                });
+                (r, s)
             });
-        }
+        resources[r].scopes[s].spans.push(EncodeSpan {
+            bytes: &span.bytes,
+            extra,
+        });
     }
     wire::encode_request(&resources)
 }

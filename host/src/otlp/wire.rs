@@ -739,20 +739,65 @@ pub fn span_attributes(span: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'
 
 /// The span's trace_state string ("" if absent, last occurrence wins; "" on garbage).
 pub fn span_trace_state(span: &[u8]) -> &str {
-    let mut state = "";
+    last_string_field(span, 3)
+}
+
+/// The span's name ("" if absent or on garbage).
+pub fn span_name(span: &[u8]) -> &str {
+    last_string_field(span, 5)
+}
+
+/// The span's status message ("" if absent or on garbage).
+pub fn span_status_message(span: &[u8]) -> &str {
+    let mut status: &[u8] = &[];
     let mut fields = Fields::new(span);
     for f in &mut fields {
-        if f.number == 3 {
+        if let (15, Value::Len(b)) = (f.number, f.value) {
+            status = b;
+        }
+    }
+    if fields.clean {
+        last_string_field(status, 2)
+    } else {
+        ""
+    }
+}
+
+/// The values of an `ArrayValue` body (as found in [`AnyValueRef::Array`]).
+pub fn array_values(array: &[u8]) -> impl Iterator<Item = AnyValueRef<'_>> {
+    Fields::new(array).filter_map(|f| match (f.number, f.value) {
+        (1, Value::Len(b)) => any_value(b),
+        _ => None,
+    })
+}
+
+/// The entries of a `KeyValueList` body (as found in [`AnyValueRef::KvList`]).
+pub fn kvlist_entries(list: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'_>)> {
+    Fields::new(list).filter_map(|f| match (f.number, f.value) {
+        (1, Value::Len(kv)) => {
+            let (key, value) = key_value(kv)?;
+            Some((str::from_utf8(key).ok()?, any_value(value)?))
+        }
+        _ => None,
+    })
+}
+
+/// The last occurrence of a string field ("" if absent; "" on garbage).
+fn last_string_field(message: &[u8], number: u32) -> &str {
+    let mut found = "";
+    let mut fields = Fields::new(message);
+    for f in &mut fields {
+        if f.number == number {
             let Value::Len(bytes) = f.value else {
                 return "";
             };
             let Ok(s) = str::from_utf8(bytes) else {
                 return "";
             };
-            state = s;
+            found = s;
         }
     }
-    if fields.clean { state } else { "" }
+    if fields.clean { found } else { "" }
 }
 
 fn find_attribute<'a>(message: &'a [u8], field: u32, key: &str) -> Option<AnyValueRef<'a>> {

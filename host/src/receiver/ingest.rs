@@ -88,6 +88,7 @@ impl Ingest {
                 _ => Arc::from(""),
             };
             let resource_header = Arc::new(ResourceHeader {
+                resource: Box::from(resource.resource),
                 fields: resource.fields.into_boxed_slice(),
                 service,
             });
@@ -97,7 +98,10 @@ impl Ingest {
                     fields: scope.fields.into_boxed_slice(),
                 });
                 // Headers are shared by their spans; charge them to the first one.
-                let mut header_cost = header.fields.len() + header.resource.fields.len() + 64;
+                let mut header_cost = header.fields.len()
+                    + header.resource.fields.len()
+                    + header.resource.resource.len()
+                    + 64;
                 for s in scope.spans {
                     let span = BufferedSpan {
                         bytes: Box::from(s.bytes),

@@ -66,6 +66,21 @@ pub struct Metrics {
     pub export_retries: Counter,
     pub export_batches: Family<Labels, Counter>,
     pub export_latency: Histogram,
+
+    policy_calls: Family<Labels, Counter>,
+    policy_failures: Family<Labels, Counter>,
+    policy_quarantines: Family<Labels, Counter>,
+    policy_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    shadow_agreement: Family<Labels, Counter>,
+    spans_trimmed: Family<Labels, Counter>,
+    pub reloads: Family<Labels, Counter>,
+    pub policy_info: Family<Labels, Gauge>,
+    policy_counters: std::sync::OnceLock<Arc<crate::plugin::PolicyCounters>>,
+}
+
+fn policy_call_histogram() -> Histogram {
+    // 1 µs .. ~65 ms: a policy call is a few µs; the deadline cuts it off far below a second.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 17))
 }
 
 impl Metrics {
@@ -187,8 +202,65 @@ impl Metrics {
             export_latency.clone(),
         );
 
+        let policy_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_calls",
+            "Policy calls, by policy and outcome",
+            policy_calls.clone(),
+        );
+        let policy_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_failures",
+            "Policy calls that failed (trap, timeout, memory, fuel, instantiate), by policy and kind",
+            policy_failures.clone(),
+        );
+        let policy_quarantines = Family::<Labels, Counter>::default();
+        registry.register(
+            "policy_quarantines",
+            "Times a policy was quarantined after repeated failures",
+            policy_quarantines.clone(),
+        );
+        let policy_call_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+                policy_call_histogram,
+            );
+        registry.register(
+            "policy_call_seconds",
+            "Duration of one policy decide call",
+            policy_call_seconds.clone(),
+        );
+        let shadow_agreement = Family::<Labels, Counter>::default();
+        registry.register(
+            "shadow_agreement",
+            "Shadow policies' verdicts against the final decision, by policy and result",
+            shadow_agreement.clone(),
+        );
+        let spans_trimmed = Family::<Labels, Counter>::default();
+        registry.register(
+            "spans_trimmed",
+            "Spans removed from kept traces by policies (also counted in spans_dropped)",
+            spans_trimmed.clone(),
+        );
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register("reloads", "Policy set reloads, by outcome", reloads.clone());
+        let policy_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "policy_info",
+            "The live policies: 1 per (policy, sha256, generation)",
+            policy_info.clone(),
+        );
+
         Arc::new(Self {
             registry,
+            policy_calls,
+            policy_failures,
+            policy_quarantines,
+            policy_call_seconds,
+            shadow_agreement,
+            spans_trimmed,
+            reloads,
+            policy_info,
+            policy_counters: std::sync::OnceLock::new(),
             spans_received,
             requests,
             spans_refused,
@@ -271,11 +343,69 @@ impl Metrics {
             .inc();
     }
 
+    pub fn policy_call(&self, policy: &str, outcome: &'static str) {
+        self.policy_calls
+            .get_or_create(&vec![
+                ("policy", policy.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn policy_latency(&self, policy: &str, seconds: f64) {
+        self.policy_call_seconds
+            .get_or_create(&vec![("policy", policy.to_owned())])
+            .observe(seconds);
+    }
+
+    pub fn policy_failure(&self, policy: &str, kind: &'static str) {
+        self.policy_failures
+            .get_or_create(&vec![
+                ("policy", policy.to_owned()),
+                ("kind", kind.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn policy_quarantined(&self, policy: &str) {
+        self.policy_quarantines
+            .get_or_create(&vec![("policy", policy.to_owned())])
+            .inc();
+    }
+
+    pub fn shadow_agreement(&self, policy: &str, agrees: bool) {
+        let result = if agrees { "agree" } else { "disagree" };
+        self.shadow_agreement
+            .get_or_create(&vec![
+                ("policy", policy.to_owned()),
+                ("result", result.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn trimmed(&self, policy: &str, spans: u64) {
+        self.spans_trimmed
+            .get_or_create(&vec![("policy", policy.to_owned())])
+            .inc_by(spans);
+    }
+
+    /// Policies' own counters (`counter-add`) are rendered with the host's.
+    pub fn attach_policy_counters(&self, counters: Arc<crate::plugin::PolicyCounters>) {
+        let _ = self.policy_counters.set(counters);
+    }
+
     /// The registry rendered in the Prometheus/OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 << 10);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        if let Some(counters) = self.policy_counters.get() {
+            // Keep `# EOF` last, as OpenMetrics requires.
+            let eof = out.rfind("# EOF").unwrap_or(out.len());
+            let mut extra = String::new();
+            counters.render(&mut extra);
+            out.insert_str(eof, &extra);
+        }
         out
     }
 }

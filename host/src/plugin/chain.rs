@@ -1,0 +1,278 @@
+//! The policy chain as a [`Decider`]: one per worker thread, holding that worker's instances.
+//!
+//! Semantics: policies run in order; a `drop` from a policy marked `drop_rule` wins; otherwise
+//! any `keep` keeps; if all abstain, the configured default applies. A `shadow` policy runs
+//! and is measured, but its verdict is ignored. A failing call (trap, timeout, memory cap,
+//! fuel) counts as the policy's `on_error` verdict, rebuilds the instance, and after repeated
+//! failures quarantines the policy. Edits are kept only from calls that returned normally and
+//! passed validation.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::bindings::tailgate::policy::types::Decision as WitDecision;
+use super::edits;
+use super::state::{TraceData, TraceHandle, TraceIndex};
+use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
+use crate::config::{DefaultVerdict, OnError, PolicyMode};
+use crate::decide::{Decider, DeciderFactory, Decision, TraceView};
+use crate::telemetry::Metrics;
+
+/// Builds a [`WasmChain`] for each worker.
+pub struct WasmChainFactory {
+    pub runtime: Arc<PolicyRuntime>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl DeciderFactory for WasmChainFactory {
+    fn build(&self) -> Box<dyn Decider> {
+        Box::new(WasmChain {
+            runtime: self.runtime.clone(),
+            metrics: self.metrics.clone(),
+            set: self.runtime.live.load_full(),
+            instances: Vec::new(),
+        })
+    }
+}
+
+pub struct WasmChain {
+    runtime: Arc<PolicyRuntime>,
+    metrics: Arc<Metrics>,
+    set: Arc<PolicySet>,
+    /// This worker's instance of each policy of `set`, created on first use and after a trap.
+    instances: Vec<Option<PolicyInstance>>,
+}
+
+/// One policy's contribution to a decision.
+struct Outcome {
+    verdict: WitDecision,
+    reason: String,
+    probability: Option<f64>,
+}
+
+impl WasmChain {
+    /// Picks up a reloaded set; the old instances are dropped with the old set.
+    fn refresh(&mut self) {
+        let live = self.runtime.live.load();
+        if live.generation != self.set.generation {
+            self.set = live.clone();
+            self.instances.clear();
+        }
+        if self.instances.len() != self.set.policies.len() {
+            self.instances.resize_with(self.set.policies.len(), || None);
+        }
+    }
+
+    /// Runs one policy on the trace. The trace data moves into the store for the call and
+    /// always comes back, whatever the guest did.
+    fn run_one(
+        &mut self,
+        i: usize,
+        data: &mut Option<TraceData>,
+        edits_out: &mut Vec<crate::decide::TraceEdit>,
+    ) -> Option<Outcome> {
+        let policy: Arc<LoadedPolicy> = self.set.policies[i].clone();
+        let metrics = &self.metrics;
+        if policy.health.is_quarantined() {
+            metrics.policy_call(&policy.name, "quarantined");
+            return None;
+        }
+        if self.instances[i].is_none() {
+            match policy.instantiate(self.runtime.engine.engine()) {
+                Ok(inst) => self.instances[i] = Some(inst),
+                Err(e) => {
+                    tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
+                    return Some(self.failed(&policy, "instantiate"));
+                }
+            }
+        }
+        let inst = self.instances[i].as_mut()?;
+        let ticks = (policy.spec.timeout.0.as_nanos() / super::EPOCH_TICK.as_nanos()).max(1) as u64;
+        inst.store.set_epoch_deadline(ticks);
+        if let Some(fuel) = policy.spec.fuel {
+            let _ = inst.store.set_fuel(fuel);
+        }
+        let trace_id = data.as_ref().map(|d| d.trace_id).unwrap_or_default();
+        let state = inst.store.data_mut();
+        state.seed_for(&trace_id);
+        state.trace = data.take();
+        let handle = match state.table.push(TraceHandle) {
+            Ok(h) => h,
+            Err(e) => {
+                *data = inst.store.data_mut().trace.take();
+                tracing::error!(policy = %policy.name, error = %e, "resource table full");
+                return Some(self.failed(&policy, "host"));
+            }
+        };
+        let rep = handle.rep();
+        let started = Instant::now();
+        let result = inst.bindings.call_decide(&mut inst.store, handle);
+        let elapsed = started.elapsed();
+        let state = inst.store.data_mut();
+        *data = state.trace.take();
+        let _ = state
+            .table
+            .delete(wasmtime::component::Resource::<TraceHandle>::new_own(rep));
+        metrics.policy_latency(&policy.name, elapsed.as_secs_f64());
+        match result {
+            Ok(verdict) => {
+                policy.health.succeeded();
+                let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
+                let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
+                match edits::validate(&verdict, spans, is_leaf, &policy.spec) {
+                    Ok(mut edits) => edits_out.append(&mut edits),
+                    Err(why) => {
+                        metrics.policy_call(&policy.name, "invalid_edits");
+                        tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
+                    }
+                }
+                let probability = verdict.probability.filter(|p| *p > 0.0 && *p < 1.0);
+                metrics.policy_call(&policy.name, decision_label(verdict.decision));
+                Some(Outcome {
+                    verdict: verdict.decision,
+                    reason: verdict.reason.chars().take(256).collect(),
+                    probability,
+                })
+            }
+            Err(trap) => {
+                let kind = failure_kind(&trap);
+                tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), "policy call failed; applying on_error");
+                // A trapped instance may be in any state: rebuild it for the next trace.
+                self.instances[i] = None;
+                Some(self.failed(&policy, kind))
+            }
+        }
+    }
+
+    fn failed(&self, policy: &LoadedPolicy, kind: &'static str) -> Outcome {
+        self.metrics.policy_failure(&policy.name, kind);
+        if policy
+            .health
+            .failed(policy.spec.quarantine_after, policy.spec.quarantine_for.0)
+        {
+            self.metrics.policy_quarantined(&policy.name);
+            tracing::error!(
+                policy = %policy.name,
+                after = policy.spec.quarantine_after,
+                seconds = policy.spec.quarantine_for.0.as_secs(),
+                "policy quarantined after repeated failures; it is skipped until the quarantine ends"
+            );
+        }
+        let verdict = match policy.spec.on_error {
+            OnError::Keep => WitDecision::Keep,
+            OnError::Drop => WitDecision::Drop,
+            OnError::Abstain => WitDecision::Abstain,
+        };
+        Outcome {
+            verdict,
+            reason: format!("policy failed ({kind}); on_error"),
+            probability: None,
+        }
+    }
+}
+
+fn decision_label(d: WitDecision) -> &'static str {
+    match d {
+        WitDecision::Keep => "keep",
+        WitDecision::Drop => "drop",
+        WitDecision::Abstain => "abstain",
+    }
+}
+
+/// Names what stopped a call, for metrics and logs.
+fn failure_kind(e: &wasmtime::Error) -> &'static str {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "timeout",
+        Some(wasmtime::Trap::OutOfFuel) => "fuel",
+        Some(wasmtime::Trap::MemoryOutOfBounds) => "memory",
+        Some(_) => "trap",
+        None if format!("{e:#}").contains("memory") => "memory",
+        None => "trap",
+    }
+}
+
+impl Decider for WasmChain {
+    fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision {
+        self.refresh();
+        let index = Arc::new(TraceIndex::new(trace.spans));
+        // The worker lends us the spans; they travel into each store by value and back.
+        let mut data = Some(TraceData {
+            trace_id: *trace.trace_id,
+            spans: std::mem::take(trace.spans),
+            index,
+        });
+        let mut edits = Vec::new();
+        let mut dropped_by: Option<(Arc<str>, String)> = None;
+        let mut kept_by: Option<(Arc<str>, String)> = None;
+        let mut probability: Option<f64> = None;
+        let mut certain_keep = false;
+        let mut shadows: Vec<(Arc<str>, WitDecision)> = Vec::new();
+        for i in 0..self.set.policies.len() {
+            let policy = self.set.policies[i].clone();
+            let mut own_edits = Vec::new();
+            let Some(outcome) = self.run_one(i, &mut data, &mut own_edits) else {
+                continue;
+            };
+            if policy.spec.mode == PolicyMode::Shadow {
+                shadows.push((policy.name.clone(), outcome.verdict));
+                continue;
+            }
+            edits.append(&mut own_edits);
+            match outcome.verdict {
+                WitDecision::Drop if policy.spec.drop_rule => {
+                    if dropped_by.is_none() {
+                        dropped_by = Some((policy.name.clone(), outcome.reason));
+                    }
+                }
+                WitDecision::Keep => {
+                    match outcome.probability {
+                        Some(p) => probability = Some(probability.map_or(p, |q: f64| q.max(p))),
+                        None => certain_keep = true,
+                    }
+                    if kept_by.is_none() {
+                        kept_by = Some((policy.name.clone(), outcome.reason));
+                    }
+                }
+                // A drop from an ordinary policy is an opinion the default can stand for.
+                WitDecision::Drop | WitDecision::Abstain => {}
+            }
+        }
+        let decision = if let Some((policy, reason)) = dropped_by {
+            Decision {
+                keep: false,
+                policy,
+                reason,
+                ..Decision::default()
+            }
+        } else if let Some((policy, reason)) = kept_by {
+            Decision {
+                keep: true,
+                policy,
+                reason,
+                probability: if certain_keep { None } else { probability },
+                edits,
+            }
+        } else {
+            let keep = self.set.default == DefaultVerdict::Keep;
+            Decision {
+                keep,
+                policy: Arc::from("default"),
+                reason: format!("no policy decided; default verdict {}", self.set.default),
+                probability: None,
+                edits: if keep { edits } else { Vec::new() },
+            }
+        };
+        if let Some(data) = data {
+            *trace.spans = data.spans;
+        }
+        for (name, verdict) in shadows {
+            let agrees = match verdict {
+                WitDecision::Keep => decision.keep,
+                WitDecision::Drop => !decision.keep,
+                WitDecision::Abstain => true,
+            };
+            self.metrics.shadow_agreement(&name, agrees);
+        }
+        decision
+    }
+}

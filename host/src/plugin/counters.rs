@@ -1,0 +1,159 @@
+//! Counters that policies add to through `counter-add`, exposed on `/metrics` as
+//! `tailgate_policy_<name>_total{policy="…", …}`.
+//!
+//! Guests choose names and label values, so everything is checked and bounded: names and
+//! label keys must look like Prometheus identifiers, and each label key of a counter takes at
+//! most `max_values_per_label` distinct values; later values are folded into `__overflow__`,
+//! so a policy labelling by user id cannot blow up the host's memory or a scrape.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use parking_lot::Mutex;
+
+pub const OVERFLOW: &str = "__overflow__";
+
+/// Longest label value kept; longer ones are cut.
+const MAX_LABEL_VALUE: usize = 128;
+/// Most labels one series may carry.
+const MAX_LABELS: usize = 8;
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Default)]
+struct Counter {
+    series: BTreeMap<Labels, f64>,
+    seen: BTreeMap<String, BTreeSet<String>>,
+}
+
+pub struct PolicyCounters {
+    max_values_per_label: usize,
+    counters: Mutex<BTreeMap<(String, String), Counter>>,
+    rejected: Mutex<u64>,
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 64
+}
+
+impl PolicyCounters {
+    pub fn new(max_values_per_label: usize) -> Self {
+        Self {
+            max_values_per_label,
+            counters: Mutex::new(BTreeMap::new()),
+            rejected: Mutex::new(0),
+        }
+    }
+
+    /// Adds `value` to a policy's counter. Invalid calls are counted and dropped, never trap.
+    pub fn add(&self, policy: &str, name: &str, labels: Labels, value: f64) {
+        let valid = is_identifier(name)
+            && value.is_finite()
+            && value >= 0.0
+            && labels.len() <= MAX_LABELS
+            && labels
+                .iter()
+                .all(|(k, _)| is_identifier(k) && k != "policy");
+        if !valid {
+            *self.rejected.lock() += 1;
+            return;
+        }
+        let mut counters = self.counters.lock();
+        let counter = counters
+            .entry((name.to_owned(), policy.to_owned()))
+            .or_default();
+        let mut labels: Labels = labels
+            .into_iter()
+            .map(|(k, mut v)| {
+                if v.len() > MAX_LABEL_VALUE {
+                    let mut cut = MAX_LABEL_VALUE;
+                    while !v.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    v.truncate(cut);
+                }
+                let seen = counter.seen.entry(k.clone()).or_default();
+                if !seen.contains(&v) {
+                    if seen.len() >= self.max_values_per_label {
+                        return (k, OVERFLOW.to_owned());
+                    }
+                    seen.insert(v.clone());
+                }
+                (k, v)
+            })
+            .collect();
+        labels.sort();
+        labels.dedup_by(|a, b| a.0 == b.0);
+        *counter.series.entry(labels).or_default() += value;
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let counters = self.counters.lock();
+        let mut last_name = "";
+        for ((name, policy), counter) in counters.iter() {
+            if name != last_name {
+                let _ = writeln!(out, "# TYPE tailgate_policy_{name} counter");
+                last_name = name;
+            }
+            for (labels, value) in &counter.series {
+                let _ = write!(
+                    out,
+                    "tailgate_policy_{name}_total{{policy=\"{}\"",
+                    escape(policy)
+                );
+                for (k, v) in labels {
+                    let _ = write!(out, ",{k}=\"{}\"", escape(v));
+                }
+                let _ = writeln!(out, "}} {value}");
+            }
+        }
+        let _ = writeln!(out, "# TYPE tailgate_policy_counter_rejected counter");
+        let _ = writeln!(
+            out,
+            "tailgate_policy_counter_rejected_total {}",
+            *self.rejected.lock()
+        );
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_by_label_set_and_folds_overflow() {
+        let c = PolicyCounters::new(2);
+        for (tenant, v) in [("a", 1.0), ("b", 2.0), ("a", 0.5), ("c", 4.0), ("d", 8.0)] {
+            c.add(
+                "llm-cost",
+                "cost_usd",
+                vec![("tenant".into(), tenant.into())],
+                v,
+            );
+        }
+        c.add("llm-cost", "bad name", vec![], 1.0);
+        c.add("llm-cost", "cost_usd", vec![], f64::NAN);
+        let mut out = String::new();
+        c.render(&mut out);
+        assert!(
+            out.contains("tailgate_policy_cost_usd_total{policy=\"llm-cost\",tenant=\"a\"} 1.5"),
+            "{out}"
+        );
+        assert!(out.contains("tenant=\"b\"} 2"), "{out}");
+        assert!(out.contains("tenant=\"__overflow__\"} 12"), "{out}");
+        assert!(
+            out.contains("tailgate_policy_counter_rejected_total 2"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! Policy plugins: WebAssembly components run by wasmtime, each in its own sandbox.
+//!
+//! Owns the engine (component model on, async off, pooling allocator, epoch interruption),
+//! loading and checking components (imports, contract version, sha256 pins, compile cache),
+//! the per-call limits (memory, deadline, fuel, patch caps, log rate), and the live policy set
+//! that hot swap replaces atomically. A policy never sees the host except through the
+//! `tailgate:policy` world: no WASI, no files, no sockets.
+
+mod bindings;
+pub mod chain;
+mod counters;
+mod edits;
+mod json_value;
+pub mod reload;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
+};
+
+use bindings::{Policy, PolicyPre};
+pub use counters::PolicyCounters;
+use state::{PolicyMeta, PolicyState};
+
+use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
+
+/// The WIT package versions this host implements. A component built against another
+/// version is refused at load, naming the version it asked for.
+pub const CONTRACT_PACKAGE: &str = "tailgate:policy";
+pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0"];
+
+/// Epoch ticks drive call deadlines: a stuck call is stopped within its timeout plus one tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The bundled policies, compiled from `plugins/` by the build script and embedded.
+mod bundled {
+    include!(concat!(env!("OUT_DIR"), "/bundled_plugins.rs"));
+}
+
+/// Names of the policies built into this binary.
+pub fn bundled_names() -> impl Iterator<Item = &'static str> {
+    bundled::BUNDLED.iter().map(|(name, _)| *name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("policy {policy:?}: {message}")]
+    Refused { policy: String, message: String },
+    #[error("plugin engine: {0}")]
+    Engine(String),
+}
+
+fn refused(policy: &str, message: impl std::fmt::Display) -> PluginError {
+    PluginError::Refused {
+        policy: policy.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// The wasmtime engine shared by every policy, and the thread that advances its epoch.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<PolicyState>,
+    cache_dir: Option<PathBuf>,
+    counters: Arc<PolicyCounters>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginEngine {
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        max_label_values: usize,
+    ) -> Result<Arc<Self>, PluginError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(true);
+        let mut pool = PoolingAllocationConfig::default();
+        // Instances per (policy version, worker) with room for a reload's overlap; slots are
+        // virtual address space until used.
+        pool.total_component_instances(512);
+        pool.total_core_instances(1024);
+        pool.total_memories(1024);
+        pool.total_tables(1024);
+        pool.max_memory_size(1 << 30);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        Policy::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("tailgate-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        if let Some(dir) = &cache_dir
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
+        }
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            cache_dir,
+            counters: Arc::new(PolicyCounters::new(max_label_values)),
+            stop_ticker,
+        }))
+    }
+
+    pub fn counters(&self) -> &Arc<PolicyCounters> {
+        &self.counters
+    }
+
+    /// Compiles a component, or loads its compiled form from the cache.
+    fn compile(&self, policy: &str, wasm: &[u8], sha: &str) -> Result<Component, PluginError> {
+        let cached = self.cache_dir.as_ref().map(|dir| {
+            let mut engine_hash = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(
+                &self.engine.precompile_compatibility_hash(),
+                &mut engine_hash,
+            );
+            let engine_key = std::hash::Hasher::finish(&engine_hash);
+            dir.join(format!("{sha}-{engine_key:016x}.cwasm"))
+        });
+        if let Some(path) = &cached
+            && path.exists()
+        {
+            // SAFETY: the file was written by `Component::serialize` of an engine with the same
+            // compatibility hash (it is in the name), in a directory only this host writes.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(policy, error = %e, "ignoring unusable compile cache entry")
+                }
+            }
+        }
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| refused(policy, format!("not a valid component: {e:#}")))?;
+        if let Some(path) = &cached
+            && let Ok(bytes) = component.serialize()
+        {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, bytes)
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .is_err()
+            {
+                tracing::warn!(policy, "could not write the compile cache");
+            }
+        }
+        Ok(component)
+    }
+
+    /// Checks that a component asks only for what the `policy` world offers, in a contract
+    /// version this host speaks, before wasmtime's own type check.
+    fn check_imports(&self, policy: &str, component: &Component) -> Result<(), PluginError> {
+        let ty = component.component_type();
+        for (name, item) in ty.imports(&self.engine) {
+            // The world re-exports the contract's types (`use types.{trace, verdict}`); those
+            // type imports carry no capability. Instances and functions do.
+            if matches!(
+                item.ty,
+                wasmtime::component::types::ComponentItem::Type(_)
+                    | wasmtime::component::types::ComponentItem::Resource(_)
+            ) {
+                continue;
+            }
+            let (package, version) = match name.split_once('@') {
+                Some((iface, version)) => (iface.split('/').next().unwrap_or(iface), version),
+                None => (name.split('/').next().unwrap_or(name), ""),
+            };
+            if package != CONTRACT_PACKAGE {
+                return Err(refused(
+                    policy,
+                    format!(
+                        "imports `{name}`, which the policy sandbox does not provide (only {CONTRACT_PACKAGE} interfaces are available)"
+                    ),
+                ));
+            }
+            if !CONTRACT_VERSIONS.contains(&version) {
+                return Err(refused(
+                    policy,
+                    format!(
+                        "was built for contract {CONTRACT_PACKAGE}@{version} (import `{name}`); this host accepts {}",
+                        CONTRACT_VERSIONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, checks and `init`s one policy. Nothing here runs on the decision path.
+    pub fn load(
+        &self,
+        spec: &PolicyConfig,
+        base_dir: &Path,
+    ) -> Result<Arc<LoadedPolicy>, PluginError> {
+        let name = spec.name.as_str();
+        let started = Instant::now();
+        let wasm: std::borrow::Cow<'static, [u8]> = match (&spec.plugin, &spec.path) {
+            (Some(plugin), _) => {
+                let found = bundled::BUNDLED.iter().find(|(n, _)| n == plugin);
+                match found {
+                    Some((_, bytes)) => std::borrow::Cow::Borrowed(*bytes),
+                    None => {
+                        let known: Vec<&str> = bundled_names().collect();
+                        return Err(refused(
+                            name,
+                            format!(
+                                "no bundled plugin {plugin:?}; bundled: {}",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            (None, Some(path)) => {
+                let path = base_dir.join(path);
+                std::fs::read(&path)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|e| refused(name, format!("cannot read {}: {e}", path.display())))?
+            }
+            (None, None) => return Err(refused(name, "needs `plugin` or `path`")),
+        };
+        let sha = hex::encode(Sha256::digest(&wasm));
+        if let Some(pin) = &spec.sha256
+            && !pin.eq_ignore_ascii_case(&sha)
+        {
+            return Err(refused(
+                name,
+                format!("sha256 is {sha}, but the config pins {pin}"),
+            ));
+        }
+        let component = self.compile(name, &wasm, &sha)?;
+        self.check_imports(name, &component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| refused(name, format!("{e:#}")))?;
+        let pre = PolicyPre::new(pre)
+            .map_err(|e| refused(name, format!("does not export the policy world: {e:#}")))?;
+        let config_json = serde_json::to_string(&spec.config).map_err(|e| refused(name, e))?;
+        let policy = Arc::new(LoadedPolicy {
+            spec: spec.clone(),
+            name: Arc::from(name),
+            sha256: sha,
+            pre,
+            config_json,
+            meta: Arc::new(PolicyMeta {
+                name: Arc::from(name),
+                seed: spec.seed,
+                log_per_second: spec.log_per_second,
+                counters: self.counters.clone(),
+            }),
+            health: PolicyHealth::default(),
+            load_time: started.elapsed(),
+        });
+        // Refuse a policy whose init fails now, with the guest's message, rather than on the
+        // first trace.
+        policy
+            .instantiate(&self.engine)
+            .map_err(|e| refused(name, e))?;
+        Ok(policy)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// Failure bookkeeping shared by every worker's instance of a policy.
+#[derive(Default)]
+pub struct PolicyHealth {
+    consecutive_failures: AtomicU32,
+    /// Unix ms until which the policy is skipped; 0 when it is not quarantined.
+    quarantined_until_ms: AtomicU64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl PolicyHealth {
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined_until_ms.load(Ordering::Relaxed) > unix_ms()
+    }
+
+    fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Returns true when this failure starts a quarantine.
+    fn failed(&self, after: u32, for_: Duration) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= after.max(1) && !self.is_quarantined() {
+            self.quarantined_until_ms
+                .store(unix_ms() + for_.as_millis() as u64, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// A policy ready to run: compiled, type-checked, its `init` proven to succeed.
+pub struct LoadedPolicy {
+    pub spec: PolicyConfig,
+    pub name: Arc<str>,
+    pub sha256: String,
+    pre: PolicyPre<PolicyState>,
+    config_json: String,
+    meta: Arc<PolicyMeta>,
+    pub health: PolicyHealth,
+    pub load_time: Duration,
+}
+
+/// One live instance of a policy, owned by one worker.
+pub struct PolicyInstance {
+    store: Store<PolicyState>,
+    bindings: Policy,
+}
+
+impl LoadedPolicy {
+    /// A fresh instance with its limits set and `init` called.
+    pub fn instantiate(&self, engine: &Engine) -> Result<PolicyInstance, String> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.spec.memory_limit.bytes())
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(engine, PolicyState::new(self.meta.clone(), limits));
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        let ticks = (self.spec.timeout.0.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store
+            .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
+            .map_err(|e| format!("{e:#}"))?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| format!("instantiation failed: {e:#}"))?;
+        match bindings.call_init(&mut store, &self.config_json) {
+            Ok(Ok(())) => Ok(PolicyInstance { store, bindings }),
+            Ok(Err(message)) => Err(format!("init refused its config: {message}")),
+            Err(trap) => Err(format!("init trapped: {trap:#}")),
+        }
+    }
+}
+
+/// The policies live right now, in chain order, and what applies when they all abstain.
+pub struct PolicySet {
+    pub policies: Vec<Arc<LoadedPolicy>>,
+    pub default: DefaultVerdict,
+    /// Increases with every successful reload; workers rebuild instances when it changes.
+    pub generation: u64,
+}
+
+/// The engine plus the swappable live set: what workers decide with and reloads replace.
+pub struct PolicyRuntime {
+    pub engine: Arc<PluginEngine>,
+    pub live: ArcSwap<PolicySet>,
+}
+
+impl PolicyRuntime {
+    /// Loads every configured policy; any refusal is an error naming the policy and why.
+    pub fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
+        let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
+            .then(|| base_dir.join(&config.plugins.cache_dir));
+        let engine = PluginEngine::new(cache, config.plugins.max_label_values)?;
+        let set = build_set(&engine, config, base_dir, 1)?;
+        Ok(Arc::new(Self {
+            engine,
+            live: ArcSwap::from_pointee(set),
+        }))
+    }
+}
+
+/// Loads a whole policy set; the first refusal fails it.
+pub fn build_set(
+    engine: &PluginEngine,
+    config: &HostConfig,
+    base_dir: &Path,
+    generation: u64,
+) -> Result<PolicySet, PluginError> {
+    let mut policies = Vec::with_capacity(config.policies.len());
+    for spec in &config.policies {
+        let policy = engine.load(spec, base_dir)?;
+        tracing::info!(
+            policy = %policy.name,
+            sha256 = %policy.sha256,
+            load_ms = policy.load_time.as_secs_f64() * 1000.0,
+            "policy loaded"
+        );
+        policies.push(policy);
+    }
+    Ok(PolicySet {
+        policies,
+        default: config.decide.default,
+        generation,
+    })
+}

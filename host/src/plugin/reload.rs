@@ -1,0 +1,358 @@
+//! Hot swap: replace the live policy set while traces keep flowing.
+//!
+//! A reload re-reads the config file, then loads every policy off the decision path (compile,
+//! type-check, `init`), tries each on sample traces in a fresh instance, and only then swaps
+//! the set atomically. Workers pick the new set up at their next trace; traces already
+//! buffered are decided by whichever set is live when their time comes, so nothing buffered
+//! is lost. A refused reload leaves the old set running and says why.
+//!
+//! Triggers: a change of the config file or of a policy's `.wasm` file (polled), SIGHUP,
+//! and `POST /reload` on the admin listener.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{Span, Status};
+use parking_lot::Mutex;
+use prost::Message;
+
+use super::state::{TraceData, TraceHandle, TraceIndex};
+use super::{PolicyRuntime, PolicySet, build_set};
+use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader};
+use crate::config::Config;
+use crate::telemetry::Metrics;
+
+/// What the last reload did, for the admin status endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadOutcome {
+    pub trigger: String,
+    pub ok: bool,
+    pub message: String,
+    pub generation: u64,
+    pub took_ms: f64,
+    pub at_unix_ms: u64,
+}
+
+pub struct Reloader {
+    runtime: Arc<PolicyRuntime>,
+    metrics: Arc<Metrics>,
+    config_path: Option<PathBuf>,
+    base_dir: PathBuf,
+    /// One reload at a time.
+    busy: Mutex<()>,
+    last: Mutex<Option<ReloadOutcome>>,
+}
+
+impl Reloader {
+    pub fn new(
+        runtime: Arc<PolicyRuntime>,
+        metrics: Arc<Metrics>,
+        config_path: Option<PathBuf>,
+        base_dir: PathBuf,
+    ) -> Arc<Self> {
+        let reloader = Arc::new(Self {
+            runtime,
+            metrics,
+            config_path,
+            base_dir,
+            busy: Mutex::new(()),
+            last: Mutex::new(None),
+        });
+        reloader.publish_info(&reloader.runtime.live.load());
+        reloader
+    }
+
+    /// Reloads now; returns the new generation, or why the old set stays.
+    pub fn reload(&self, trigger: &str) -> Result<u64, String> {
+        let _one = self.busy.lock();
+        let started = Instant::now();
+        let result = self.try_reload();
+        let took = started.elapsed();
+        let generation = self.runtime.live.load().generation;
+        let outcome = ReloadOutcome {
+            trigger: trigger.to_owned(),
+            ok: result.is_ok(),
+            message: match &result {
+                Ok(_) => "policy set swapped".into(),
+                Err(e) => e.clone(),
+            },
+            generation,
+            took_ms: took.as_secs_f64() * 1000.0,
+            at_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        self.metrics
+            .reloads
+            .get_or_create(&vec![(
+                "outcome",
+                if outcome.ok { "ok" } else { "refused" }.to_owned(),
+            )])
+            .inc();
+        match &result {
+            Ok(g) => tracing::info!(
+                trigger,
+                generation = g,
+                took_ms = outcome.took_ms,
+                "policy set reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(trigger, error = %e, "reload refused; the previous policy set keeps running")
+            }
+        }
+        *self.last.lock() = Some(outcome);
+        result
+    }
+
+    fn try_reload(&self) -> Result<u64, String> {
+        let config = match &self.config_path {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => {
+                return Err(
+                    "tailgate runs on embedded defaults: there is no config file to reload".into(),
+                );
+            }
+        };
+        let generation = self.runtime.live.load().generation + 1;
+        let set = build_set(&self.runtime.engine, &config, &self.base_dir, generation)
+            .map_err(|e| e.to_string())?;
+        self.try_on_samples(&set)?;
+        self.publish_info(&set);
+        self.runtime.live.store(Arc::new(set));
+        Ok(generation)
+    }
+
+    /// Runs every policy of a candidate set on sample traces in a fresh instance: a policy
+    /// that traps or times out on ordinary traces never goes live.
+    fn try_on_samples(&self, set: &PolicySet) -> Result<(), String> {
+        let samples = sample_traces();
+        for policy in &set.policies {
+            let mut inst = policy.instantiate(self.runtime.engine.engine())?;
+            for (n, spans) in samples.iter().enumerate() {
+                let trace_id = [n as u8 + 1; 16];
+                let state = inst.store.data_mut();
+                state.seed_for(&trace_id);
+                state.trace = Some(TraceData {
+                    trace_id,
+                    index: Arc::new(TraceIndex::new(spans)),
+                    spans: spans.clone(),
+                });
+                let handle = state.table.push(TraceHandle).map_err(|e| e.to_string())?;
+                let rep = handle.rep();
+                let ticks =
+                    (policy.spec.timeout.0.as_nanos() / super::EPOCH_TICK.as_nanos()).max(1) as u64;
+                inst.store.set_epoch_deadline(ticks);
+                let result = inst.bindings.call_decide(&mut inst.store, handle);
+                let state = inst.store.data_mut();
+                state.trace = None;
+                let _ = state
+                    .table
+                    .delete(wasmtime::component::Resource::<TraceHandle>::new_own(rep));
+                if let Err(trap) = result {
+                    return Err(format!(
+                        "policy {:?} failed on sample trace {n}: {trap:#}",
+                        policy.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_info(&self, set: &PolicySet) {
+        self.metrics.policy_info.clear();
+        for p in &set.policies {
+            self.metrics
+                .policy_info
+                .get_or_create(&vec![
+                    ("policy", p.name.to_string()),
+                    ("sha256", p.sha256.clone()),
+                    ("generation", set.generation.to_string()),
+                ])
+                .set(1);
+        }
+    }
+
+    /// The live set and the last reload, as JSON for `GET /status`.
+    pub fn status_json(&self) -> String {
+        let set = self.runtime.live.load();
+        let policies: Vec<serde_json::Value> = set
+            .policies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": &*p.name,
+                    "sha256": p.sha256,
+                    "mode": format!("{:?}", p.spec.mode).to_lowercase(),
+                    "drop_rule": p.spec.drop_rule,
+                    "quarantined": p.health.is_quarantined(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "generation": set.generation,
+            "default": set.default.to_string(),
+            "policies": policies,
+            "last_reload": *self.last.lock(),
+        })
+        .to_string()
+    }
+
+    /// Files whose change triggers a reload: the config and every policy loaded by path.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.config_path.iter().cloned().collect();
+        for p in &self.runtime.live.load().policies {
+            if let Some(path) = &p.spec.path {
+                files.push(self.base_dir.join(path));
+            }
+        }
+        files
+    }
+
+    /// Polls the watched files and reloads on a change. Stops when `stop` turns true.
+    pub fn watch(self: &Arc<Self>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
+        if interval.is_zero() || self.config_path.is_none() {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tailgate-reload-watch".into())
+            .spawn(move || {
+                let mut seen = fingerprint(&this.watched_files());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(interval);
+                    let now = fingerprint(&this.watched_files());
+                    if now != seen {
+                        // A file still being written settles within one more interval.
+                        std::thread::sleep(interval);
+                        let _ = this.reload("file change");
+                        seen = fingerprint(&this.watched_files());
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the plugin file watcher; use SIGHUP or POST /reload");
+        }
+    }
+}
+
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+/// A few ordinary traces: a two-span request, an error, and an agent-shaped trace with
+/// GenAI attributes.
+pub fn sample_traces() -> Vec<Vec<BufferedSpan>> {
+    let resource = opentelemetry_proto::tonic::resource::v1::Resource {
+        attributes: vec![kv(
+            "service.name",
+            any_value::Value::StringValue("sample".into()),
+        )],
+        ..Default::default()
+    };
+    let mut fields = Vec::new();
+    prost::encoding::message::encode(1, &resource, &mut fields);
+    let header = Arc::new(ScopeHeader {
+        resource: Arc::new(ResourceHeader {
+            fields: fields.into_boxed_slice(),
+            resource: resource.encode_to_vec().into_boxed_slice(),
+            service: Arc::from("sample"),
+        }),
+        fields: Box::new([]),
+    });
+    let span = |id: u8, parent: u8, name: &str, error: bool, attrs: Vec<KeyValue>| {
+        let s = Span {
+            trace_id: vec![7; 16],
+            span_id: vec![id; 8],
+            parent_span_id: if parent == 0 { vec![] } else { vec![parent; 8] },
+            name: name.into(),
+            kind: 2,
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            end_time_unix_nano: 1_700_000_000_000_000_000 + u64::from(id) * 10_000_000,
+            attributes: attrs,
+            status: error.then(|| Status {
+                code: 2,
+                message: "sample error".into(),
+            }),
+            ..Default::default()
+        };
+        BufferedSpan {
+            bytes: s.encode_to_vec().into_boxed_slice(),
+            scope: header.clone(),
+            span_id: [id; 8],
+            parent_span_id: if parent == 0 { [0; 8] } else { [parent; 8] },
+            start_unix_nano: s.start_time_unix_nano,
+            end_unix_nano: s.end_time_unix_nano,
+            status_code: if error { 2 } else { 0 },
+            kind: 2,
+        }
+    };
+    let int = any_value::Value::IntValue;
+    let string = |s: &str| any_value::Value::StringValue(s.into());
+    vec![
+        vec![
+            span(1, 0, "GET /", false, vec![]),
+            span(2, 1, "db.query", false, vec![]),
+        ],
+        vec![
+            span(1, 0, "POST /pay", true, vec![]),
+            span(2, 1, "charge", true, vec![]),
+        ],
+        vec![
+            span(
+                1,
+                0,
+                "agent.run",
+                false,
+                vec![kv("tenant.id", string("t1"))],
+            ),
+            span(
+                2,
+                1,
+                "retrieval",
+                false,
+                vec![kv(
+                    "retrieval.top_score",
+                    any_value::Value::DoubleValue(0.8),
+                )],
+            ),
+            span(
+                3,
+                1,
+                "llm.call",
+                false,
+                vec![
+                    kv("gen_ai.request.model", string("gpt-4o")),
+                    kv("gen_ai.usage.input_tokens", int(1200)),
+                    kv("gen_ai.usage.output_tokens", int(300)),
+                ],
+            ),
+        ],
+    ]
+}
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        key_strindex: 0,
+    }
+}
+
+/// The directory relative paths in a config file are resolved against.
+pub fn base_dir_of(config_path: Option<&Path>) -> PathBuf {
+    config_path
+        .and_then(|p| p.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -1,0 +1,461 @@
+//! What a policy's store holds, and the host side of the contract: the `trace` resource's
+//! methods and the `host` interface (log, random, clock, counters).
+//!
+//! This is the sandbox boundary. Every index and string that comes from a guest is checked
+//! here before it touches host data: an out-of-range span index traps the guest (as a Rust
+//! slice would), never the host.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{StoreLimits, bail};
+
+use super::bindings::tailgate::policy::host::{self, Level};
+use super::bindings::tailgate::policy::types::{self, AttrValue, SpanKind, StatusCode, Summary};
+use super::counters::PolicyCounters;
+use crate::buffer::{BufferedSpan, TraceId};
+use crate::otlp::wire::{self, AnyValueRef};
+
+/// The guest's handle on the trace being decided. The data lives in [`PolicyState::trace`];
+/// the handle only proves the guest was given it.
+pub struct TraceHandle;
+
+/// Facts about a trace computed once and shared by every policy of the chain.
+#[derive(Debug)]
+pub struct TraceIndex {
+    pub parents: Vec<Option<u32>>,
+    pub missing_parent: Vec<bool>,
+    pub is_leaf: Vec<bool>,
+    pub span_count: u32,
+    pub error_count: u32,
+    pub duration_ns: u64,
+    pub root: Option<u32>,
+    pub services: Vec<String>,
+}
+
+impl TraceIndex {
+    pub fn new(spans: &[BufferedSpan]) -> Self {
+        let mut by_id: std::collections::HashMap<[u8; 8], u32> =
+            std::collections::HashMap::with_capacity(spans.len());
+        for (i, s) in spans.iter().enumerate() {
+            by_id.entry(s.span_id).or_insert(i as u32);
+        }
+        let mut parents = Vec::with_capacity(spans.len());
+        let mut missing_parent = Vec::with_capacity(spans.len());
+        let mut is_leaf = vec![true; spans.len()];
+        let mut root: Option<u32> = None;
+        let (mut min_start, mut max_end) = (u64::MAX, 0u64);
+        let mut error_count = 0;
+        let mut services: Vec<String> = Vec::new();
+        for (i, s) in spans.iter().enumerate() {
+            let parent = if s.is_root() {
+                None
+            } else {
+                by_id.get(&s.parent_span_id).copied()
+            };
+            if let Some(p) = parent {
+                is_leaf[p as usize] = false;
+            }
+            parents.push(parent);
+            missing_parent.push(!s.is_root() && parent.is_none());
+            if s.is_root() {
+                let earlier =
+                    root.is_none_or(|r| s.start_unix_nano < spans[r as usize].start_unix_nano);
+                if earlier {
+                    root = Some(i as u32);
+                }
+            }
+            min_start = min_start.min(s.start_unix_nano);
+            max_end = max_end.max(s.end_unix_nano);
+            if s.status_code == 2 {
+                error_count += 1;
+            }
+            let service = &*s.scope.resource.service;
+            if !service.is_empty() && !services.iter().any(|x| x == service) {
+                services.push(service.to_owned());
+            }
+        }
+        Self {
+            parents,
+            missing_parent,
+            is_leaf,
+            span_count: spans.len() as u32,
+            error_count,
+            duration_ns: max_end.saturating_sub(min_start),
+            root,
+            services,
+        }
+    }
+}
+
+/// A span's name, read from its bytes.
+pub fn span_name(span: &BufferedSpan) -> &str {
+    wire::span_name(&span.bytes)
+}
+
+/// The trace a `decide` call is looking at. Moved into the store for the call and back out
+/// after, so no span is copied.
+pub struct TraceData {
+    pub trace_id: TraceId,
+    pub spans: Vec<BufferedSpan>,
+    pub index: Arc<TraceIndex>,
+}
+
+/// Per-policy settings the host functions need.
+pub struct PolicyMeta {
+    pub name: Arc<str>,
+    pub seed: u64,
+    pub log_per_second: u32,
+    pub counters: Arc<PolicyCounters>,
+}
+
+/// A policy instance's store data.
+pub struct PolicyState {
+    pub table: ResourceTable,
+    pub limits: StoreLimits,
+    pub trace: Option<TraceData>,
+    pub meta: Arc<PolicyMeta>,
+    rng: u64,
+    last_now: u64,
+    log_second: u64,
+    logged_this_second: u32,
+    pub logs_dropped: u64,
+}
+
+impl PolicyState {
+    pub fn new(meta: Arc<PolicyMeta>, limits: StoreLimits) -> Self {
+        let rng = meta.seed;
+        Self {
+            table: ResourceTable::new(),
+            limits,
+            trace: None,
+            meta,
+            rng,
+            last_now: 0,
+            log_second: 0,
+            logged_this_second: 0,
+            logs_dropped: 0,
+        }
+    }
+
+    /// Seeds the per-trace random stream from the trace id and the policy's seed, so the same
+    /// trace through the same policy sees the same numbers on any replica.
+    pub fn seed_for(&mut self, trace_id: &TraceId) {
+        let mut x = self.meta.seed ^ 0x9E37_79B9_7F4A_7C15;
+        for chunk in trace_id.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            x = splitmix(x ^ u64::from_le_bytes(b));
+        }
+        self.rng = x;
+    }
+
+    fn trace(&self) -> wasmtime::Result<&TraceData> {
+        match &self.trace {
+            Some(t) => Ok(t),
+            None => bail!("the trace is only readable during decide"),
+        }
+    }
+
+    fn span(&self, i: u32) -> wasmtime::Result<&BufferedSpan> {
+        let t = self.trace()?;
+        match t.spans.get(i as usize) {
+            Some(s) => Ok(s),
+            None => bail!(
+                "span index {i} out of range: the trace has {} spans",
+                t.spans.len()
+            ),
+        }
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// An OTLP attribute value as the guest sees it.
+pub fn to_attr_value(v: AnyValueRef<'_>) -> Option<AttrValue> {
+    Some(match v {
+        AnyValueRef::Str(s) => AttrValue::Str(s.to_owned()),
+        AnyValueRef::Bool(b) => AttrValue::Boolean(b),
+        AnyValueRef::Int(i) => AttrValue::Int(i),
+        AnyValueRef::Double(d) => AttrValue::Double(d),
+        AnyValueRef::Bytes(b) => AttrValue::Bytes(b.to_vec()),
+        AnyValueRef::Array(bytes) => AttrValue::Json(super::json_value::array_to_json(bytes)),
+        AnyValueRef::KvList(bytes) => AttrValue::Json(super::json_value::kvlist_to_json(bytes)),
+        AnyValueRef::Empty => return None,
+    })
+}
+
+fn numeric(v: AnyValueRef<'_>) -> Option<f64> {
+    match v {
+        AnyValueRef::Int(i) => Some(i as f64),
+        AnyValueRef::Double(d) if !d.is_nan() => Some(d),
+        _ => None,
+    }
+}
+
+fn kind_of(k: u8) -> SpanKind {
+    match k {
+        1 => SpanKind::Internal,
+        2 => SpanKind::Server,
+        3 => SpanKind::Client,
+        4 => SpanKind::Producer,
+        5 => SpanKind::Consumer,
+        _ => SpanKind::Unspecified,
+    }
+}
+
+fn status_of(code: u8) -> StatusCode {
+    match code {
+        1 => StatusCode::Ok,
+        2 => StatusCode::Error,
+        _ => StatusCode::Unset,
+    }
+}
+
+fn duration(s: &BufferedSpan) -> u64 {
+    s.end_unix_nano.saturating_sub(s.start_unix_nano)
+}
+
+impl types::HostTrace for PolicyState {
+    fn summary(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Summary> {
+        let i = &self.trace()?.index;
+        Ok(Summary {
+            span_count: i.span_count,
+            error_count: i.error_count,
+            duration_ns: i.duration_ns,
+            root: i.root,
+            service_count: i.services.len() as u32,
+            orphan_count: i.missing_parent.iter().filter(|m| **m).count() as u32,
+        })
+    }
+
+    fn services(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<String>> {
+        Ok(self.trace()?.index.services.clone())
+    }
+
+    fn trace_id(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<(u64, u64)> {
+        let id = self.trace()?.trace_id;
+        let (hi, lo) = id.split_at(8);
+        let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).unwrap_or(0);
+        Ok((word(hi), word(lo)))
+    }
+
+    fn name(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+        Ok(span_name(self.span(span)?).to_owned())
+    }
+
+    fn kind(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<SpanKind> {
+        Ok(kind_of(self.span(span)?.kind))
+    }
+
+    fn status(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<StatusCode> {
+        Ok(status_of(self.span(span)?.status_code))
+    }
+
+    fn status_message(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+        Ok(wire::span_status_message(&self.span(span)?.bytes).to_owned())
+    }
+
+    fn start_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+        Ok(self.span(span)?.start_unix_nano)
+    }
+
+    fn end_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+        Ok(self.span(span)?.end_unix_nano)
+    }
+
+    fn duration_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+        Ok(duration(self.span(span)?))
+    }
+
+    fn parent(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<Option<u32>> {
+        self.span(span)?;
+        Ok(self.trace()?.index.parents[span as usize])
+    }
+
+    fn missing_parent(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<bool> {
+        self.span(span)?;
+        Ok(self.trace()?.index.missing_parent[span as usize])
+    }
+
+    fn span_id(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+        Ok(u64::from_be_bytes(self.span(span)?.span_id))
+    }
+
+    fn trace_state(
+        &mut self,
+        _: Resource<TraceHandle>,
+        span: u32,
+    ) -> wasmtime::Result<Option<String>> {
+        let state = wire::span_trace_state(&self.span(span)?.bytes);
+        Ok((!state.is_empty()).then(|| state.to_owned()))
+    }
+
+    fn service(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+        Ok(self.span(span)?.scope.resource.service.to_string())
+    }
+
+    fn attr(
+        &mut self,
+        _: Resource<TraceHandle>,
+        span: u32,
+        key: String,
+    ) -> wasmtime::Result<Option<AttrValue>> {
+        Ok(wire::span_attribute(&self.span(span)?.bytes, &key).and_then(to_attr_value))
+    }
+
+    fn resource_attr(
+        &mut self,
+        _: Resource<TraceHandle>,
+        span: u32,
+        key: String,
+    ) -> wasmtime::Result<Option<AttrValue>> {
+        let s = self.span(span)?;
+        Ok(wire::resource_attribute(&s.scope.resource.resource, &key).and_then(to_attr_value))
+    }
+
+    fn durations(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<u64>> {
+        Ok(self.trace()?.spans.iter().map(duration).collect())
+    }
+
+    fn statuses(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<StatusCode>> {
+        Ok(self
+            .trace()?
+            .spans
+            .iter()
+            .map(|s| status_of(s.status_code))
+            .collect())
+    }
+
+    fn parents(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<Option<u32>>> {
+        Ok(self.trace()?.index.parents.clone())
+    }
+
+    fn attr_column(
+        &mut self,
+        _: Resource<TraceHandle>,
+        key: String,
+    ) -> wasmtime::Result<Vec<Option<AttrValue>>> {
+        Ok(self
+            .trace()?
+            .spans
+            .iter()
+            .map(|s| wire::span_attribute(&s.bytes, &key).and_then(to_attr_value))
+            .collect())
+    }
+
+    fn sum(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<f64> {
+        Ok(self.numeric_values(&key)?.sum())
+    }
+
+    fn max(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<Option<f64>> {
+        Ok(self.numeric_values(&key)?.reduce(f64::max))
+    }
+
+    fn count(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<u32> {
+        Ok(self.numeric_values(&key)?.count() as u32)
+    }
+
+    fn count_name(&mut self, _: Resource<TraceHandle>, name: String) -> wasmtime::Result<u32> {
+        Ok(self
+            .trace()?
+            .spans
+            .iter()
+            .filter(|s| span_name(s) == name)
+            .count() as u32)
+    }
+
+    fn otlp_bytes(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<u8>> {
+        Ok(crate::export::encode_spans(&self.trace()?.spans))
+    }
+
+    fn drop(&mut self, rep: Resource<TraceHandle>) -> wasmtime::Result<()> {
+        self.table.delete(rep)?;
+        Ok(())
+    }
+}
+
+impl PolicyState {
+    fn numeric_values<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> wasmtime::Result<impl Iterator<Item = f64> + 'a> {
+        Ok(self
+            .trace()?
+            .spans
+            .iter()
+            .filter_map(move |s| wire::span_attribute(&s.bytes, key).and_then(numeric)))
+    }
+}
+
+impl types::Host for PolicyState {}
+
+/// Longest log message kept; a guest cannot flood the host's logs with one call.
+const MAX_LOG_BYTES: usize = 1024;
+
+impl host::Host for PolicyState {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let second = unix_nanos() / 1_000_000_000;
+        if second != self.log_second {
+            self.log_second = second;
+            self.logged_this_second = 0;
+        }
+        if self.logged_this_second >= self.meta.log_per_second {
+            self.logs_dropped += 1;
+            return Ok(());
+        }
+        self.logged_this_second += 1;
+        let mut message = message;
+        if message.len() > MAX_LOG_BYTES {
+            let mut cut = MAX_LOG_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let policy = &*self.meta.name;
+        match level {
+            Level::Trace => tracing::trace!(policy, "{message}"),
+            Level::Debug => tracing::debug!(policy, "{message}"),
+            Level::Info => tracing::info!(policy, "{message}"),
+            Level::Warn => tracing::warn!(policy, "{message}"),
+            Level::Error => tracing::error!(policy, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn random(&mut self) -> wasmtime::Result<u64> {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        Ok(splitmix(self.rng))
+    }
+
+    fn now_ns(&mut self) -> wasmtime::Result<u64> {
+        self.last_now = self.last_now.max(unix_nanos());
+        Ok(self.last_now)
+    }
+
+    fn counter_add(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    ) -> wasmtime::Result<()> {
+        self.meta
+            .counters
+            .add(&self.meta.name, &name, labels, value);
+        Ok(())
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

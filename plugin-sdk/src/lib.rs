@@ -1,0 +1,311 @@
+//! # tailgate-plugin-sdk
+//!
+//! Everything a Rust author needs to write a tailgate sampling policy: the WIT
+//! contract (`wit/policy.wit`, package `tailgate:policy@0.1.0`), an ergonomic
+//! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
+//! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
+//! [`export_policy!`].
+//!
+//! ```
+//! use tailgate_plugin_sdk::{export_policy, Policy, Trace, Verdict};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Config { max_tokens: f64 }
+//!
+//! struct TokenHog { max: f64 }
+//!
+//! impl Policy for TokenHog {
+//!     type Config = Config;
+//!     fn init(c: Config) -> Result<Self, String> { Ok(TokenHog { max: c.max_tokens }) }
+//!     fn decide(&mut self, t: &Trace) -> Verdict {
+//!         if t.sum("gen_ai.usage.input_tokens") > self.max { Verdict::keep("token hog") }
+//!         else { Verdict::abstain() }
+//!     }
+//! }
+//! export_policy!(TokenHog);
+//! # fn main() {}
+//! ```
+//!
+//! The same code runs in two places. Built for `wasm32-unknown-unknown`, the
+//! trace is the host's `trace` resource and the macro emits the component's
+//! exports. Built natively (`cargo test`), the trace is an in-memory one from
+//! `testing::TraceBuilder` (native only) and the host imports are in-process stand-ins,
+//! so a policy's logic is unit-tested with no Wasm tooling at all.
+
+// Lets the generated bindings and the exported macros name this crate by its
+// real path from inside the crate too.
+extern crate self as tailgate_plugin_sdk;
+
+mod backend;
+pub mod host;
+mod trace;
+mod types;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod otlp;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use host::{counter_add, now_ns, random_f64, random_u64};
+pub use trace::{Span, Spans, Trace};
+pub use types::{
+    AttrValue, Decision, Level, Patch, PatchTarget, SpanKind, StatusCode, Summary, Verdict,
+};
+
+/// The WIT package this SDK implements.
+pub const WIT_PACKAGE: &str = "tailgate:policy@0.1.0";
+
+/// The contract's WIT text, for hosts and tools that want the exact file the
+/// SDK was built with.
+pub const WIT: &str = include_str!("../wit/policy.wit");
+
+/// A sampling policy.
+///
+/// The host creates one instance per worker thread (and per policy version)
+/// and reuses it across traces, so `&mut self` state persists between
+/// `decide` calls (counters, sliding windows, streaming percentiles...).
+pub trait Policy: Sized + 'static {
+    /// The policy's config table, deserialized from the JSON text the host
+    /// passes to `init`. An empty config arrives as `{}`, so give optional
+    /// fields `#[serde(default)]`; use [`NoConfig`] for a policy without any.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Build the policy. An `Err` refuses the policy; the host reports the
+    /// message.
+    fn init(config: Self::Config) -> Result<Self, String>;
+
+    /// Decide one trace.
+    fn decide(&mut self, trace: &Trace) -> Verdict;
+}
+
+/// Config of a policy that takes none: accepts only an empty table, so a
+/// misspelt option is an error instead of being ignored.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// Deserialize a policy config from the JSON text the host passes to `init`.
+/// Blank text counts as `{}`; an empty table also satisfies `()` and
+/// `Option<_>` configs. Errors are prefixed with "invalid config: ".
+pub fn parse_config<C: serde::de::DeserializeOwned>(text: &str) -> Result<C, String> {
+    let trimmed = text.trim();
+    let doc = if trimmed.is_empty() { "{}" } else { trimmed };
+    match serde_json::from_str::<C>(doc) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            if doc == "{}"
+                && let Ok(c) = serde_json::from_str::<C>("null")
+            {
+                return Ok(c);
+            }
+            Err(format!("invalid config: {e}"))
+        }
+    }
+}
+
+pub(crate) fn init_from_json<P: Policy>(config: &str) -> Result<P, String> {
+    P::init(parse_config::<P::Config>(config)?)
+}
+
+/// `log::info!("…", args)`-style macros that send one line to the host's
+/// rate-limited log: `trace!`, `debug!`, `info!`, `warn!`, `error!`.
+/// Natively the lines are captured (see `testing::logs`).
+pub mod log {
+    pub use crate::{
+        __tailgate_debug as debug, __tailgate_error as error, __tailgate_info as info,
+        __tailgate_trace as trace, __tailgate_warn as warn,
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_log {
+    ($level:expr, $($arg:tt)+) => {
+        $crate::host::log($level, &::std::format!($($arg)+))
+    };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_trace {
+    ($($arg:tt)+) => { $crate::__tailgate_log!($crate::Level::Trace, $($arg)+) };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_debug {
+    ($($arg:tt)+) => { $crate::__tailgate_log!($crate::Level::Debug, $($arg)+) };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_info {
+    ($($arg:tt)+) => { $crate::__tailgate_log!($crate::Level::Info, $($arg)+) };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_warn {
+    ($($arg:tt)+) => { $crate::__tailgate_log!($crate::Level::Warn, $($arg)+) };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tailgate_error {
+    ($($arg:tt)+) => { $crate::__tailgate_log!($crate::Level::Error, $($arg)+) };
+}
+
+/// Export a [`Policy`] as the component's `init` / `decide`.
+///
+/// Use it once, at the top level of the policy crate. On Wasm it keeps the
+/// instance in a thread-local slot: `init` (re)creates it, `decide` borrows
+/// it; a `decide` before a successful `init` abstains with reason
+/// `"policy not initialised"` instead of trapping. Natively it only checks
+/// that the type implements [`Policy`].
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            ::std::thread_local! {
+                static __TAILGATE_POLICY: ::core::cell::RefCell<::core::option::Option<$policy>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
+            struct __TailgatePolicyExport;
+            impl $crate::__private::Guest for __TailgatePolicyExport {
+                fn init(
+                    config: $crate::__private::String,
+                ) -> ::core::result::Result<(), $crate::__private::String> {
+                    $crate::__private::init::<$policy>(&__TAILGATE_POLICY, config)
+                }
+                fn decide(t: &$crate::__private::RawTrace) -> $crate::__private::RawVerdict {
+                    $crate::__private::decide::<$policy>(&__TAILGATE_POLICY, t)
+                }
+            }
+    $crate::__private::export_world!(__TailgatePolicyExport with_types_in $crate::bindings);
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: () = {
+            fn __assert_policy<P: $crate::Policy>() {}
+            let _ = __assert_policy::<$policy>;
+        };
+    };
+}
+
+/// Bindings generated by wit-bindgen from `wit/policy.wit`. Not part of the
+/// SDK's API: use [`Trace`], [`Verdict`] and [`host`] instead.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "policy",
+        path: "wit",
+        // The export macro is invoked from policy crates, which do not depend
+        // on wit-bindgen: route every runtime path through this crate.
+        pub_export_macro: true,
+        export_macro_name: "__export_world",
+        default_bindings_module: "tailgate_plugin_sdk::bindings",
+        runtime_path: "tailgate_plugin_sdk::__wit_bindgen::rt",
+    });
+}
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+/// Glue used by [`export_policy!`]; not a stable API.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __private {
+    use std::cell::RefCell;
+    use std::thread::LocalKey;
+
+    pub use crate::bindings::__export_world as export_world;
+    pub use crate::bindings::Guest;
+    pub use crate::bindings::tailgate::policy::types::{Trace as RawTrace, Verdict as RawVerdict};
+    pub use std::string::String;
+
+    use crate::backend::Backend;
+    use crate::bindings::tailgate::policy::types as wit;
+    use crate::{Decision, Level, PatchTarget, Policy, Trace, Verdict};
+
+    pub type Slot<P> = LocalKey<RefCell<Option<P>>>;
+
+    /// Route panic messages to the host log before the trap that follows
+    /// (on wasm32-unknown-unknown a panic aborts and its message is lost).
+    fn install_panic_hook() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::panic::set_hook(Box::new(|info| {
+                crate::host::log(Level::Error, &format!("policy panicked: {info}"));
+            }));
+        });
+    }
+
+    pub fn init<P: Policy>(slot: &'static Slot<P>, config: String) -> Result<(), String> {
+        install_panic_hook();
+        let policy = crate::init_from_json::<P>(&config)?;
+        slot.with(|s| *s.borrow_mut() = Some(policy));
+        Ok(())
+    }
+
+    pub fn decide<P: Policy>(slot: &'static Slot<P>, raw: &RawTrace) -> RawVerdict {
+        install_panic_hook();
+        // SAFETY: `trace` lives only until the end of this function, inside
+        // the export call that lent `raw`; the policy only sees `&trace`.
+        let trace = Trace::from_backend(unsafe { Backend::borrowed(raw) });
+        let verdict = slot.with(|s| match s.borrow_mut().as_mut() {
+            Some(policy) => policy.decide(&trace),
+            None => Verdict::abstain().with_reason("policy not initialised"),
+        });
+        to_wit(verdict)
+    }
+
+    fn to_wit(v: Verdict) -> RawVerdict {
+        use crate::backend::attr_to_wit;
+        RawVerdict {
+            decision: match v.decision {
+                Decision::Keep => wit::Decision::Keep,
+                Decision::Drop => wit::Decision::Drop,
+                Decision::Abstain => wit::Decision::Abstain,
+            },
+            reason: v.reason,
+            probability: v.probability,
+            patches: v
+                .patches
+                .into_iter()
+                .map(|p| wit::Patch {
+                    target: match p.target {
+                        PatchTarget::Span(i) => wit::PatchTarget::Span(i),
+                        PatchTarget::ResourceOf(i) => wit::PatchTarget::ResourceOf(i),
+                    },
+                    key: p.key,
+                    value: attr_to_wit(p.value),
+                })
+                .collect(),
+            remove_spans: v.remove_spans,
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+/// Bytes from hex digits (either case); `None` on odd length or a non-hex
+/// character.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! The bundled WebAssembly policies deciding real traces through the real binary.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prost::Message;
+
+use crate::support::*;
+
+const CHAIN: &str = r#"
+[buffer]
+root_grace = "100ms"
+
+[decide]
+default = "drop"
+
+[[policies]]
+name = "errors"
+plugin = "keep-errors"
+
+[[policies]]
+name = "slow"
+plugin = "latency"
+[policies.config]
+threshold_ms = 500
+
+[[policies]]
+name = "sample"
+plugin = "probabilistic"
+[policies.config]
+rate = 0.25
+"#;
+
+/// A trace of two spans; the root lasts `ms` milliseconds.
+fn trace(
+    n: u64,
+    error: bool,
+    ms: u64,
+) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+    let mut root = SpanSpec::new(n, n * 10 + 1, 0);
+    root.error = error;
+    let child = SpanSpec::new(n, n * 10 + 2, n * 10 + 1);
+    let mut req = request("svc", &[root, child]);
+    let span = &mut req.resource_spans[0].scope_spans[0].spans[0];
+    span.start_time_unix_nano = span.end_time_unix_nano - ms * 1_000_000;
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_chain_keeps_errors_slow_traces_and_a_consistent_sample() {
+    let tg = Tailgate::start(CHAIN);
+    // 20 error traces, 20 slow ones, 400 ordinary ones.
+    let mut kind: HashMap<Vec<u8>, &str> = HashMap::new();
+    for n in 1..=440u64 {
+        let (error, ms, k) = match n {
+            1..=20 => (true, 5, "error"),
+            21..=40 => (false, 900, "slow"),
+            _ => (false, 5, "normal"),
+        };
+        kind.insert(trace_id(n).to_vec(), k);
+        let (code, _, _) = post(
+            tg.http,
+            "application/x-protobuf",
+            None,
+            trace(n, error, ms).encode_to_vec(),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    let m = wait_for(Duration::from_secs(30), || {
+        let m = tg.metrics();
+        (m.sum("tailgate_traces_decided_total", &[]) == 440.0).then_some(m)
+    })
+    .expect("all traces decided");
+    let exported = wait_for(Duration::from_secs(10), || {
+        let spans = exported_spans(&tg.exported());
+        (spans.len() as f64 == m.kept()).then_some(spans)
+    })
+    .expect("kept spans exported");
+
+    let mut kept_traces: HashMap<Vec<u8>, (String, String)> = HashMap::new();
+    for (_, span) in &exported {
+        let policy = attr(span, "sampling.policy").unwrap_or_default().to_owned();
+        let reason = attr(span, "sampling.reason").unwrap_or_default().to_owned();
+        kept_traces.insert(span.trace_id.clone(), (policy, reason));
+    }
+    let count = |k: &str| kept_traces.keys().filter(|id| kind[*id] == k).count();
+    assert_eq!(count("error"), 20, "every error trace kept");
+    assert_eq!(count("slow"), 20, "every slow trace kept");
+    for (id, (policy, _)) in &kept_traces {
+        match kind[id] {
+            "error" => assert_eq!(policy, "errors"),
+            "slow" => assert_eq!(policy, "slow"),
+            _ => assert_eq!(policy, "sample"),
+        }
+    }
+    // The probabilistic policy keeps by trace id: the exact set is the one OTel's
+    // TraceIdRatioBased threshold gives (R >= (1 - 0.25) * 2^56 on the low 56 bits).
+    let threshold = ((1.0 - 0.25) * (1u64 << 56) as f64).round() as u64;
+    for n in 41..=440u64 {
+        let id = trace_id(n);
+        let r = u64::from_be_bytes(id[8..].try_into().unwrap()) & ((1 << 56) - 1);
+        assert_eq!(
+            kept_traces.contains_key(id.as_slice()),
+            r >= threshold,
+            "trace {n}: R = {r:014x}"
+        );
+    }
+    // Sampled traces carry the OTel threshold for 25% in their tracestate.
+    let sampled = exported
+        .iter()
+        .find(|(_, s)| kind[&s.trace_id] == "normal")
+        .expect("some normal trace sampled");
+    assert!(
+        sampled.1.trace_state.contains("ot=th:c"),
+        "{:?}",
+        sampled.1.trace_state
+    );
+
+    assert_eq!(m.received(), m.kept() + m.dropped() + m.refused());
+    assert_eq!(
+        m.sum(
+            "tailgate_policy_calls_total",
+            &["policy=\"errors\"", "outcome=\"keep\""]
+        ),
+        20.0
+    );
+    assert!(m.sum("tailgate_policy_info", &["policy=\"slow\""]) == 1.0);
+}
