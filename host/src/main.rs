@@ -9,16 +9,30 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        Command::Check { config: path } => {
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Load the policies too (compile, type-check, init with their config), so a
+            // policy that would be refused at start is reported here.
+            let base_dir = tailgate::plugin::reload::base_dir_of(Some(&path));
+            let mut dry = config.clone();
+            dry.plugins.cache_dir = Default::default(); // a check writes nothing
+            if let Err(e) = tailgate::plugin::PolicyRuntime::start(&dry, &base_dir) {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::FAILURE;
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+            println!(
+                "{}: ok ({} policies)",
+                path.display(),
+                config.policies.len()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Run { config } => {
             let config_path = config.clone();
             let loaded = match &config {

@@ -3,6 +3,8 @@
 mod cli;
 mod conformance;
 mod exporter;
+mod hostile;
+mod hotswap;
 mod memory;
 mod pipeline;
 mod policies;

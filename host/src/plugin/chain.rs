@@ -96,23 +96,12 @@ impl WasmChain {
         let state = inst.store.data_mut();
         state.seed_for(&trace_id);
         state.trace = data.take();
-        let handle = match state.table.push(TraceHandle) {
-            Ok(h) => h,
-            Err(e) => {
-                *data = inst.store.data_mut().trace.take();
-                tracing::error!(policy = %policy.name, error = %e, "resource table full");
-                return Some(self.failed(&policy, "host"));
-            }
-        };
-        let rep = handle.rep();
         let started = Instant::now();
-        let result = inst.bindings.call_decide(&mut inst.store, handle);
+        let result = inst
+            .bindings
+            .call_decide(&mut inst.store, TraceHandle::borrowed());
         let elapsed = started.elapsed();
-        let state = inst.store.data_mut();
-        *data = state.trace.take();
-        let _ = state
-            .table
-            .delete(wasmtime::component::Resource::<TraceHandle>::new_own(rep));
+        *data = inst.store.data_mut().trace.take();
         metrics.policy_latency(&policy.name, elapsed.as_secs_f64());
         match result {
             Ok(verdict) => {
@@ -186,7 +175,16 @@ fn failure_kind(e: &wasmtime::Error) -> &'static str {
         Some(wasmtime::Trap::OutOfFuel) => "fuel",
         Some(wasmtime::Trap::MemoryOutOfBounds) => "memory",
         Some(_) => "trap",
-        None if format!("{e:#}").contains("memory") => "memory",
+        // The store limiter refuses growth past `memory_limit` with this error (wasmtime's
+        // StoreLimits with trap_on_grow_failure); match it in the chain, not in the whole
+        // rendered text, which also holds the guest's backtrace and function names.
+        None if e.chain().any(|c| {
+            c.to_string()
+                .starts_with("forcing trap when growing memory")
+        }) =>
+        {
+            "memory"
+        }
         None => "trap",
     }
 }

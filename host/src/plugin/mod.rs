@@ -108,8 +108,15 @@ impl PluginEngine {
         std::thread::Builder::new()
             .name("tailgate-epoch".into())
             .spawn(move || {
+                // Paced against the clock, not by sleeping a tick each round: sleep overshoots,
+                // and deadlines are counted in ticks, so drift would stretch every deadline.
+                let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
+                    next += EPOCH_TICK;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => return,
@@ -391,8 +398,9 @@ pub struct PolicyRuntime {
 impl PolicyRuntime {
     /// Loads every configured policy; any refusal is an error naming the policy and why.
     pub fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
+        // Like the exporter's path, the cache is relative to the working directory.
         let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
-            .then(|| base_dir.join(&config.plugins.cache_dir));
+            .then(|| config.plugins.cache_dir.clone());
         let engine = PluginEngine::new(cache, config.plugins.max_label_values)?;
         let set = build_set(&engine, config, base_dir, 1)?;
         Ok(Arc::new(Self {

@@ -140,17 +140,13 @@ impl Reloader {
                     index: Arc::new(TraceIndex::new(spans)),
                     spans: spans.clone(),
                 });
-                let handle = state.table.push(TraceHandle).map_err(|e| e.to_string())?;
-                let rep = handle.rep();
                 let ticks =
                     (policy.spec.timeout.0.as_nanos() / super::EPOCH_TICK.as_nanos()).max(1) as u64;
                 inst.store.set_epoch_deadline(ticks);
-                let result = inst.bindings.call_decide(&mut inst.store, handle);
-                let state = inst.store.data_mut();
-                state.trace = None;
-                let _ = state
-                    .table
-                    .delete(wasmtime::component::Resource::<TraceHandle>::new_own(rep));
+                let result = inst
+                    .bindings
+                    .call_decide(&mut inst.store, TraceHandle::borrowed());
+                inst.store.data_mut().trace = None;
                 if let Err(trap) = result {
                     return Err(format!(
                         "policy {:?} failed on sample trace {n}: {trap:#}",

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::component::Resource;
 use wasmtime::{StoreLimits, bail};
 
 use super::bindings::tailgate::policy::host::{self, Level};
@@ -19,6 +19,14 @@ use crate::otlp::wire::{self, AnyValueRef};
 /// The guest's handle on the trace being decided. The data lives in [`PolicyState::trace`];
 /// the handle only proves the guest was given it.
 pub struct TraceHandle;
+
+impl TraceHandle {
+    /// The handle lent to `decide`. The guest only ever borrows the trace, and there is one
+    /// trace per call, so no table entry is needed: the borrow ends with the call.
+    pub fn borrowed() -> Resource<TraceHandle> {
+        Resource::new_borrow(0)
+    }
+}
 
 /// Facts about a trace computed once and shared by every policy of the chain.
 #[derive(Debug)]
@@ -111,7 +119,6 @@ pub struct PolicyMeta {
 
 /// A policy instance's store data.
 pub struct PolicyState {
-    pub table: ResourceTable,
     pub limits: StoreLimits,
     pub trace: Option<TraceData>,
     pub meta: Arc<PolicyMeta>,
@@ -126,7 +133,6 @@ impl PolicyState {
     pub fn new(meta: Arc<PolicyMeta>, limits: StoreLimits) -> Self {
         let rng = meta.seed;
         Self {
-            table: ResourceTable::new(),
             limits,
             trace: None,
             meta,
@@ -374,8 +380,8 @@ impl types::HostTrace for PolicyState {
         Ok(crate::export::encode_spans(&self.trace()?.spans))
     }
 
-    fn drop(&mut self, rep: Resource<TraceHandle>) -> wasmtime::Result<()> {
-        self.table.delete(rep)?;
+    fn drop(&mut self, _rep: Resource<TraceHandle>) -> wasmtime::Result<()> {
+        // Only borrows are ever lent; there is nothing to free.
         Ok(())
     }
 }

@@ -1,0 +1,207 @@
+//! Hot swap under load: a replaced plugin file takes effect without a restart or a lost span,
+//! and a broken replacement is refused while the old version keeps deciding.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use crate::support::*;
+
+/// Builds the swap test policies once per test run.
+fn swap_components() -> &'static (PathBuf, PathBuf) {
+    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::env::temp_dir().join(format!("tailgate-e2e-swap-{}", std::process::id()));
+        let built = tailgate_plugin_build::Builder::new(repo.join("tests/plugins"), &out)
+            .only(vec!["swap-v1".into(), "swap-v2".into()])
+            .build()
+            .unwrap_or_else(|e| panic!("building the swap policies: {e:#}"));
+        let find = |name: &str| {
+            built
+                .iter()
+                .find(|b| b.name == name)
+                .map(|b| b.component.clone())
+                .expect("built")
+        };
+        (find("swap-v1"), find("swap-v2"))
+    })
+}
+
+/// Replaces a file the way deploy tools do: write beside it, then rename over it.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_plugin_file_under_load_takes_effect_and_loses_nothing() {
+    let (v1, v2) = swap_components();
+    let plugins = TempDir::new("swap");
+    let gate = plugins.path().join("gate.wasm");
+    std::fs::copy(v1, &gate).unwrap();
+    let mut tg = Tailgate::start(&format!(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"drop\"\n\n\
+         [plugins]\nwatch_interval = \"50ms\"\n\n[[policies]]\nname = \"gate\"\npath = {:?}\n",
+        gate.display().to_string()
+    ));
+    let pid = tg.pid();
+
+    // Steady load: four senders, 200-span requests of 10-span traces, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for sender in 0..4u64 {
+        let (http, stop, sent) = (tg.http, stop.clone(), sent.clone());
+        senders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut seq = 0u64;
+            // 30 requests of 200 spans a second per sender: 24,000 spans/s in all.
+            let mut pace = tokio::time::interval(Duration::from_millis(33));
+            while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
+                let spans: Vec<SpanSpec> = (0..200)
+                    .map(|i| {
+                        seq += 1;
+                        let trace = (sender << 40) | (seq / 10);
+                        let root = i % 10 == 0;
+                        SpanSpec::new(trace, (sender << 40) | seq, if root { 0 } else { 1 })
+                    })
+                    .collect();
+                let body = request("load", &spans).encode_to_vec();
+                let resp = client
+                    .post(format!("http://{http}/v1/traces"))
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("POST");
+                if resp.status().as_u16() == 200 {
+                    sent.fetch_add(200, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let load_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        exported_reasons(&tg).contains("v1"),
+        "v1 decides before the swap"
+    );
+
+    // Swap the file and time until the new version is live.
+    let offset = std::fs::metadata(tg.output_path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let swapped_at = Instant::now();
+    replace(&gate, &std::fs::read(v2).unwrap());
+    let live = wait_for(Duration::from_secs(10), || {
+        (tg.metrics()
+            .sum("tailgate_reloads_total", &["outcome=\"ok\""])
+            >= 1.0)
+            .then_some(())
+    });
+    let took = swapped_at.elapsed();
+    assert!(live.is_some(), "reload after the file change");
+    eprintln!(
+        "hot swap: file replaced -> new policy live in {} ms",
+        took.as_millis()
+    );
+    let decided_by_v2 = wait_for(Duration::from_secs(10), || {
+        exported_reasons_since(&tg, offset)
+            .contains("v2")
+            .then_some(())
+    });
+    assert!(decided_by_v2.is_some(), "v2 decides after the swap");
+    let first_v2 = swapped_at.elapsed();
+    eprintln!(
+        "hot swap: first trace kept by v2 exported {} ms after the replacement",
+        first_v2.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "swap took {} ms",
+        took.as_millis()
+    );
+
+    // A broken replacement is refused; v2 keeps deciding.
+    replace(&gate, b"this is not a WebAssembly component");
+    let refused = wait_for(Duration::from_secs(10), || {
+        (tg.metrics()
+            .sum("tailgate_reloads_total", &["outcome=\"refused\""])
+            >= 1.0)
+            .then_some(())
+    });
+    assert!(refused.is_some(), "broken replacement refused");
+    let (code, status) = http_get(tg.admin, "/status").unwrap();
+    assert_eq!(code, 200);
+    assert!(status.contains("not a valid component"), "{status}");
+    let before = tg
+        .metrics()
+        .sum("tailgate_traces_decided_total", &["policy=\"gate\""]);
+    let still_deciding = wait_for(Duration::from_secs(10), || {
+        (tg.metrics()
+            .sum("tailgate_traces_decided_total", &["policy=\"gate\""])
+            > before)
+            .then_some(())
+    });
+    assert!(still_deciding.is_some(), "the old version keeps deciding");
+
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let elapsed = load_started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed);
+    eprintln!(
+        "hot swap load: {sent} spans in {elapsed:.1} s = {:.0} spans/s",
+        sent as f64 / elapsed
+    );
+
+    let m = wait_for(Duration::from_secs(20), || {
+        let m = tg.metrics();
+        let quiet = m.sum("tailgate_buffer_spans", &[]) == 0.0
+            && m.sum("tailgate_export_queue_spans", &[]) == 0.0;
+        quiet.then_some(m)
+    })
+    .expect("drained");
+    assert_eq!(
+        m.received() - m.refused(),
+        sent as f64,
+        "every accepted span was counted"
+    );
+    assert_eq!(
+        m.received(),
+        m.kept() + m.dropped() + m.refused(),
+        "received = kept + dropped + refused"
+    );
+    assert_eq!(m.kept(), m.exported());
+    assert_eq!(tg.pid(), pid, "no restart");
+    assert!(tg.terminate().success());
+}
+
+fn exported_reasons(tg: &Tailgate) -> std::collections::HashSet<String> {
+    exported_reasons_since(tg, 0)
+}
+
+/// Reasons on spans written after byte `offset` of the output file.
+fn exported_reasons_since(tg: &Tailgate, offset: u64) -> std::collections::HashSet<String> {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(tg.output_path()) {
+        let _ = f.seek(std::io::SeekFrom::Start(offset));
+        let _ = f.read_to_string(&mut text);
+    }
+    let requests: Vec<_> = text
+        .lines()
+        .filter_map(|l| tailgate::otlp::json::decode_traces(l.as_bytes()).ok())
+        .collect();
+    exported_spans(&requests)
+        .iter()
+        .filter_map(|(_, s)| attr(s, "sampling.reason").map(str::to_owned))
+        .collect()
+}
