@@ -127,3 +127,104 @@ async fn bundled_chain_keeps_errors_slow_traces_and_a_consistent_sample() {
     );
     assert!(m.sum("tailgate_policy_info", &["policy=\"slow\""]) == 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_rule_attribute_span_count_and_rate_limit_through_the_host() {
+    let tg = Tailgate::start(
+        r#"
+[buffer]
+root_grace = "100ms"
+workers = 1
+
+[decide]
+default = "drop"
+
+[[policies]]
+name = "health"
+plugin = "drop"
+drop_rule = true
+[policies.config]
+names = ["GET /healthz"]
+
+[[policies]]
+name = "vip"
+plugin = "attribute"
+[policies.config]
+key = "tenant.id"
+equals = "vip"
+
+[[policies]]
+name = "big"
+plugin = "span-count"
+[policies.config]
+min_spans = 5
+
+[[policies]]
+name = "budget"
+plugin = "rate-limit"
+[policies.config]
+spans_per_second = 0.001
+burst = 4
+"#,
+    );
+    let send = |n: u64, root_name: &str, spans: u64, tenant: &str| {
+        let mut specs: Vec<SpanSpec> = (1..=spans)
+            .map(|s| SpanSpec::new(n, n * 100 + s, if s == 1 { 0 } else { n * 100 + 1 }))
+            .collect();
+        specs[0].name = root_name.to_owned();
+        for s in &mut specs {
+            s.attrs.push(("tenant.id".into(), tenant.into()));
+        }
+        request("svc", &specs).encode_to_vec()
+    };
+    let cases = [
+        // (trace, root name, spans, tenant, expected deciding policy, kept)
+        (1u64, "GET /healthz", 6, "vip", "health", false), // the drop rule wins over every keep
+        (2, "POST /chat", 2, "vip", "vip", true),
+        (3, "POST /chat", 6, "acme", "big", true),
+        // Every policy sees every trace: trace 2 already took 2 of the 4-token burst (the
+        // 6-span traces never fit), so trace 4 takes the last 2 and trace 5 finds it empty.
+        (4, "POST /chat", 2, "acme", "budget", true),
+        (5, "POST /chat", 2, "acme", "default", false),
+    ];
+    for (n, name, spans, tenant, _, _) in cases {
+        let (code, _, _) = post(
+            tg.http,
+            "application/x-protobuf",
+            None,
+            send(n, name, spans, tenant),
+        )
+        .await;
+        assert_eq!(code, 200);
+        // One at a time, so the token bucket sees them in order.
+        let decided = wait_for(Duration::from_secs(10), || {
+            (tg.metrics().sum("tailgate_traces_decided_total", &[]) == n as f64).then_some(())
+        });
+        assert!(decided.is_some(), "trace {n} decided");
+    }
+    let m = tg.metrics();
+    for (n, _, _, _, policy, kept) in cases {
+        let verdict = if kept {
+            "verdict=\"keep\""
+        } else {
+            "verdict=\"drop\""
+        };
+        let label = format!("policy=\"{policy}\"");
+        assert!(
+            m.sum("tailgate_traces_decided_total", &[verdict, &label]) >= 1.0,
+            "trace {n}: expected {verdict} by {policy}"
+        );
+    }
+    assert_eq!(
+        m.sum("tailgate_traces_decided_total", &["verdict=\"keep\""]),
+        3.0
+    );
+    assert_eq!(
+        m.sum(
+            "tailgate_traces_decided_total",
+            &["verdict=\"keep\"", "policy=\"budget\""]
+        ),
+        1.0
+    );
+    assert_eq!(m.received(), m.kept() + m.dropped() + m.refused());
+}

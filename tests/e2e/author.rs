@@ -1,0 +1,146 @@
+//! A plugin author's path: the README's ten-line policy, in a crate outside this repo, built
+//! by the build step behind `tailgate-plugin-build . out/`, loaded by path, deciding traces.
+
+use std::path::Path;
+use std::time::Duration;
+
+use prost::Message;
+
+use crate::support::*;
+
+/// The policy exactly as the README shows it.
+const README_POLICY: &str = r#"use tailgate_plugin_sdk::{Policy, Trace, Verdict, export_policy};
+
+#[derive(serde::Deserialize)]
+pub struct Config { max_tokens: f64 }
+pub struct TokenBudget(f64);
+
+impl Policy for TokenBudget {
+    type Config = Config;
+    fn init(c: Config) -> Result<Self, String> { Ok(TokenBudget(c.max_tokens)) }
+    fn decide(&mut self, t: &Trace) -> Verdict {
+        if t.sum("gen_ai.usage.input_tokens") > self.0 { Verdict::keep("over budget") } else { Verdict::abstain() }
+    }
+}
+export_policy!(TokenBudget);
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_line_policy_from_outside_the_repo_decides_traces() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let work = TempDir::new("author");
+    let krate = work.path().join("token-budget");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(
+        krate.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"token-budget\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\", \"rlib\"]\n\n[dependencies]\n\
+             tailgate-plugin-sdk = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n\
+             # A crate of its own, not part of any workspace above it.\n[workspace]\n",
+            repo.join("plugin-sdk").display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(krate.join("src/lib.rs"), README_POLICY).unwrap();
+    assert!(
+        README_POLICY
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+            <= 13
+    );
+
+    // What `tailgate-plugin-build . out/` runs. The nested build's target directory is kept
+    // under this repo's target/ so repeated test runs reuse the compiled SDK.
+    let out = work.path().join("out");
+    let built = tailgate_plugin_build::Builder::new(&krate, &out)
+        .target_dir(repo.join("target/tailgate-plugins-external"))
+        .build()
+        .unwrap_or_else(|e| panic!("building the README policy: {e:#}"));
+    assert_eq!(built.len(), 1);
+    let component = &built[0].component;
+    assert!(
+        built[0]
+            .imports
+            .iter()
+            .all(|i| i.starts_with("tailgate:policy/")),
+        "{:?}",
+        built[0].imports
+    );
+
+    let tg = Tailgate::start(&format!(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"drop\"\n\n\
+         [[policies]]\nname = \"budget\"\npath = {:?}\n[policies.config]\nmax_tokens = 500\n",
+        component.display().to_string()
+    ));
+    for (n, tokens) in [(1u64, [400, 300]), (2, [100, 50])] {
+        let spans: Vec<SpanSpec> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                SpanSpec::new(
+                    n,
+                    n * 10 + i as u64 + 1,
+                    if i == 0 { 0 } else { n * 10 + 1 },
+                )
+            })
+            .collect();
+        let mut req = request("agent", &spans);
+        for (span, t) in req.resource_spans[0].scope_spans[0]
+            .spans
+            .iter_mut()
+            .zip(tokens)
+        {
+            span.attributes
+                .push(opentelemetry_proto::tonic::common::v1::KeyValue {
+                    key: "gen_ai.usage.input_tokens".into(),
+                    value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                        value: Some(
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(t),
+                        ),
+                    }),
+                    key_strindex: 0,
+                });
+        }
+        let (code, _, _) = post(tg.http, "application/x-protobuf", None, req.encode_to_vec()).await;
+        assert_eq!(code, 200);
+    }
+    let m = wait_for(Duration::from_secs(15), || {
+        let m = tg.metrics();
+        (m.sum("tailgate_traces_decided_total", &[]) == 2.0).then_some(m)
+    })
+    .expect("both traces decided");
+    assert_eq!(
+        m.sum(
+            "tailgate_traces_decided_total",
+            &["verdict=\"keep\"", "policy=\"budget\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "tailgate_traces_decided_total",
+            &["verdict=\"drop\"", "policy=\"default\""]
+        ),
+        1.0
+    );
+    let spans = wait_for(Duration::from_secs(10), || {
+        let s = exported_spans(&tg.exported());
+        (s.len() == 2).then_some(s)
+    })
+    .expect("the 700-token trace exported");
+    assert!(
+        spans
+            .iter()
+            .all(|(_, s)| s.trace_id == trace_id(1).to_vec())
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|(_, s)| attr(s, "sampling.reason") == Some("over budget"))
+    );
+}
