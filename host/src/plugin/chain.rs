@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::bindings::tailgate::policy::types::Decision as WitDecision;
 use super::edits;
-use super::state::{TraceData, TraceHandle, TraceIndex};
+use super::state::{TraceData, TraceIndex};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
 use crate::config::{DefaultVerdict, OnError, PolicyMode};
 use crate::decide::{Decider, DeciderFactory, Decision, TraceView};
@@ -87,21 +87,11 @@ impl WasmChain {
             }
         }
         let inst = self.instances[i].as_mut()?;
-        let ticks = (policy.spec.timeout.0.as_nanos() / super::EPOCH_TICK.as_nanos()).max(1) as u64;
-        inst.store.set_epoch_deadline(ticks);
-        if let Some(fuel) = policy.spec.fuel {
-            let _ = inst.store.set_fuel(fuel);
-        }
-        let trace_id = data.as_ref().map(|d| d.trace_id).unwrap_or_default();
-        let state = inst.store.data_mut();
-        state.seed_for(&trace_id);
-        state.trace = data.take();
+        let trace = data.take()?;
         let started = Instant::now();
-        let result = inst
-            .bindings
-            .call_decide(&mut inst.store, TraceHandle::borrowed());
+        let (result, back) = inst.decide(&policy, trace);
         let elapsed = started.elapsed();
-        *data = inst.store.data_mut().trace.take();
+        *data = back;
         metrics.policy_latency(&policy.name, elapsed.as_secs_f64());
         match result {
             Ok(verdict) => {
@@ -192,6 +182,15 @@ fn failure_kind(e: &wasmtime::Error) -> &'static str {
 impl Decider for WasmChain {
     fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision {
         self.refresh();
+        if self.set.policies.is_empty() {
+            // No policies: the default decides, with no index built and no spans moved.
+            return Decision {
+                keep: self.set.default == DefaultVerdict::Keep,
+                policy: Arc::from("default"),
+                reason: format!("no policy decided; default verdict {}", self.set.default),
+                ..Decision::default()
+            };
+        }
         let index = Arc::new(TraceIndex::new(trace.spans));
         // The worker lends us the spans; they travel into each store by value and back.
         let mut data = Some(TraceData {

@@ -364,8 +364,7 @@ impl LoadedPolicy {
         let mut store = Store::new(engine, PolicyState::new(self.meta.clone(), limits));
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
-        let ticks = (self.spec.timeout.0.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
+        store.set_epoch_deadline(self.deadline_ticks());
         store
             .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
             .map_err(|e| format!("{e:#}"))?;
@@ -378,6 +377,38 @@ impl LoadedPolicy {
             Ok(Err(message)) => Err(format!("init refused its config: {message}")),
             Err(trap) => Err(format!("init trapped: {trap:#}")),
         }
+    }
+}
+
+impl LoadedPolicy {
+    /// The call deadline in epoch ticks.
+    fn deadline_ticks(&self) -> u64 {
+        (self.spec.timeout.0.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+    }
+}
+
+impl PolicyInstance {
+    /// One `decide` call with this call's deadline, fuel and random stream. The trace moves
+    /// into the store for the call and always comes back, whatever the guest did.
+    fn decide(
+        &mut self,
+        policy: &LoadedPolicy,
+        trace: state::TraceData,
+    ) -> (
+        wasmtime::Result<bindings::tailgate::policy::types::Verdict>,
+        Option<state::TraceData>,
+    ) {
+        self.store.set_epoch_deadline(policy.deadline_ticks());
+        if let Some(fuel) = policy.spec.fuel {
+            let _ = self.store.set_fuel(fuel);
+        }
+        let state = self.store.data_mut();
+        state.seed_for(&trace.trace_id);
+        state.trace = Some(trace);
+        let result = self
+            .bindings
+            .call_decide(&mut self.store, state::TraceHandle::borrowed());
+        (result, self.store.data_mut().trace.take())
     }
 }
 

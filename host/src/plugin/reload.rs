@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use parking_lot::Mutex;
 use prost::Message;
 
-use super::state::{TraceData, TraceHandle, TraceIndex};
+use super::state::{TraceData, TraceIndex};
 use super::{PolicyRuntime, PolicySet, build_set};
 use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::config::Config;
@@ -133,20 +133,12 @@ impl Reloader {
             let mut inst = policy.instantiate(self.runtime.engine.engine())?;
             for (n, spans) in samples.iter().enumerate() {
                 let trace_id = [n as u8 + 1; 16];
-                let state = inst.store.data_mut();
-                state.seed_for(&trace_id);
-                state.trace = Some(TraceData {
+                let trace = TraceData {
                     trace_id,
                     index: Arc::new(TraceIndex::new(spans)),
                     spans: spans.clone(),
-                });
-                let ticks =
-                    (policy.spec.timeout.0.as_nanos() / super::EPOCH_TICK.as_nanos()).max(1) as u64;
-                inst.store.set_epoch_deadline(ticks);
-                let result = inst
-                    .bindings
-                    .call_decide(&mut inst.store, TraceHandle::borrowed());
-                inst.store.data_mut().trace = None;
+                };
+                let (result, _) = inst.decide(policy, trace);
                 if let Err(trap) = result {
                     return Err(format!(
                         "policy {:?} failed on sample trace {n}: {trap:#}",
