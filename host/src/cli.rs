@@ -22,8 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the collector until SIGTERM or SIGINT.
     Run {
-        /// TOML config file; without it the embedded defaults are used (listen on
-        /// 127.0.0.1:4317 and :4318, keep every trace, write them to tailgate-data/traces.jsonl).
+        /// TOML config file; without it the embedded `config/agent.toml` is used (listen on
+        /// 127.0.0.1:4317 and :4318, the agent policy pack, kept traces written to
+        /// tailgate-data/traces.jsonl).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },

@@ -61,6 +61,11 @@ pub enum PolicyMode {
     Enforce,
     /// The policy runs and is measured, but its verdict is ignored.
     Shadow,
+    /// An enrichment: runs only on traces the enforcing policies decided to keep, after that
+    /// decision, and contributes only its edits (patches, span removals). Its keep / drop /
+    /// abstain is ignored, and so is `on_error`: a failing enrichment leaves the trace as it
+    /// is. Saves running cost enrichment, hygiene and trimming on traces that are dropped.
+    Enrich,
 }
 
 /// What a failing policy call (trap, timeout, memory cap) counts as.
@@ -427,8 +432,11 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-/// The embedded defaults, used when `tailgate run` gets no `--config`.
-pub const EMBEDDED_SOURCE: &str = "<embedded defaults>";
+/// The config `tailgate run` uses without `--config`: the agent pack, `config/agent.toml`,
+/// embedded in the binary (its policies are the bundled ones, also embedded).
+pub const EMBEDDED: &str = include_str!("../../config/agent.toml");
+/// How errors in [`EMBEDDED`] name it.
+pub const EMBEDDED_SOURCE: &str = "<embedded config/agent.toml>";
 
 impl Config {
     /// Reads and validates a config file.

@@ -160,6 +160,15 @@ impl Trace {
         self.backend.attr_column(key)
     }
 
+    /// Every string-valued span attribute at least `min_len` bytes long, as
+    /// `(span index, key, value)`, by span index and then attribute order: one
+    /// host call for the whole trace. For hygiene rules that cannot name their
+    /// keys in advance; a high `min_len` keeps the answer small. Resource
+    /// attributes are not included.
+    pub fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {
+        self.backend.string_attrs(min_len)
+    }
+
     fn has_children(&self) -> &[bool] {
         self.has_children.get_or_init(|| {
             let parents = self.parents();

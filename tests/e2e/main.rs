@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `tailgate` binary over real sockets on 127.0.0.1.
 
+mod agent;
 mod author;
 mod cli;
 mod conformance;

@@ -2,7 +2,8 @@
 //!
 //! Semantics: policies run in order; a `drop` from a policy marked `drop_rule` wins; otherwise
 //! any `keep` keeps; if all abstain, the configured default applies. A `shadow` policy runs
-//! and is measured, but its verdict is ignored. A failing call (trap, timeout, memory cap,
+//! and is measured, but its verdict is ignored. An `enrich` policy runs only on traces the
+//! others decided to keep, after the decision, and contributes only edits. A failing call (trap, timeout, memory cap,
 //! fuel) counts as the policy's `on_error` verdict, rebuilds the instance, and after repeated
 //! failures quarantines the policy. Edits are kept only from calls that returned normally and
 //! passed validation.
@@ -123,6 +124,19 @@ impl WasmChain {
         }
     }
 
+    /// The chain's default verdict, when no enforcing policy kept or dropped the trace. Edits
+    /// are kept only if the default keeps.
+    fn default_decision(&self, edits: Vec<crate::decide::TraceEdit>) -> Decision {
+        let keep = self.set.default == DefaultVerdict::Keep;
+        Decision {
+            keep,
+            policy: Arc::from("default"),
+            reason: format!("no policy decided; default verdict {}", self.set.default),
+            probability: None,
+            edits: if keep { edits } else { Vec::new() },
+        }
+    }
+
     fn failed(&self, policy: &LoadedPolicy, kind: &'static str) -> Outcome {
         self.metrics.policy_failure(&policy.name, kind);
         if policy
@@ -184,12 +198,7 @@ impl Decider for WasmChain {
         self.refresh();
         if self.set.policies.is_empty() {
             // No policies: the default decides, with no index built and no spans moved.
-            return Decision {
-                keep: self.set.default == DefaultVerdict::Keep,
-                policy: Arc::from("default"),
-                reason: format!("no policy decided; default verdict {}", self.set.default),
-                ..Decision::default()
-            };
+            return self.default_decision(Vec::new());
         }
         let index = Arc::new(TraceIndex::new(trace.spans));
         // The worker lends us the spans; they travel into each store by value and back.
@@ -206,6 +215,9 @@ impl Decider for WasmChain {
         let mut shadows: Vec<(Arc<str>, WitDecision)> = Vec::new();
         for i in 0..self.set.policies.len() {
             let policy = self.set.policies[i].clone();
+            if policy.spec.mode == PolicyMode::Enrich {
+                continue;
+            }
             let mut own_edits = Vec::new();
             let Some(outcome) = self.run_one(i, &mut data, &mut own_edits) else {
                 continue;
@@ -234,7 +246,7 @@ impl Decider for WasmChain {
                 WitDecision::Drop | WitDecision::Abstain => {}
             }
         }
-        let decision = if let Some((policy, reason)) = dropped_by {
+        let mut decision = if let Some((policy, reason)) = dropped_by {
             Decision {
                 keep: false,
                 policy,
@@ -250,15 +262,16 @@ impl Decider for WasmChain {
                 edits,
             }
         } else {
-            let keep = self.set.default == DefaultVerdict::Keep;
-            Decision {
-                keep,
-                policy: Arc::from("default"),
-                reason: format!("no policy decided; default verdict {}", self.set.default),
-                probability: None,
-                edits: if keep { edits } else { Vec::new() },
-            }
+            self.default_decision(edits)
         };
+        if decision.keep {
+            // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
+            for i in 0..self.set.policies.len() {
+                if self.set.policies[i].spec.mode == PolicyMode::Enrich {
+                    self.run_one(i, &mut data, &mut decision.edits);
+                }
+            }
+        }
         if let Some(data) = data {
             *trace.spans = data.spans;
         }

@@ -376,6 +376,24 @@ impl types::HostTrace for PolicyState {
             .count() as u32)
     }
 
+    fn string_attrs(
+        &mut self,
+        _: Resource<TraceHandle>,
+        min_len: u32,
+    ) -> wasmtime::Result<Vec<(u32, String, String)>> {
+        let mut out = Vec::new();
+        for (i, s) in self.trace()?.spans.iter().enumerate() {
+            for (key, value) in wire::span_attributes(&s.bytes) {
+                if let wire::AnyValueRef::Str(v) = value
+                    && v.len() >= min_len as usize
+                {
+                    out.push((i as u32, key.to_owned(), v.to_owned()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn otlp_bytes(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<u8>> {
         Ok(crate::export::encode_spans(&self.trace()?.spans))
     }

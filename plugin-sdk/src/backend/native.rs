@@ -238,6 +238,20 @@ impl Backend {
             .collect()
     }
 
+    pub(crate) fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {
+        let mut out = Vec::new();
+        for (i, s) in self.trace.spans.iter().enumerate() {
+            for (k, v) in &s.attrs {
+                if let AttrValue::Str(v) = v
+                    && v.len() >= min_len as usize
+                {
+                    out.push((i as u32, k.clone(), v.clone()));
+                }
+            }
+        }
+        out
+    }
+
     pub(crate) fn sum(&self, key: &str) -> f64 {
         self.trace.numeric_values(key).sum()
     }

@@ -127,6 +127,10 @@ impl Backend {
             .collect()
     }
 
+    pub(crate) fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {
+        self.raw.string_attrs(min_len)
+    }
+
     pub(crate) fn sum(&self, key: &str) -> f64 {
         self.raw.sum(key)
     }
