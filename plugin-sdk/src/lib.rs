@@ -4,7 +4,8 @@
 //! contract (`wit/policy.wit`, package `tailgate:policy@0.1.0`), an ergonomic
 //! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
 //! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
-//! [`export_policy!`].
+//! [`export_policy!`]. [`stats`] holds state that several policies share:
+//! exact sliding-window quantiles, per key.
 //!
 //! ```
 //! use tailgate_plugin_sdk::{export_policy, Policy, Trace, Verdict};
@@ -38,6 +39,7 @@ extern crate self as tailgate_plugin_sdk;
 
 mod backend;
 pub mod host;
+pub mod stats;
 mod trace;
 mod types;
 
