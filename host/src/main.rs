@@ -37,7 +37,10 @@ fn main() -> ExitCode {
             let config_path = config.clone();
             let loaded = match &config {
                 Some(path) => Config::load(path),
-                None => Config::parse(tailgate::config::EMBEDDED, tailgate::config::EMBEDDED_SOURCE),
+                None => Config::parse(
+                    tailgate::config::EMBEDDED,
+                    tailgate::config::EMBEDDED_SOURCE,
+                ),
             };
             let config = match loaded {
                 Ok(c) => c,

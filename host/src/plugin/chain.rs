@@ -9,15 +9,15 @@
 //! passed validation.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::bindings::tailgate::policy::types::Decision as WitDecision;
 use super::edits;
-use super::state::{TraceData, TraceIndex};
+use super::state::{CallClock, TraceData, TraceIndex, thread_cpu_time};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
 use crate::config::{DefaultVerdict, OnError, PolicyMode};
 use crate::decide::{Decider, DeciderFactory, Decision, TraceView};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PolicyMetrics};
 
 /// Builds a [`WasmChain`] for each worker.
 pub struct WasmChainFactory {
@@ -32,6 +32,9 @@ impl DeciderFactory for WasmChainFactory {
             metrics: self.metrics.clone(),
             set: self.runtime.live.load_full(),
             instances: Vec::new(),
+            handles: Vec::new(),
+            cpu_read: None,
+            index: TraceIndex::default(),
         })
     }
 }
@@ -42,6 +45,12 @@ pub struct WasmChain {
     set: Arc<PolicySet>,
     /// This worker's instance of each policy of `set`, created on first use and after a trap.
     instances: Vec<Option<PolicyInstance>>,
+    /// Each policy's metric series, resolved when the set is picked up.
+    handles: Vec<PolicyMetrics>,
+    /// When this thread's CPU clock was last read, and its value.
+    cpu_read: Option<(Instant, Option<Duration>)>,
+    /// The per-trace index, rebuilt in place for each trace so its buffers are reused.
+    index: TraceIndex,
 }
 
 /// One policy's contribution to a decision.
@@ -62,6 +71,11 @@ impl WasmChain {
         if self.instances.len() != self.set.policies.len() {
             self.instances.resize_with(self.set.policies.len(), || None);
         }
+        if self.handles.len() != self.set.policies.len() {
+            self.handles = (self.set.policies.iter())
+                .map(|p| self.metrics.policy_handles(&p.name))
+                .collect();
+        }
     }
 
     /// Runs one policy on the trace. The trace data moves into the store for the call and
@@ -73,9 +87,8 @@ impl WasmChain {
         edits_out: &mut Vec<crate::decide::TraceEdit>,
     ) -> Option<Outcome> {
         let policy: Arc<LoadedPolicy> = self.set.policies[i].clone();
-        let metrics = &self.metrics;
         if policy.health.is_quarantined() {
-            metrics.policy_call(&policy.name, "quarantined");
+            self.handles[i].quarantined.inc();
             return None;
         }
         if self.instances[i].is_none() {
@@ -87,13 +100,26 @@ impl WasmChain {
                 }
             }
         }
-        let inst = self.instances[i].as_mut()?;
         let trace = data.take()?;
         let started = Instant::now();
-        let (result, back) = inst.decide(&policy, trace);
+        // The thread's CPU clock is a system call: read it at most once a millisecond. An
+        // older reading only makes the deadline stricter (it counts earlier work as the call's).
+        if self
+            .cpu_read
+            .is_none_or(|(at, _)| started.duration_since(at) > Duration::from_millis(1))
+        {
+            self.cpu_read = Some((started, thread_cpu_time()));
+        }
+        let clock = CallClock {
+            started,
+            cpu_at_start: self.cpu_read.and_then(|(_, cpu)| cpu),
+        };
+        let inst = self.instances[i].as_mut()?;
+        let (result, back) = inst.decide(&policy, trace, clock);
         let elapsed = started.elapsed();
         *data = back;
-        metrics.policy_latency(&policy.name, elapsed.as_secs_f64());
+        let handles = &self.handles[i];
+        handles.latency.observe(elapsed.as_secs_f64());
         match result {
             Ok(verdict) => {
                 policy.health.succeeded();
@@ -102,15 +128,19 @@ impl WasmChain {
                 match edits::validate(&verdict, spans, is_leaf, &policy.spec) {
                     Ok(mut edits) => edits_out.append(&mut edits),
                     Err(why) => {
-                        metrics.policy_call(&policy.name, "invalid_edits");
+                        handles.invalid_edits.inc();
                         tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
                     }
                 }
                 let probability = verdict.probability.filter(|p| *p > 0.0 && *p < 1.0);
-                metrics.policy_call(&policy.name, decision_label(verdict.decision));
+                match verdict.decision {
+                    WitDecision::Keep => handles.keep.inc(),
+                    WitDecision::Drop => handles.drop.inc(),
+                    WitDecision::Abstain => handles.abstain.inc(),
+                };
                 Some(Outcome {
                     verdict: verdict.decision,
-                    reason: verdict.reason.chars().take(256).collect(),
+                    reason: truncated(verdict.reason, 256),
                     probability,
                 })
             }
@@ -164,12 +194,16 @@ impl WasmChain {
     }
 }
 
-fn decision_label(d: WitDecision) -> &'static str {
-    match d {
-        WitDecision::Keep => "keep",
-        WitDecision::Drop => "drop",
-        WitDecision::Abstain => "abstain",
+/// `s` cut to at most `max` bytes on a character boundary, without copying it.
+fn truncated(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
     }
+    s
 }
 
 /// Names what stopped a call, for metrics and logs.
@@ -200,7 +234,8 @@ impl Decider for WasmChain {
             // No policies: the default decides, with no index built and no spans moved.
             return self.default_decision(Vec::new());
         }
-        let index = Arc::new(TraceIndex::new(trace.spans));
+        let mut index = std::mem::take(&mut self.index);
+        index.rebuild(trace.spans);
         // The worker lends us the spans; they travel into each store by value and back.
         let mut data = Some(TraceData {
             trace_id: *trace.trace_id,
@@ -274,6 +309,7 @@ impl Decider for WasmChain {
         }
         if let Some(data) = data {
             *trace.spans = data.spans;
+            self.index = data.index;
         }
         for (name, verdict) in shadows {
             let agrees = match verdict {

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
+    UpdateDeadline,
 };
 
 use bindings::{Policy, PolicyPre};
@@ -363,7 +364,20 @@ impl LoadedPolicy {
             .build();
         let mut store = Store::new(engine, PolicyState::new(self.meta.clone(), limits));
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        let timeout = self.spec.timeout.0;
+        store.epoch_deadline_callback(move |ctx| {
+            // The deadline is counted in epoch ticks of wall-clock time, which also run while
+            // this thread is preempted. A guest that really used its budget of CPU is stopped
+            // at once (so a runaway loop ends within its deadline plus one tick); a call that
+            // was merely descheduled on a busy machine gets the rest of its CPU budget, up to
+            // a hard wall-clock cap. Trapping it would throw away a stateful policy's state.
+            let (wall, cpu) = ctx.data().call.elapsed();
+            if cpu >= timeout || wall >= timeout.saturating_mul(PREEMPTED_WALL_FACTOR) {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(ticks(timeout - cpu)))
+            }
+        });
         store.set_epoch_deadline(self.deadline_ticks());
         store
             .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
@@ -383,9 +397,17 @@ impl LoadedPolicy {
 impl LoadedPolicy {
     /// The call deadline in epoch ticks.
     fn deadline_ticks(&self) -> u64 {
-        (self.spec.timeout.0.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+        ticks(self.spec.timeout.0)
     }
 }
+
+/// `d` in whole epoch ticks, at least one.
+fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64
+}
+
+/// A preempted call may run this many timeouts of wall-clock time before it is stopped anyway.
+const PREEMPTED_WALL_FACTOR: u32 = 10;
 
 impl PolicyInstance {
     /// One `decide` call with this call's deadline, fuel and random stream. The trace moves
@@ -394,6 +416,7 @@ impl PolicyInstance {
         &mut self,
         policy: &LoadedPolicy,
         trace: state::TraceData,
+        clock: state::CallClock,
     ) -> (
         wasmtime::Result<bindings::tailgate::policy::types::Verdict>,
         Option<state::TraceData>,
@@ -403,6 +426,7 @@ impl PolicyInstance {
             let _ = self.store.set_fuel(fuel);
         }
         let state = self.store.data_mut();
+        state.call = clock;
         state.seed_for(&trace.trace_id);
         state.trace = Some(trace);
         let result = self

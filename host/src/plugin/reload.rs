@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use parking_lot::Mutex;
 use prost::Message;
 
-use super::state::{TraceData, TraceIndex};
+use super::state::{CallClock, TraceData, TraceIndex};
 use super::{PolicyRuntime, PolicySet, build_set};
 use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::config::Config;
@@ -135,10 +135,10 @@ impl Reloader {
                 let trace_id = [n as u8 + 1; 16];
                 let trace = TraceData {
                     trace_id,
-                    index: Arc::new(TraceIndex::new(spans)),
+                    index: TraceIndex::new(spans),
                     spans: spans.clone(),
                 };
-                let (result, _) = inst.decide(policy, trace);
+                let (result, _) = inst.decide(policy, trace, CallClock::now());
                 if let Err(trap) = result {
                     return Err(format!(
                         "policy {:?} failed on sample trace {n}: {trap:#}",

@@ -28,8 +28,9 @@ impl TraceHandle {
     }
 }
 
-/// Facts about a trace computed once and shared by every policy of the chain.
-#[derive(Debug)]
+/// Facts about a trace computed once and shared by every policy of the chain. A chain keeps
+/// one and rebuilds it in place for each trace, so its buffers are allocated once per worker.
+#[derive(Debug, Default)]
 pub struct TraceIndex {
     pub parents: Vec<Option<u32>>,
     pub missing_parent: Vec<bool>,
@@ -38,34 +39,55 @@ pub struct TraceIndex {
     pub error_count: u32,
     pub duration_ns: u64,
     pub root: Option<u32>,
-    pub services: Vec<String>,
+    pub services: Vec<Arc<str>>,
+    /// (span id, index) sorted by id, the first index of each id first: the parent lookup.
+    by_id: Vec<(u64, u32)>,
 }
 
 impl TraceIndex {
     pub fn new(spans: &[BufferedSpan]) -> Self {
-        let mut by_id: std::collections::HashMap<[u8; 8], u32> =
-            std::collections::HashMap::with_capacity(spans.len());
-        for (i, s) in spans.iter().enumerate() {
-            by_id.entry(s.span_id).or_insert(i as u32);
-        }
-        let mut parents = Vec::with_capacity(spans.len());
-        let mut missing_parent = Vec::with_capacity(spans.len());
-        let mut is_leaf = vec![true; spans.len()];
+        let mut index = Self::default();
+        index.rebuild(spans);
+        index
+    }
+
+    /// Recomputes every fact for `spans`, reusing this index's buffers.
+    pub fn rebuild(&mut self, spans: &[BufferedSpan]) {
+        // A sorted array and binary search: for the tens of spans of a typical trace this is
+        // several times cheaper than hashing each id, and it allocates nothing once warm.
+        self.by_id.clear();
+        self.by_id.extend(
+            spans
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (u64::from_be_bytes(s.span_id), i as u32)),
+        );
+        self.by_id.sort_unstable();
+        self.parents.clear();
+        self.missing_parent.clear();
+        self.is_leaf.clear();
+        self.is_leaf.resize(spans.len(), true);
+        self.services.clear();
         let mut root: Option<u32> = None;
         let (mut min_start, mut max_end) = (u64::MAX, 0u64);
         let mut error_count = 0;
-        let mut services: Vec<String> = Vec::new();
         for (i, s) in spans.iter().enumerate() {
             let parent = if s.is_root() {
                 None
             } else {
-                by_id.get(&s.parent_span_id).copied()
+                let id = u64::from_be_bytes(s.parent_span_id);
+                // partition_point finds the first entry of a repeated id: first arrival wins.
+                let at = self.by_id.partition_point(|(k, _)| *k < id);
+                self.by_id
+                    .get(at)
+                    .filter(|(k, _)| *k == id)
+                    .map(|(_, i)| *i)
             };
             if let Some(p) = parent {
-                is_leaf[p as usize] = false;
+                self.is_leaf[p as usize] = false;
             }
-            parents.push(parent);
-            missing_parent.push(!s.is_root() && parent.is_none());
+            self.parents.push(parent);
+            self.missing_parent.push(!s.is_root() && parent.is_none());
             if s.is_root() {
                 let earlier =
                     root.is_none_or(|r| s.start_unix_nano < spans[r as usize].start_unix_nano);
@@ -78,21 +100,15 @@ impl TraceIndex {
             if s.status_code == 2 {
                 error_count += 1;
             }
-            let service = &*s.scope.resource.service;
-            if !service.is_empty() && !services.iter().any(|x| x == service) {
-                services.push(service.to_owned());
+            let service = &s.scope.resource.service;
+            if !service.is_empty() && !self.services.iter().any(|x| x == service) {
+                self.services.push(service.clone());
             }
         }
-        Self {
-            parents,
-            missing_parent,
-            is_leaf,
-            span_count: spans.len() as u32,
-            error_count,
-            duration_ns: max_end.saturating_sub(min_start),
-            root,
-            services,
-        }
+        self.span_count = spans.len() as u32;
+        self.error_count = error_count;
+        self.duration_ns = max_end.saturating_sub(min_start);
+        self.root = root;
     }
 }
 
@@ -106,7 +122,7 @@ pub fn span_name(span: &BufferedSpan) -> &str {
 pub struct TraceData {
     pub trace_id: TraceId,
     pub spans: Vec<BufferedSpan>,
-    pub index: Arc<TraceIndex>,
+    pub index: TraceIndex,
 }
 
 /// Per-policy settings the host functions need.
@@ -118,8 +134,51 @@ pub struct PolicyMeta {
 }
 
 /// A policy instance's store data.
+/// When the current guest call started, by the wall clock and by this thread's CPU clock; the
+/// epoch-deadline callback compares the two to tell a busy guest from a preempted thread.
+#[derive(Clone, Copy, Debug)]
+pub struct CallClock {
+    pub started: std::time::Instant,
+    pub cpu_at_start: Option<std::time::Duration>,
+}
+
+impl CallClock {
+    pub fn now() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            cpu_at_start: thread_cpu_time(),
+        }
+    }
+}
+
+impl CallClock {
+    /// How long the call has run: (wall-clock time, CPU time of this thread). Without a thread
+    /// clock the CPU time is taken to be the wall-clock time.
+    pub fn elapsed(&self) -> (std::time::Duration, std::time::Duration) {
+        let wall = self.started.elapsed();
+        let cpu = match (thread_cpu_time(), self.cpu_at_start) {
+            (Some(now), Some(start)) => now.saturating_sub(start),
+            _ => wall,
+        };
+        (wall, cpu)
+    }
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`). A system call, so callers on
+/// the hot path cache it (see the chain).
+pub fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the pointer it is given, which is valid.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 pub struct PolicyState {
     pub limits: StoreLimits,
+    pub call: CallClock,
     pub trace: Option<TraceData>,
     pub meta: Arc<PolicyMeta>,
     rng: u64,
@@ -134,6 +193,7 @@ impl PolicyState {
         let rng = meta.seed;
         Self {
             limits,
+            call: CallClock::now(),
             trace: None,
             meta,
             rng,
@@ -241,7 +301,13 @@ impl types::HostTrace for PolicyState {
     }
 
     fn services(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<String>> {
-        Ok(self.trace()?.index.services.clone())
+        Ok(self
+            .trace()?
+            .index
+            .services
+            .iter()
+            .map(|s| s.to_string())
+            .collect())
     }
 
     fn trace_id(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<(u64, u64)> {

@@ -20,6 +20,17 @@ use crate::buffer::Trigger;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Pre-resolved series of one policy (see [`Metrics::policy_handles`]).
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    pub keep: Counter,
+    pub drop: Counter,
+    pub abstain: Counter,
+    pub invalid_edits: Counter,
+    pub quarantined: Counter,
+    pub latency: Histogram,
+}
+
 /// Why spans were refused back to their sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusedReason {
@@ -343,19 +354,28 @@ impl Metrics {
             .inc();
     }
 
-    pub fn policy_call(&self, policy: &str, outcome: &'static str) {
-        self.policy_calls
-            .get_or_create(&vec![
-                ("policy", policy.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ])
-            .inc();
-    }
-
-    pub fn policy_latency(&self, policy: &str, seconds: f64) {
-        self.policy_call_seconds
-            .get_or_create(&vec![("policy", policy.to_owned())])
-            .observe(seconds);
+    /// One policy's call counters and latency histogram, resolved once so the per-call path
+    /// does no label lookup or allocation.
+    pub fn policy_handles(&self, policy: &str) -> PolicyMetrics {
+        let call = |outcome: &str| {
+            self.policy_calls
+                .get_or_create(&vec![
+                    ("policy", policy.to_owned()),
+                    ("outcome", outcome.to_owned()),
+                ])
+                .clone()
+        };
+        PolicyMetrics {
+            keep: call("keep"),
+            drop: call("drop"),
+            abstain: call("abstain"),
+            invalid_edits: call("invalid_edits"),
+            quarantined: call("quarantined"),
+            latency: self
+                .policy_call_seconds
+                .get_or_create(&vec![("policy", policy.to_owned())])
+                .clone(),
+        }
     }
 
     pub fn policy_failure(&self, policy: &str, kind: &'static str) {

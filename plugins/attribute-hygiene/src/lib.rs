@@ -97,9 +97,15 @@ fn default_replacement() -> String {
     "[REDACTED:{name}]".into()
 }
 fn default_exempt() -> Vec<String> {
-    ["*.id", "*_id", "*timestamp*", "*time_unix_nano*", "sampling.*"]
-        .map(String::from)
-        .to_vec()
+    [
+        "*.id",
+        "*_id",
+        "*timestamp*",
+        "*time_unix_nano*",
+        "sampling.*",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_max_patches() -> usize {
     256
@@ -204,7 +210,9 @@ impl Policy for Hygiene {
             .enumerate()
             .map(|(i, r)| {
                 if r.keys.is_empty() {
-                    return Err(format!("rules[{i}].keys must name at least one key pattern"));
+                    return Err(format!(
+                        "rules[{i}].keys must name at least one key pattern"
+                    ));
                 }
                 let max_length = r.max_length.unwrap_or(c.max_length);
                 if max_length == 0 {
@@ -390,7 +398,8 @@ mod tests {
 
     #[test]
     fn hash_rule_replaces_long_values_with_a_stable_digest() {
-        let mut p = policy(r#"{"rules": [{"keys": ["prompt.*"], "action": "hash", "max_length": 8}]}"#);
+        let mut p =
+            policy(r#"{"rules": [{"keys": ["prompt.*"], "action": "hash", "max_length": 8}]}"#);
         let trace = TraceBuilder::new()
             .span("a")
             .attr("prompt.text", "the same long prompt")
@@ -420,10 +429,7 @@ mod tests {
             patched(&v, 0, "user.note").unwrap(),
             "mail [REDACTED:email] now"
         );
-        assert_eq!(
-            patched(&v, 0, "http.header").unwrap(),
-            "[REDACTED:api_key]"
-        );
+        assert_eq!(patched(&v, 0, "http.header").unwrap(), "[REDACTED:api_key]");
         assert_eq!(
             patched(&v, 0, "llm.key").unwrap(),
             "key [REDACTED:api_key] used"
