@@ -1,11 +1,18 @@
-//! The cost of a decision: the bundled `keep-errors` + `latency` + `probabilistic` chain in
-//! WebAssembly, one policy alone (the fixed cost of a call plus the summary), the empty chain
-//! (the host's own per-trace work), and the same three rules compiled natively, all on the
-//! same 30-span traces in one run so their ratio is meaningful on a noisy machine.
+//! The cost of a decision, all on the same 30-span agent traces in one run, so the ratios
+//! are meaningful on a noisy machine:
+//! - `host_only_empty_chain`: the host's own per-trace work with no policy;
+//! - `fixed_export_call`: one policy whose `decide` does nothing (the accessor probe with
+//!   `calls = 0`): the fixed cost of a Wasm decision, index and metrics included;
+//! - `fixed_plus_summary`: the same plus the one `summary` call nearly every policy makes;
+//! - `accessor/<name>`: the probe calling one accessor 1 and 65 times; one call costs
+//!   (t65 - t1) / 64;
+//! - the bundled `keep-errors` + `latency` + `probabilistic` chain in Wasm, the same three
+//!   crates run natively through the SDK's in-memory backend, and the same rules handwritten
+//!   against the host's span index.
 //!
 //! Run: `cargo bench -p tailgate --bench decision`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -18,10 +25,19 @@ use tailgate::decide::{Decider, DeciderFactory, TraceView};
 use tailgate::plugin::PolicyRuntime;
 use tailgate::plugin::chain::WasmChainFactory;
 use tailgate::telemetry::Metrics;
+use tailgate_plugin_sdk::testing::{self, TraceBuilder};
 
 const SPANS: usize = 30;
 
-/// An agent-shaped trace: a root, a retrieval, LLM calls with token counts, tools.
+fn kv(k: &str, v: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue { value: Some(v) }),
+        key_strindex: 0,
+    }
+}
+
+/// An agent-shaped trace: a root, then LLM calls with a model, token counts and a tenant.
 fn trace(seed: u8) -> Vec<BufferedSpan> {
     let header = Arc::new(ScopeHeader {
         resource: Arc::new(ResourceHeader {
@@ -39,11 +55,6 @@ fn trace(seed: u8) -> Vec<BufferedSpan> {
             } else {
                 vec![seed, 1, 0, 0, 0, 0, 0, 1]
             };
-            let kv = |k: &str, v: any_value::Value| KeyValue {
-                key: k.into(),
-                value: Some(AnyValue { value: Some(v) }),
-                key_strindex: 0,
-            };
             let span = Span {
                 trace_id: vec![seed; 16],
                 span_id: id.to_vec(),
@@ -54,8 +65,8 @@ fn trace(seed: u8) -> Vec<BufferedSpan> {
                     format!("llm.call.{i}")
                 },
                 kind: 1,
-                start_time_unix_nano: 1_700_000_000_000_000_000 + i as u64 * 1_000_000,
-                end_time_unix_nano: 1_700_000_000_000_000_000 + i as u64 * 1_000_000 + 800_000,
+                start_time_unix_nano: start(i),
+                end_time_unix_nano: start(i) + 800_000,
                 attributes: vec![
                     kv(
                         "gen_ai.request.model",
@@ -82,6 +93,54 @@ fn trace(seed: u8) -> Vec<BufferedSpan> {
             }
         })
         .collect()
+}
+
+fn start(i: usize) -> u64 {
+    1_700_000_000_000_000_000 + i as u64 * 1_000_000
+}
+
+/// The same trace for the SDK's native backend.
+fn sdk_trace(seed: u8) -> tailgate_plugin_sdk::Trace {
+    let mut b = TraceBuilder::new().trace_id([seed; 16]).base_ns(start(0));
+    for i in 0..SPANS {
+        b = b
+            .span(if i == 0 {
+                "agent.run".to_owned()
+            } else {
+                format!("llm.call.{i}")
+            })
+            .start_ns(start(i))
+            .duration_ns(800_000)
+            .attr("gen_ai.request.model", "gpt-4o")
+            .attr("gen_ai.usage.input_tokens", 1200i64)
+            .attr("tenant.id", "t1");
+        if i > 0 {
+            b = b.child_of(0);
+        }
+    }
+    b.build()
+}
+
+/// Builds the accessor probe from `tests/plugins/` once.
+fn probe_path() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-plugins");
+    let built = tailgate_plugin_build::Builder::new(repo.join("tests/plugins"), &out)
+        .only(vec!["accessor-probe".to_owned()])
+        .build()
+        .expect("build the accessor probe");
+    built
+        .into_iter()
+        .find(|p| p.name == "accessor-probe")
+        .expect("accessor-probe built")
+        .component
+}
+
+fn probe(path: &Path, accessor: &str, calls: u32) -> String {
+    format!(
+        "[[policies]]\nname = \"probe\"\npath = {:?}\n[policies.config]\naccessor = \"{accessor}\"\ncalls = {calls}\n",
+        path.display().to_string()
+    )
 }
 
 fn chain(policies: &str) -> Box<dyn Decider> {
@@ -128,38 +187,74 @@ fn native_chain(trace_id: &[u8; 16], spans: &[BufferedSpan]) -> bool {
     r >= ((1.0 - 0.1) * (1u64 << 56) as f64).round() as u64
 }
 
+fn run(
+    decider: &mut dyn Decider,
+    traces: &mut [([u8; 16], Vec<BufferedSpan>)],
+    i: &mut usize,
+) -> bool {
+    let (id, spans) = &mut traces[*i % traces.len()];
+    *i += 1;
+    decider
+        .decide(&mut TraceView {
+            trace_id: id,
+            spans,
+            trigger: Trigger::RootGrace,
+        })
+        .keep
+}
+
 fn bench(c: &mut Criterion) {
     let traces: Vec<([u8; 16], Vec<BufferedSpan>)> =
         (1..=16u8).map(|s| ([s; 16], trace(s))).collect();
+    let probe_wasm = probe_path();
+
     let mut group = c.benchmark_group("decision_30_spans");
-    let cases = [
-        ("host_only_empty_chain", ""),
+    let mut cases: Vec<(String, String)> = vec![
+        ("host_only_empty_chain".into(), String::new()),
+        ("fixed_export_call".into(), probe(&probe_wasm, "summary", 0)),
         (
-            "wasm_keep_errors_alone",
-            "[[policies]]\nname = \"errors\"\nplugin = \"keep-errors\"\n",
+            "fixed_plus_summary".into(),
+            probe(&probe_wasm, "summary", 1),
         ),
-        ("wasm_errors_latency_probabilistic", THREE),
     ];
-    for (name, policies) in cases {
+    for accessor in ["name", "duration", "attr", "attr_column", "sum"] {
+        for calls in [1, 65] {
+            cases.push((
+                format!("accessor/{accessor}/x{calls}"),
+                probe(&probe_wasm, accessor, calls),
+            ));
+        }
+    }
+    cases.push(("wasm_errors_latency_probabilistic".into(), THREE.into()));
+    for (name, policies) in &cases {
         let mut decider = chain(policies);
         let mut traces = traces.clone();
         let mut i = 0;
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let (id, spans) = &mut traces[i % 16];
-                i += 1;
-                decider
-                    .decide(&mut TraceView {
-                        trace_id: id,
-                        spans,
-                        trigger: Trigger::RootGrace,
-                    })
-                    .keep
-            })
+        group.bench_function(name.as_str(), |b| {
+            b.iter(|| run(decider.as_mut(), &mut traces, &mut i))
         });
     }
+
+    // The same three crates, compiled natively, through the SDK's in-memory trace.
+    let sdk_traces: Vec<_> = (1..=16u8).map(sdk_trace).collect();
+    let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
+    let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
+    let mut sample = testing::init::<probabilistic::Probabilistic>(r#"{"rate": 0.1}"#).unwrap();
     let mut i = 0;
-    group.bench_function("native_errors_latency_probabilistic", |b| {
+    group.bench_function("native_sdk_errors_latency_probabilistic", |b| {
+        b.iter(|| {
+            let t = &sdk_traces[i % 16];
+            i += 1;
+            let verdicts = [
+                testing::decide(&mut errors, t),
+                testing::decide(&mut slow, t),
+                testing::decide(&mut sample, t),
+            ];
+            verdicts.iter().any(|v| v.is_keep())
+        })
+    });
+    let mut i = 0;
+    group.bench_function("native_handwritten_errors_latency_probabilistic", |b| {
         b.iter(|| {
             let (id, spans) = &traces[i % 16];
             i += 1;
