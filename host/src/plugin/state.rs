@@ -40,8 +40,24 @@ pub struct TraceIndex {
     pub duration_ns: u64,
     pub root: Option<u32>,
     pub services: Vec<Arc<str>>,
-    /// (span id, index) sorted by id, the first index of each id first: the parent lookup.
-    by_id: Vec<(u64, u32)>,
+    /// Open-addressing table of span indexes by span id (`u32::MAX` = empty): the parent
+    /// lookup. Ids are random 64-bit numbers, so one multiply spreads them; no hasher runs.
+    slots: Vec<u32>,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+/// The slot an id starts probing at, in a table of `1 << bits` slots. The multiplier is odd
+/// and fixed; the per-process salt keeps crafted ids from colliding on purpose.
+fn slot_of(id: u64, bits: u32) -> usize {
+    static SALT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let salt = *SALT.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x7461_696c_6761_7465);
+        h.finish()
+    });
+    ((id ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
 }
 
 impl TraceIndex {
@@ -51,18 +67,44 @@ impl TraceIndex {
         index
     }
 
+    /// The index of the first-arrived span with this id.
+    fn find(&self, spans: &[BufferedSpan], id: [u8; 8], bits: u32) -> Option<u32> {
+        let mask = self.slots.len() - 1;
+        let mut at = slot_of(u64::from_ne_bytes(id), bits);
+        loop {
+            match self.slots[at] {
+                EMPTY => return None,
+                i if spans[i as usize].span_id == id => return Some(i),
+                _ => at = (at + 1) & mask,
+            }
+        }
+    }
+
     /// Recomputes every fact for `spans`, reusing this index's buffers.
     pub fn rebuild(&mut self, spans: &[BufferedSpan]) {
-        // A sorted array and binary search: for the tens of spans of a typical trace this is
-        // several times cheaper than hashing each id, and it allocates nothing once warm.
-        self.by_id.clear();
-        self.by_id.extend(
-            spans
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (u64::from_be_bytes(s.span_id), i as u32)),
-        );
-        self.by_id.sort_unstable();
+        // At most half full: short probes. The table is reused, so it is allocated once per
+        // worker and grown only for a larger trace than any before.
+        let bits = (spans.len().max(1) * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(4);
+        self.slots.clear();
+        self.slots.resize(1 << bits, EMPTY);
+        let mask = self.slots.len() - 1;
+        for (i, s) in spans.iter().enumerate() {
+            let mut at = slot_of(u64::from_ne_bytes(s.span_id), bits);
+            loop {
+                match self.slots[at] {
+                    EMPTY => {
+                        self.slots[at] = i as u32;
+                        break;
+                    }
+                    // A repeated span id: the first arrival keeps the slot.
+                    j if spans[j as usize].span_id == s.span_id => break,
+                    _ => at = (at + 1) & mask,
+                }
+            }
+        }
         self.parents.clear();
         self.missing_parent.clear();
         self.is_leaf.clear();
@@ -75,13 +117,7 @@ impl TraceIndex {
             let parent = if s.is_root() {
                 None
             } else {
-                let id = u64::from_be_bytes(s.parent_span_id);
-                // partition_point finds the first entry of a repeated id: first arrival wins.
-                let at = self.by_id.partition_point(|(k, _)| *k < id);
-                self.by_id
-                    .get(at)
-                    .filter(|(k, _)| *k == id)
-                    .map(|(_, i)| *i)
+                self.find(spans, s.parent_span_id, bits)
             };
             if let Some(p) = parent {
                 self.is_leaf[p as usize] = false;
@@ -101,7 +137,13 @@ impl TraceIndex {
                 error_count += 1;
             }
             let service = &s.scope.resource.service;
-            if !service.is_empty() && !self.services.iter().any(|x| x == service) {
+            // Spans of one batch share the Arc: compare pointers before text.
+            if !service.is_empty()
+                && !self
+                    .services
+                    .iter()
+                    .any(|x| Arc::ptr_eq(x, service) || x == service)
+            {
                 self.services.push(service.clone());
             }
         }
@@ -548,4 +590,81 @@ fn unix_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{ResourceHeader, ScopeHeader};
+
+    fn span(id: u64, parent: u64, start: u64, service: &Arc<ResourceHeader>) -> BufferedSpan {
+        BufferedSpan {
+            bytes: Box::new([]),
+            scope: Arc::new(ScopeHeader {
+                resource: service.clone(),
+                fields: Box::new([]),
+            }),
+            span_id: id.to_be_bytes(),
+            parent_span_id: parent.to_be_bytes(),
+            start_unix_nano: start,
+            end_unix_nano: start + 10,
+            status_code: 0,
+            kind: 1,
+        }
+    }
+
+    fn resource(service: &str) -> Arc<ResourceHeader> {
+        Arc::new(ResourceHeader {
+            fields: Box::new([]),
+            resource: Box::new([]),
+            service: Arc::from(service),
+        })
+    }
+
+    #[test]
+    fn parents_leaves_roots_and_services() {
+        let (a, b) = (resource("a"), resource("b"));
+        let spans = vec![
+            span(5, 1, 20, &a), // child of the root, arrives first
+            span(1, 0, 10, &a), // the root
+            span(6, 5, 30, &b),
+            span(7, 99, 40, &b), // parent never arrived
+            span(2, 0, 5, &b),   // a second parentless span, earlier: the root
+        ];
+        let i = TraceIndex::new(&spans);
+        assert_eq!(i.parents, vec![Some(1), None, Some(0), None, None]);
+        assert_eq!(i.missing_parent, vec![false, false, false, true, false]);
+        assert_eq!(i.is_leaf, vec![false, false, true, true, true]);
+        assert_eq!(i.root, Some(4));
+        assert_eq!(i.duration_ns, 50 - 5);
+        let services: Vec<&str> = i.services.iter().map(|s| &**s).collect();
+        assert_eq!(services, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_repeated_span_id_resolves_to_its_first_arrival() {
+        let r = resource("svc");
+        let spans = vec![span(1, 0, 0, &r), span(1, 0, 5, &r), span(2, 1, 6, &r)];
+        let i = TraceIndex::new(&spans);
+        assert_eq!(i.parents[2], Some(0));
+    }
+
+    #[test]
+    fn rebuilding_in_place_matches_a_fresh_index_for_any_size() {
+        let r = resource("svc");
+        let mut reused = TraceIndex::default();
+        for n in [3usize, 1000, 0, 40, 1] {
+            // Sequential ids, the worst case for a table indexed by low bits.
+            let spans: Vec<_> = (0..n as u64)
+                .map(|k| span(k + 1, if k == 0 { 0 } else { k }, k, &r))
+                .collect();
+            reused.rebuild(&spans);
+            let fresh = TraceIndex::new(&spans);
+            assert_eq!(reused.parents, fresh.parents);
+            assert_eq!(reused.is_leaf, fresh.is_leaf);
+            let expect: Vec<Option<u32>> = (0..n as u32).map(|k| k.checked_sub(1)).collect();
+            assert_eq!(reused.parents, expect, "{n} spans");
+            assert_eq!(reused.span_count as usize, n);
+        }
+    }
 }
