@@ -245,7 +245,7 @@ impl Traffic {
             input_tokens += input;
             output_tokens += output;
             // Half the calls use the older `llm.*` names, which llm-cost maps to gen_ai.*.
-            let attrs = if r.next() % 2 == 0 {
+            let attrs = if r.next().is_multiple_of(2) {
                 vec![
                     KeyValue::new("gen_ai.request.model", model),
                     KeyValue::new("gen_ai.usage.input_tokens", input as i64),
