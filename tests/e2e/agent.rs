@@ -400,6 +400,35 @@ fn against_sampler(
         .collect()
 }
 
+/// Asserts that each of `ordinary` was kept exactly when the sampler keeps its trace id, and
+/// that the kept share is `rate` within four binomial standard deviations (trace ids are
+/// random).
+fn assert_sampled_alone(
+    traffic: &Traffic,
+    ordinary: &[([u8; 16], bool)],
+    out: &HashMap<[u8; 16], Vec<ProtoSpan>>,
+    rate: f64,
+    what: &str,
+) {
+    let wrong = against_sampler(traffic, ordinary, out, rate);
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} decided against the sampler:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    let kept_rate = ordinary.iter().filter(|(_, k)| *k).count() as f64 / ordinary.len() as f64;
+    let tolerance = 4.0 * (rate * (1.0 - rate) / ordinary.len() as f64).sqrt();
+    eprintln!(
+        "{what} kept: {kept_rate:.4} of {} (config {rate}, tolerance ±{tolerance:.4})",
+        ordinary.len()
+    );
+    assert!(
+        (kept_rate - rate).abs() <= tolerance,
+        "{what}: rate {kept_rate}"
+    );
+}
+
 fn attr_str<'a>(span: &'a ProtoSpan, key: &str) -> Option<&'a str> {
     attr(span, key)
 }
@@ -497,21 +526,7 @@ fn agent_pack_keeps_every_interesting_trace_samples_the_rest_and_attributes_cost
     let rate = sample_rate(&table);
     let ordinary = ordinary_normals(&traffic, &measured, &out);
     assert!(ordinary.len() > 900, "{} ordinary traces", ordinary.len());
-    let wrong = against_sampler(&traffic, &ordinary, &out, rate);
-    assert!(
-        wrong.is_empty(),
-        "{} ordinary traces decided against the sampler:\n{}",
-        wrong.len(),
-        wrong.join("\n")
-    );
-    let kept_rate = ordinary.iter().filter(|(_, k)| *k).count() as f64 / ordinary.len() as f64;
-    // Trace ids are random, so the rate is binomial: allow four standard deviations.
-    let tolerance = 4.0 * (rate * (1.0 - rate) / ordinary.len() as f64).sqrt();
-    eprintln!(
-        "ordinary normal traces kept: {kept_rate:.4} of {} (config {rate}, tolerance ±{tolerance:.4})",
-        ordinary.len()
-    );
-    assert!((kept_rate - rate).abs() <= tolerance);
+    assert_sampled_alone(&traffic, &ordinary, &out, rate, "ordinary normal traces");
 
     // 3. Cost and tokens per tenant, over all traffic sent (kept or not).
     let mut by_tenant: BTreeMap<&str, (f64, f64, f64)> = BTreeMap::new();
@@ -660,20 +675,13 @@ fn a_retrieval_regression_in_one_feature_is_kept_whole_and_the_rest_still_sample
         .collect();
     let ordinary = ordinary_normals(&traffic, &unaffected, &out);
     assert!(ordinary.len() > 500, "{} ordinary traces", ordinary.len());
-    let wrong = against_sampler(&traffic, &ordinary, &out, rate);
-    assert!(
-        wrong.is_empty(),
-        "unaffected traffic is decided by the sampler alone, but {} were not:\n{}",
-        wrong.len(),
-        wrong.join("\n")
+    assert_sampled_alone(
+        &traffic,
+        &ordinary,
+        &out,
+        rate,
+        "unaffected ordinary traces",
     );
-    let kept_rate = ordinary.iter().filter(|(_, k)| *k).count() as f64 / ordinary.len() as f64;
-    let tolerance = 4.0 * (rate * (1.0 - rate) / ordinary.len() as f64).sqrt();
-    eprintln!(
-        "unaffected ordinary traces kept: {kept_rate:.4} of {} (config {rate}, ±{tolerance:.4})",
-        ordinary.len()
-    );
-    assert!((kept_rate - rate).abs() <= tolerance);
     traffic.provider.shutdown().ok();
 }
 
