@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod decide;
 pub mod export;
+pub mod loadgen;
 pub mod otlp;
 pub mod plugin;
 pub mod receiver;

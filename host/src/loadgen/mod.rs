@@ -1,0 +1,6 @@
+//! `tailgate loadgen`: realistic agent traces at a target rate, for benches, the load harness
+//! and replay. [`generate`] makes the traces; the rest sends or writes them.
+
+pub mod generate;
+
+pub use generate::{GeneratedTrace, Generator, SEQ_ATTRIBUTE, Shape, Traits, request_of, seq_of};
