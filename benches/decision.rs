@@ -10,7 +10,14 @@
 //!   crates run natively through the SDK's in-memory backend, and the same rules handwritten
 //!   against the host's span index.
 //!
+//! - `agent_chain/*`: the whole `config/agent.toml` chain (six deciding policies, two
+//!   enrichments on kept traces) in Wasm on 30-span loadgen agent traces taken through the real
+//!   ingest path, beside the same eight crates compiled natively and driven through the SDK's
+//!   in-memory backend.
+//!
 //! Run: `cargo bench -p tailgate --bench decision`.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -264,5 +271,123 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The eight agent crates natively, chained as the host chains them: every deciding policy
+/// sees every trace (any keep keeps; agent.toml has no drop rule), enrichments see kept ones.
+struct NativeAgentChain {
+    decide: Vec<NativePolicy>,
+    enrich: Vec<NativePolicy>,
+}
+
+type NativePolicy = Box<dyn FnMut(&tailgate_plugin_sdk::Trace) -> tailgate_plugin_sdk::Verdict>;
+
+fn native<P: tailgate_plugin_sdk::Policy + 'static>(config: &str) -> NativePolicy {
+    let mut p = testing::init::<P>(config).expect("native init");
+    Box::new(move |t| testing::decide(&mut p, t))
+}
+
+impl NativeAgentChain {
+    /// The chain of `config/agent.toml`, or only its policy `only`, deciding every trace.
+    fn new(only: Option<&str>) -> Self {
+        let mut chain = Self {
+            decide: Vec::new(),
+            enrich: Vec::new(),
+        };
+        for (name, plugin, enrich, config) in common::agent_policies() {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let enrich = enrich && only.is_none();
+            let f = match plugin.as_str() {
+                "keep-errors" => native::<keep_errors::KeepErrors>(&config),
+                "retrieval-confidence" => {
+                    native::<retrieval_confidence::RetrievalConfidence>(&config)
+                }
+                "context-guard" => native::<context_guard::ContextGuard>(&config),
+                "adaptive-latency" => native::<adaptive_latency::AdaptiveLatency>(&config),
+                "llm-cost" => native::<llm_cost::LlmCost>(&config),
+                "probabilistic" => native::<probabilistic::Probabilistic>(&config),
+                "attribute-hygiene" => native::<attribute_hygiene::Hygiene>(&config),
+                "noise-trim" => native::<noise_trim::NoiseTrim>(&config),
+                other => panic!("policy {name}: no native build of {other} in this bench"),
+            };
+            if enrich {
+                chain.enrich.push(f);
+            } else {
+                chain.decide.push(f);
+            }
+        }
+        chain
+    }
+
+    /// Keep or not, and the edits gathered (so none of the work is optimised away).
+    fn run(&mut self, t: &tailgate_plugin_sdk::Trace) -> (bool, usize) {
+        let mut keep = false;
+        let mut edits = 0;
+        for d in &mut self.decide {
+            let v = d(t);
+            keep |= v.is_keep();
+            edits += v.patches.len();
+        }
+        if keep {
+            for e in &mut self.enrich {
+                let v = e(t);
+                edits += v.patches.len() + v.remove_spans.len();
+            }
+        }
+        (keep, edits)
+    }
+}
+
+/// The `config/agent.toml` chain, Wasm against native, on the same traces in the same run.
+fn agent_chain(c: &mut Criterion) {
+    let generated = common::generated(256);
+    let mut wasm_traces = common::buffered(&generated);
+    let sdk_traces: Vec<_> = generated.iter().map(common::sdk_trace).collect();
+    let spans = generated[0].spans.len() as u64;
+
+    let mut group = c.benchmark_group("agent_chain_30_spans");
+    group.throughput(criterion::Throughput::Elements(spans));
+    // The whole chain, then each policy alone (enrichments made to decide, so they see
+    // every trace): where the chain's time goes, in Wasm and natively.
+    let names: Vec<String> = common::agent_policies().into_iter().map(|p| p.0).collect();
+    let cases = std::iter::once(None).chain(names.iter().map(|n| Some(n.as_str())));
+    for only in cases {
+        let label = only.map_or("chain".to_owned(), |n| format!("only_{n}"));
+        let mut wasm = agent_wasm(only);
+        let mut i = 0;
+        group.bench_function(format!("{label}/wasm"), |b| {
+            b.iter(|| run(wasm.as_mut(), &mut wasm_traces, &mut i))
+        });
+        let mut native = NativeAgentChain::new(only);
+        let mut i = 0;
+        group.bench_function(format!("{label}/native_sdk"), |b| {
+            b.iter(|| {
+                let t = &sdk_traces[i % sdk_traces.len()];
+                i += 1;
+                native.run(t)
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The agent chain in Wasm, or only its policy `only` (as a deciding policy).
+fn agent_wasm(only: Option<&str>) -> Box<dyn Decider> {
+    let mut config = common::agent_config();
+    if let Some(name) = only {
+        config.policies.retain(|p| p.name == name);
+        for p in &mut config.policies {
+            p.mode = tailgate::config::PolicyMode::Enforce;
+        }
+    }
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let runtime = PolicyRuntime::start(&config, &base).expect("agent policies load");
+    WasmChainFactory {
+        runtime,
+        metrics: Metrics::new(),
+    }
+    .build()
+}
+
+criterion_group!(benches, bench, agent_chain);
 criterion_main!(benches);

@@ -38,6 +38,11 @@ const EMAIL: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}";
 /// Common API key shapes: OpenAI/Anthropic-style `sk-…`, AWS access keys, GitHub tokens,
 /// Slack tokens, and `Bearer` tokens.
 const API_KEY: &str = r"\b(?:sk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,})|Bearer\s+[A-Za-z0-9._~+/-]{16,}=*";
+/// Literals one of which every match of the built-in pattern contains: a value with none of
+/// them cannot match, and skipping the regex for it is most of hygiene's speed (nearly every
+/// string in a trace is an id, a name or a model, with no `@` and no key prefix).
+const EMAIL_LITERALS: &[&str] = &["@"];
+const API_KEY_LITERALS: &[&str] = &["sk-", "AKIA", "gh", "xox", "Bearer"];
 /// Shortest string either built-in pattern can match; shorter values are not asked for.
 const MIN_REDACTABLE: u32 = 6;
 
@@ -150,6 +155,8 @@ struct Rule {
 }
 
 struct Redaction {
+    /// Literals a match must contain, for the built-in patterns; empty for the operator's own.
+    required: &'static [&'static str],
     regex: Regex,
     replacement: String,
 }
@@ -180,8 +187,8 @@ impl Policy for Hygiene {
         let custom_patterns = !c.patterns.is_empty();
         let mut redactions = Vec::new();
         let builtin = |name: &str| match name {
-            "email" => Ok(EMAIL),
-            "api_key" => Ok(API_KEY),
+            "email" => Ok((EMAIL, EMAIL_LITERALS)),
+            "api_key" => Ok((API_KEY, API_KEY_LITERALS)),
             other => Err(format!(
                 "redact: unknown built-in pattern {other:?} (known: \"email\", \"api_key\"; add your own under `patterns`)"
             )),
@@ -189,17 +196,18 @@ impl Policy for Hygiene {
         let named = c
             .redact
             .iter()
-            .map(|n| builtin(n).map(|re| (n.clone(), re.to_owned())))
+            .map(|n| builtin(n).map(|(re, required)| (n.clone(), re.to_owned(), required)))
             .chain(
                 c.patterns
                     .iter()
-                    .map(|p| Ok((p.name.clone(), p.regex.clone()))),
+                    .map(|p| Ok((p.name.clone(), p.regex.clone(), &[][..]))),
             );
         for item in named {
-            let (name, re) = item?;
+            let (name, re, required) = item?;
             let regex = Regex::new(&re)
                 .map_err(|e| format!("patterns: regex of {name:?} does not compile: {e}"))?;
             redactions.push(Redaction {
+                required,
                 regex,
                 replacement: c.replacement.replace("{name}", &name),
             });
@@ -300,7 +308,9 @@ impl Hygiene {
         let mut out: Option<String> = None;
         for r in &self.redactions {
             let current = out.as_deref().unwrap_or(value);
-            if r.regex.is_match(current) {
+            let may_match =
+                r.required.is_empty() || r.required.iter().any(|lit| current.contains(lit));
+            if may_match && r.regex.is_match(current) {
                 out = Some(
                     r.regex
                         .replace_all(current, regex_lite::NoExpand(&r.replacement))
