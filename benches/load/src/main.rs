@@ -546,7 +546,7 @@ fn run_phase(
         let counts = sink.counts();
         let complete = match running.admin {
             Some(admin) => accounting(admin).ok().is_some_and(|a| {
-                a.received >= accepted
+                a.received - a.refused >= accepted
                     && a.kept + a.dropped + a.refused >= a.received
                     && a.exported + a.export_failed >= a.kept
                     && counts.0 as f64 >= a.exported
@@ -956,13 +956,14 @@ fn render(
         ));
         match r.accounting {
             Some(a) => {
+                // A refused span is retried by loadgen, so tailgate receives it twice.
                 checks.push((
                     format!(
-                        "loadgen accepted = tailgate received ({:.0} = {:.0})",
+                        "loadgen accepted = tailgate received − refused ({:.0} = {:.0})",
                         r.spans_in(),
-                        a.received
+                        a.received - a.refused
                     ),
-                    r.spans_in() == a.received,
+                    r.spans_in() == a.received - a.refused,
                 ));
                 checks.push((
                     format!(
