@@ -1,8 +1,13 @@
-//! The command line: `tailgate run`, `tailgate check`, `--version`, `--help`.
+//! The command line: `tailgate run`, `tailgate check`, `tailgate loadgen`, `--version`,
+//! `--help`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::export::transport::Protocol;
+use crate::loadgen::{LoadPlan, Shape};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,4 +38,143 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send generated agent traces to an OTLP endpoint at a target rate (or write them to a
+    /// file), then print a JSON summary on stdout.
+    #[command(long_about = LOADGEN_ABOUT)]
+    Loadgen(LoadgenArgs),
+}
+
+const LOADGEN_ABOUT: &str = "\
+Send generated agent traces (30-span agent runs by default: retrieval, LLM and tool calls) to an \
+OTLP endpoint at a target rate, or write them to a file, then print a one-line JSON summary on \
+stdout: spans sent, accepted, rejected (partial success) and failed, requests, retries, elapsed \
+seconds, achieved spans/s and the seq count.
+
+Every span carries an int attribute `loadgen.seq`; one run's spans carry exactly 0..seq_count, \
+each once. Requests are numbered in the order connections claim them from one shared counter, \
+and request k holds seqs k*S .. k*S+n (S = traces-per-request * spans-per-trace). The root span \
+of each trace ends at the wall clock when its request is made, so a receiver can measure \
+decision lag as its receive time minus the root's end time.
+
+With --rate, request k is due at start + k*S/rate over all connections together (one even \
+timeline, no per-second bursts); each connection keeps one request in flight. Retryable \
+failures (gRPC UNAVAILABLE, ABORTED, …, RESOURCE_EXHAUSTED with RetryInfo; HTTP 429, 502, 503, \
+504, connection errors) are retried with backoff from 100 ms to 2 s for up to --retry-for, \
+honouring RetryInfo and Retry-After; other failures count as failed.
+
+Exit status: 0 when every span was accepted, 1 otherwise.";
+
+/// Wire protocol of `tailgate loadgen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadgenProtocol {
+    /// OTLP/gRPC (TraceService/Export).
+    Grpc,
+    /// OTLP/HTTP with a protobuf body, POST {endpoint}/v1/traces.
+    Http,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadgenArgs {
+    /// Where to send: default http://127.0.0.1:4317 for grpc, http://127.0.0.1:4318 for http.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    #[arg(long, value_enum, default_value_t = LoadgenProtocol::Grpc)]
+    pub protocol: LoadgenProtocol,
+    /// Concurrent connections, each with its own generator (seed + i) and one request in flight.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Target spans per second over all connections; 0 = as fast as possible (saturation).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Stop after this many spans (rounded up to whole traces). With --duration too, whichever
+    /// comes first; with neither, --duration 10s.
+    #[arg(long)]
+    pub spans: Option<u64>,
+    /// Stop starting requests after this long, e.g. 20s or 1m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Whole traces in each export request.
+    #[arg(long, default_value_t = 10)]
+    pub traces_per_request: usize,
+    /// Seed of connection 0's generator; connection i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Spans per trace, root included.
+    #[arg(long, default_value_t = Shape::default().spans_per_trace)]
+    pub spans_per_trace: usize,
+    /// Share of traces with a failing tool call.
+    #[arg(long, default_value_t = Shape::default().error_rate)]
+    pub error_rate: f64,
+    /// Share of traces with one LLM call 20x slower than usual.
+    #[arg(long, default_value_t = Shape::default().slow_rate)]
+    pub slow_rate: f64,
+    /// Share of traces on an expensive model with 10x the tokens.
+    #[arg(long, default_value_t = Shape::default().costly_rate)]
+    pub costly_rate: f64,
+    /// Share of traces with low retrieval scores.
+    #[arg(long, default_value_t = Shape::default().low_confidence_rate)]
+    pub low_confidence_rate: f64,
+    /// Gzip request bodies (costs the sender CPU).
+    #[arg(long)]
+    pub gzip: bool,
+    /// Per-attempt timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Keep retrying a request for up to this long (backoff 100 ms to 2 s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub retry_for: Duration,
+    /// Write the requests to this file instead of sending them: length-delimited protobuf
+    /// ExportTraceServiceRequests (a varint length, then the message), readable with
+    /// tailgate::loadgen::read_requests. Needs --spans.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the JSON summary, pretty-printed, to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl LoadgenArgs {
+    /// The plan these options describe. Without --spans or --duration the run lasts 10 s.
+    pub fn plan(&self) -> LoadPlan {
+        let protocol = match self.protocol {
+            LoadgenProtocol::Grpc => Protocol::Grpc,
+            LoadgenProtocol::Http => Protocol::HttpProtobuf,
+        };
+        let endpoint = self.endpoint.clone().unwrap_or_else(|| {
+            match self.protocol {
+                LoadgenProtocol::Grpc => "http://127.0.0.1:4317",
+                LoadgenProtocol::Http => "http://127.0.0.1:4318",
+            }
+            .into()
+        });
+        let duration = match (self.spans, self.duration) {
+            (None, None) => Some(Duration::from_secs(10)),
+            (_, d) => d,
+        };
+        LoadPlan {
+            protocol,
+            endpoint,
+            connections: self.connections,
+            rate: self.rate,
+            total_spans: self.spans,
+            duration,
+            traces_per_request: self.traces_per_request,
+            seed: self.seed,
+            shape: Shape {
+                spans_per_trace: self.spans_per_trace,
+                error_rate: self.error_rate,
+                slow_rate: self.slow_rate,
+                costly_rate: self.costly_rate,
+                low_confidence_rate: self.low_confidence_rate,
+                ..Shape::default()
+            },
+            gzip: self.gzip,
+            timeout: self.timeout,
+            retry_for: self.retry_for,
+            progress: !self.quiet,
+        }
+    }
 }

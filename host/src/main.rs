@@ -2,13 +2,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tailgate::cli::{Cli, Command};
+use tailgate::cli::{Cli, Command, LoadgenArgs};
 use tailgate::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Loadgen(args) => loadgen(&args),
         Command::Check { config: path } => {
             let config = match Config::load(&path) {
                 Ok(c) => c,
@@ -70,6 +71,63 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `tailgate loadgen`: the run, its JSON summary on stdout (and in --report), exit 1 unless
+/// every span was accepted.
+fn loadgen(args: &LoadgenArgs) -> ExitCode {
+    let plan = args.plan();
+    let result = match &args.out {
+        Some(path) => tailgate::loadgen::write_requests(&plan, path),
+        None => {
+            // Worker threads: one per connection up to the cores; the load generator must not
+            // take more of the machine than its connections can use.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .worker_threads(plan.connections.clamp(1, cores))
+                .thread_name("tailgate-loadgen")
+                .build();
+            match runtime {
+                Ok(r) => r.block_on(tailgate::loadgen::send(&plan)),
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string(&summary) {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            eprintln!("error: cannot encode the summary: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = &args.report {
+        let written = serde_json::to_string_pretty(&summary)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(path, text + "\n"));
+        if let Err(e) = written {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    for e in &summary.errors {
+        eprintln!("loadgen: {e}");
+    }
+    if summary.spans_accepted == summary.seq_count {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -32,6 +32,8 @@ pub enum Behaviour {
 #[derive(Default)]
 pub struct Received {
     pub spans: HashMap<Vec<u8>, usize>,
+    /// `loadgen.seq` of the spans that have one, with how often each arrived.
+    pub seqs: HashMap<u64, usize>,
     requests: usize,
     refused: usize,
 }
@@ -56,6 +58,9 @@ impl Downstream {
             return Err(matches!(self.behaviour, Behaviour::UnavailableUntil(_)));
         }
         for (_, span) in exported_spans(std::slice::from_ref(request)) {
+            if let Some(seq) = tailgate::loadgen::seq_of(&span) {
+                *r.seqs.entry(seq).or_default() += 1;
+            }
             *r.spans.entry(span.span_id).or_default() += 1;
         }
         Ok(())

@@ -7,6 +7,7 @@ mod conformance;
 mod exporter;
 mod hostile;
 mod hotswap;
+mod loadgen;
 mod memory;
 mod pipeline;
 mod policies;

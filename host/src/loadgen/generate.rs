@@ -162,9 +162,15 @@ impl Generator {
     /// Sequence numbers `start, start + stride, start + 2·stride, …`: connection `i` of `n` takes
     /// `with_seq(i, n)`, so the whole load numbers its spans `0..total` with no gap or overlap.
     pub fn with_seq(mut self, start: u64, stride: u64) -> Self {
+        self.set_seq(start, stride);
+        self
+    }
+
+    /// [`Generator::with_seq`] in place: a sender that hands out blocks of seqs renumbers the
+    /// same generator before each request.
+    pub fn set_seq(&mut self, start: u64, stride: u64) {
         self.next_seq = start;
         self.seq_stride = stride.max(1);
-        self
     }
 
     pub fn shape(&self) -> &Shape {

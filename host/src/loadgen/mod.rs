@@ -2,5 +2,7 @@
 //! and replay. [`generate`] makes the traces; the rest sends or writes them.
 
 pub mod generate;
+pub mod send;
 
 pub use generate::{GeneratedTrace, Generator, SEQ_ATTRIBUTE, Shape, Traits, request_of, seq_of};
+pub use send::{LoadPlan, LoadgenError, Summary, read_requests, send, write_requests};
