@@ -737,6 +737,31 @@ pub fn span_attributes(span: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'
     })
 }
 
+/// Calls `f(key, value)` for each attribute of a span in wire order, with `key` the key bytes
+/// and `value` the AnyValue body, both slices of `span`. Returns false if the span is
+/// malformed (after calling `f` for the attributes before the fault).
+pub fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+    let mut fields = Fields::new(span);
+    for field in &mut fields {
+        if field.number != 9 {
+            continue;
+        }
+        let Value::Len(kv) = field.value else {
+            return false;
+        };
+        let Some((key, value)) = key_value(kv) else {
+            return false;
+        };
+        f(key, value);
+    }
+    fields.clean
+}
+
+/// Decodes an AnyValue body (as [`for_each_span_attribute`] gives it).
+pub fn any_value_of(body: &[u8]) -> Option<AnyValueRef<'_>> {
+    any_value(body)
+}
+
 /// The span's trace_state string ("" if absent, last occurrence wins; "" on garbage).
 pub fn span_trace_state(span: &[u8]) -> &str {
     last_string_field(span, 3)

@@ -90,6 +90,10 @@ impl PluginEngine {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.consume_fuel(true);
+        // `perf` names the policies' compiled functions through /tmp/perf-<pid>.map.
+        if std::env::var_os("TAILGATE_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let mut pool = PoolingAllocationConfig::default();
         // Instances per (policy version, worker) with room for a reload's overlap; slots are
         // virtual address space until used.

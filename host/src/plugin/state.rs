@@ -43,6 +43,85 @@ pub struct TraceIndex {
     /// Open-addressing table of span indexes by span id (`u32::MAX` = empty): the parent
     /// lookup. Ids are random 64-bit numbers, so one multiply spreads them; no hasher runs.
     slots: Vec<u32>,
+    /// Every span attribute, found by one pass over the spans on the first attribute lookup
+    /// of the trace and shared by every policy after it: a lookup compares key lengths and
+    /// bytes in this table instead of parsing each span's protobuf again.
+    attrs: AttrTable,
+}
+
+/// One span attribute, as byte ranges of its span's bytes.
+#[derive(Debug, Clone, Copy)]
+struct AttrEntry {
+    key_at: u32,
+    key_len: u32,
+    value_at: u32,
+    value_len: u32,
+}
+
+#[derive(Debug, Default)]
+struct AttrTable {
+    built: bool,
+    entries: Vec<AttrEntry>,
+    /// `entries[starts[i]..starts[i + 1]]` are span `i`'s attributes, in wire order.
+    starts: Vec<u32>,
+}
+
+impl AttrTable {
+    fn build(&mut self, spans: &[BufferedSpan]) {
+        self.entries.clear();
+        self.starts.clear();
+        for s in spans {
+            let start = self.entries.len();
+            self.starts.push(start as u32);
+            let base = s.bytes.as_ptr() as usize;
+            let entries = &mut self.entries;
+            let clean = wire::for_each_span_attribute(&s.bytes, |key, value| {
+                entries.push(AttrEntry {
+                    key_at: (key.as_ptr() as usize - base) as u32,
+                    key_len: key.len() as u32,
+                    value_at: (value.as_ptr() as usize - base) as u32,
+                    value_len: value.len() as u32,
+                });
+            });
+            if !clean {
+                // As a lookup in the span itself would: a malformed span has no attributes.
+                self.entries.truncate(start);
+            }
+        }
+        self.starts.push(self.entries.len() as u32);
+        self.built = true;
+    }
+
+    /// The last value of `key` on span `i` (the last occurrence wins, as in protobuf).
+    fn get<'a>(&self, spans: &'a [BufferedSpan], i: usize, key: &str) -> Option<AnyValueRef<'a>> {
+        let bytes: &'a [u8] = &spans[i].bytes;
+        let range = self.starts[i] as usize..self.starts[i + 1] as usize;
+        self.entries[range]
+            .iter()
+            .rev()
+            .find(|e| {
+                e.key_len as usize == key.len()
+                    && &bytes[e.key_at as usize..(e.key_at + e.key_len) as usize] == key.as_bytes()
+            })
+            .and_then(|e| {
+                wire::any_value_of(&bytes[e.value_at as usize..(e.value_at + e.value_len) as usize])
+            })
+    }
+
+    /// Every attribute of span `i` as (key, value), in wire order.
+    fn of_span<'a>(
+        &'a self,
+        spans: &'a [BufferedSpan],
+        i: usize,
+    ) -> impl Iterator<Item = (&'a [u8], AnyValueRef<'a>)> + 'a {
+        let bytes: &'a [u8] = &spans[i].bytes;
+        let range = self.starts[i] as usize..self.starts[i + 1] as usize;
+        self.entries[range].iter().filter_map(move |e| {
+            let key = &bytes[e.key_at as usize..(e.key_at + e.key_len) as usize];
+            let value = &bytes[e.value_at as usize..(e.value_at + e.value_len) as usize];
+            Some((key, wire::any_value_of(value)?))
+        })
+    }
 }
 
 const EMPTY: u32 = u32::MAX;
@@ -147,6 +226,7 @@ impl TraceIndex {
                 self.services.push(service.clone());
             }
         }
+        self.attrs.built = false; // built on the first attribute lookup, if any policy makes one
         self.span_count = spans.len() as u32;
         self.error_count = error_count;
         self.duration_ns = max_end.saturating_sub(min_start);
@@ -263,6 +343,17 @@ impl PolicyState {
             Some(t) => Ok(t),
             None => bail!("the trace is only readable during decide"),
         }
+    }
+
+    /// The trace with its attribute table built.
+    fn attributed(&mut self) -> wasmtime::Result<(&[BufferedSpan], &AttrTable)> {
+        let Some(t) = self.trace.as_mut() else {
+            bail!("the trace is only readable during decide")
+        };
+        if !t.index.attrs.built {
+            t.index.attrs.build(&t.spans);
+        }
+        Ok((&t.spans, &t.index.attrs))
     }
 
     fn span(&self, i: u32) -> wasmtime::Result<&BufferedSpan> {
@@ -420,7 +511,11 @@ impl types::HostTrace for PolicyState {
         span: u32,
         key: String,
     ) -> wasmtime::Result<Option<AttrValue>> {
-        Ok(wire::span_attribute(&self.span(span)?.bytes, &key).and_then(to_attr_value))
+        self.span(span)?; // the range check
+        let (spans, attrs) = self.attributed()?;
+        Ok(attrs
+            .get(spans, span as usize, &key)
+            .and_then(to_attr_value))
     }
 
     fn resource_attr(
@@ -455,11 +550,9 @@ impl types::HostTrace for PolicyState {
         _: Resource<TraceHandle>,
         key: String,
     ) -> wasmtime::Result<Vec<Option<AttrValue>>> {
-        Ok(self
-            .trace()?
-            .spans
-            .iter()
-            .map(|s| wire::span_attribute(&s.bytes, &key).and_then(to_attr_value))
+        let (spans, attrs) = self.attributed()?;
+        Ok((0..spans.len())
+            .map(|i| attrs.get(spans, i, &key).and_then(to_attr_value))
             .collect())
     }
 
@@ -490,10 +583,12 @@ impl types::HostTrace for PolicyState {
         min_len: u32,
     ) -> wasmtime::Result<Vec<(u32, String, String)>> {
         let mut out = Vec::new();
-        for (i, s) in self.trace()?.spans.iter().enumerate() {
-            for (key, value) in wire::span_attributes(&s.bytes) {
+        let (spans, attrs) = self.attributed()?;
+        for i in 0..spans.len() {
+            for (key, value) in attrs.of_span(spans, i) {
                 if let wire::AnyValueRef::Str(v) = value
                     && v.len() >= min_len as usize
+                    && let Ok(key) = std::str::from_utf8(key)
                 {
                     out.push((i as u32, key.to_owned(), v.to_owned()));
                 }
@@ -514,14 +609,11 @@ impl types::HostTrace for PolicyState {
 
 impl PolicyState {
     fn numeric_values<'a>(
-        &'a self,
+        &'a mut self,
         key: &'a str,
     ) -> wasmtime::Result<impl Iterator<Item = f64> + 'a> {
-        Ok(self
-            .trace()?
-            .spans
-            .iter()
-            .filter_map(move |s| wire::span_attribute(&s.bytes, key).and_then(numeric)))
+        let (spans, attrs) = self.attributed()?;
+        Ok((0..spans.len()).filter_map(move |i| attrs.get(spans, i, key).and_then(numeric)))
     }
 }
 
@@ -666,5 +758,72 @@ mod tests {
             assert_eq!(reused.parents, expect, "{n} spans");
             assert_eq!(reused.span_count as usize, n);
         }
+    }
+
+    #[test]
+    fn the_attribute_table_answers_as_the_span_bytes_do() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        use prost::Message;
+        let kv = |k: &str, v: Value| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue { value: Some(v) }),
+            key_strindex: 0,
+        };
+        let with_attrs = |id: u64, attrs: Vec<KeyValue>| {
+            let proto = opentelemetry_proto::tonic::trace::v1::Span {
+                trace_id: vec![1; 16],
+                span_id: id.to_be_bytes().to_vec(),
+                name: format!("span-{id}"),
+                attributes: attrs,
+                ..Default::default()
+            };
+            BufferedSpan {
+                bytes: proto.encode_to_vec().into_boxed_slice(),
+                ..span(id, 0, id, &resource("svc"))
+            }
+        };
+        let spans = vec![
+            with_attrs(
+                1,
+                vec![
+                    kv("tenant.id", Value::StringValue("t1".into())),
+                    kv("tokens", Value::IntValue(5)),
+                    // A repeated key: the last occurrence wins, as in protobuf.
+                    kv("tenant.id", Value::StringValue("t2".into())),
+                ],
+            ),
+            with_attrs(2, vec![]),
+            with_attrs(
+                3,
+                vec![
+                    kv("tokens", Value::DoubleValue(2.5)),
+                    kv("tenant.i", Value::StringValue("prefix, not the key".into())),
+                ],
+            ),
+        ];
+        let mut table = AttrTable::default();
+        table.build(&spans);
+        for key in ["tenant.id", "tokens", "tenant.i", "absent", ""] {
+            for (i, s) in spans.iter().enumerate() {
+                assert_eq!(
+                    table.get(&spans, i, key),
+                    wire::span_attribute(&s.bytes, key),
+                    "span {i}, key {key:?}"
+                );
+            }
+        }
+        assert_eq!(
+            table.get(&spans, 0, "tenant.id"),
+            Some(AnyValueRef::Str("t2"))
+        );
+        let all: Vec<Vec<(&[u8], AnyValueRef<'_>)>> = (0..spans.len())
+            .map(|i| table.of_span(&spans, i).collect())
+            .collect();
+        assert_eq!(all[0].len(), 3);
+        assert!(all[1].is_empty());
+        assert_eq!(
+            all[2][1],
+            (&b"tenant.i"[..], AnyValueRef::Str("prefix, not the key"))
+        );
     }
 }
