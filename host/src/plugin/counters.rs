@@ -6,8 +6,10 @@
 //! most `max_values_per_label` distinct values; later values are folded into `__overflow__`,
 //! so a policy labelling by user id cannot blow up the host's memory or a scrape.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+
+use foldhash::fast::RandomState;
 
 use parking_lot::Mutex;
 
@@ -20,15 +22,22 @@ const MAX_LABELS: usize = 8;
 
 type Labels = Vec<(String, String)>;
 
+/// Hash maps, not ordered ones: a policy labelling by user and tenant makes many series, and
+/// this is on every decision's path (ordered maps spent most of it comparing label strings).
+/// `/metrics` sorts when it renders.
 #[derive(Default)]
 struct Counter {
-    series: BTreeMap<Labels, f64>,
-    seen: BTreeMap<String, BTreeSet<String>>,
+    series: HashMap<Labels, f64, RandomState>,
+    seen: HashMap<String, HashSet<String, RandomState>, RandomState>,
 }
+
+/// Counters by policy, then by name: looked up with borrowed strings, so a call allocates
+/// nothing for a series that exists.
+type ByPolicy = HashMap<String, HashMap<String, Counter, RandomState>, RandomState>;
 
 pub struct PolicyCounters {
     max_values_per_label: usize,
-    counters: Mutex<BTreeMap<(String, String), Counter>>,
+    counters: Mutex<ByPolicy>,
     rejected: Mutex<u64>,
 }
 
@@ -43,7 +52,7 @@ impl PolicyCounters {
     pub fn new(max_values_per_label: usize) -> Self {
         Self {
             max_values_per_label,
-            counters: Mutex::new(BTreeMap::new()),
+            counters: Mutex::new(ByPolicy::default()),
             rejected: Mutex::new(0),
         }
     }
@@ -62,9 +71,14 @@ impl PolicyCounters {
             return;
         }
         let mut counters = self.counters.lock();
-        let counter = counters
-            .entry((name.to_owned(), policy.to_owned()))
-            .or_default();
+        if !counters.contains_key(policy) {
+            counters.insert(policy.to_owned(), HashMap::default());
+        }
+        let by_name = counters.get_mut(policy).expect("inserted above");
+        if !by_name.contains_key(name) {
+            by_name.insert(name.to_owned(), Counter::default());
+        }
+        let counter = by_name.get_mut(name).expect("inserted above");
         let mut labels: Labels = labels
             .into_iter()
             .map(|(k, mut v)| {
@@ -75,7 +89,10 @@ impl PolicyCounters {
                     }
                     v.truncate(cut);
                 }
-                let seen = counter.seen.entry(k.clone()).or_default();
+                if !counter.seen.contains_key(&k) {
+                    counter.seen.insert(k.clone(), HashSet::default());
+                }
+                let seen = counter.seen.get_mut(&k).expect("inserted above");
                 if !seen.contains(&v) {
                     if seen.len() >= self.max_values_per_label {
                         return (k, OVERFLOW.to_owned());
@@ -87,19 +104,35 @@ impl PolicyCounters {
             .collect();
         labels.sort();
         labels.dedup_by(|a, b| a.0 == b.0);
-        *counter.series.entry(labels).or_default() += value;
+        match counter.series.get_mut(&labels) {
+            Some(total) => *total += value,
+            None => {
+                counter.series.insert(labels, value);
+            }
+        }
     }
 
     /// The counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let counters = self.counters.lock();
+        let mut sorted: Vec<(&str, &str, &Counter)> = counters
+            .iter()
+            .flat_map(|(policy, by_name)| {
+                by_name
+                    .iter()
+                    .map(move |(name, c)| (name.as_str(), policy.as_str(), c))
+            })
+            .collect();
+        sorted.sort_unstable_by_key(|&(name, policy, _)| (name, policy));
         let mut last_name = "";
-        for ((name, policy), counter) in counters.iter() {
+        for (name, policy, counter) in sorted {
             if name != last_name {
                 let _ = writeln!(out, "# TYPE tailgate_policy_{name} counter");
                 last_name = name;
             }
-            for (labels, value) in &counter.series {
+            let mut series: Vec<(&Labels, &f64)> = counter.series.iter().collect();
+            series.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (labels, value) in series {
                 let _ = write!(
                     out,
                     "tailgate_policy_{name}_total{{policy=\"{}\"",

@@ -29,7 +29,9 @@
 //! Cost in Wasm: one host call (`string-attrs`) for the whole trace, asking only for values
 //! long enough to matter when no redaction is configured.
 
-use regex_lite::Regex;
+use std::collections::HashMap;
+
+use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tailgate_plugin_sdk::{Policy, Trace, Verdict, export_policy, host};
@@ -37,12 +39,8 @@ use tailgate_plugin_sdk::{Policy, Trace, Verdict, export_policy, host};
 const EMAIL: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}";
 /// Common API key shapes: OpenAI/Anthropic-style `sk-…`, AWS access keys, GitHub tokens,
 /// Slack tokens, and `Bearer` tokens.
-const API_KEY: &str = r"\b(?:sk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,})|Bearer\s+[A-Za-z0-9._~+/-]{16,}=*";
-/// Literals one of which every match of the built-in pattern contains: a value with none of
-/// them cannot match, and skipping the regex for it is most of hygiene's speed (nearly every
-/// string in a trace is an id, a name or a model, with no `@` and no key prefix).
-const EMAIL_LITERALS: &[&str] = &["@"];
-const API_KEY_LITERALS: &[&str] = &["sk-", "AKIA", "gh", "xox", "Bearer"];
+/// ASCII word boundaries and spaces keep every search in the lazy DFA.
+const API_KEY: &str = r"(?-u:\b)(?:sk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,})|Bearer(?-u:\s)+[A-Za-z0-9._~+/-]{16,}=*";
 /// Shortest string either built-in pattern can match; shorter values are not asked for.
 const MIN_REDACTABLE: u32 = 6;
 
@@ -155,8 +153,6 @@ struct Rule {
 }
 
 struct Redaction {
-    /// Literals a match must contain, for the built-in patterns; empty for the operator's own.
-    required: &'static [&'static str],
     regex: Regex,
     replacement: String,
 }
@@ -168,7 +164,21 @@ pub struct Hygiene {
     redactions: Vec<Redaction>,
     custom_patterns: bool,
     max_patches: usize,
+    /// What each key gets, worked out once: keys repeat on every span of every trace, and
+    /// matching one against every glob was most of this policy's time.
+    plans: HashMap<String, Plan>,
 }
+
+/// The treatment of one attribute key.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    Exempt,
+    Limit(Action, usize),
+}
+
+/// Keys remembered at most; past it (a trace with generated keys) plans are worked out again
+/// for each value rather than grow without bound.
+const MAX_PLANS: usize = 4096;
 
 /// What happened to one value.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -187,8 +197,8 @@ impl Policy for Hygiene {
         let custom_patterns = !c.patterns.is_empty();
         let mut redactions = Vec::new();
         let builtin = |name: &str| match name {
-            "email" => Ok((EMAIL, EMAIL_LITERALS)),
-            "api_key" => Ok((API_KEY, API_KEY_LITERALS)),
+            "email" => Ok(EMAIL),
+            "api_key" => Ok(API_KEY),
             other => Err(format!(
                 "redact: unknown built-in pattern {other:?} (known: \"email\", \"api_key\"; add your own under `patterns`)"
             )),
@@ -196,18 +206,17 @@ impl Policy for Hygiene {
         let named = c
             .redact
             .iter()
-            .map(|n| builtin(n).map(|(re, required)| (n.clone(), re.to_owned(), required)))
+            .map(|n| builtin(n).map(|re| (n.clone(), re.to_owned())))
             .chain(
                 c.patterns
                     .iter()
-                    .map(|p| Ok((p.name.clone(), p.regex.clone(), &[][..]))),
+                    .map(|p| Ok((p.name.clone(), p.regex.clone()))),
             );
         for item in named {
-            let (name, re, required) = item?;
+            let (name, re) = item?;
             let regex = Regex::new(&re)
                 .map_err(|e| format!("patterns: regex of {name:?} does not compile: {e}"))?;
             redactions.push(Redaction {
-                required,
                 regex,
                 replacement: c.replacement.replace("{name}", &name),
             });
@@ -240,6 +249,7 @@ impl Policy for Hygiene {
             redactions,
             custom_patterns,
             max_patches: c.max_patches,
+            plans: HashMap::new(),
         })
     }
 
@@ -247,12 +257,13 @@ impl Policy for Hygiene {
         let mut verdict = Verdict::abstain();
         let (mut truncated, mut hashed, mut redacted, mut skipped) = (0u32, 0u32, 0u32, 0u32);
         for (span, key, value) in trace.string_attrs(self.shortest_interesting()) {
-            if self.exempt.iter().any(|p| p.matches(&key)) {
-                continue;
-            }
+            let (action, max) = match self.plan(&key) {
+                Plan::Exempt => continue,
+                Plan::Limit(action, max) => (action, max),
+            };
             let redacted_value = self.redact(&value);
             let was_redacted = redacted_value.is_some();
-            let (cleaned, change) = self.limit(&key, redacted_value.unwrap_or(value));
+            let (cleaned, change) = limit(action, max, redacted_value.unwrap_or(value));
             if !was_redacted && change.is_none() {
                 continue;
             }
@@ -308,12 +319,10 @@ impl Hygiene {
         let mut out: Option<String> = None;
         for r in &self.redactions {
             let current = out.as_deref().unwrap_or(value);
-            let may_match =
-                r.required.is_empty() || r.required.iter().any(|lit| current.contains(lit));
-            if may_match && r.regex.is_match(current) {
+            if r.regex.is_match(current) {
                 out = Some(
                     r.regex
-                        .replace_all(current, regex_lite::NoExpand(&r.replacement))
+                        .replace_all(current, regex::NoExpand(&r.replacement))
                         .into_owned(),
                 );
             }
@@ -321,25 +330,41 @@ impl Hygiene {
         out
     }
 
-    fn limit(&self, key: &str, value: String) -> (String, Option<Change>) {
-        let (action, max) = self
-            .rules
-            .iter()
-            .find(|r| r.keys.iter().any(|p| p.matches(key)))
-            .map_or((Action::Truncate, self.default_max), |r| {
-                (r.action, r.max_length)
-            });
-        // Characters, not bytes: never cut a UTF-8 sequence in half.
-        let Some((cut, _)) = value.char_indices().nth(max) else {
-            return (value, None);
+    /// Exempt, or the first rule whose key glob matches (the default length otherwise).
+    fn plan(&mut self, key: &str) -> Plan {
+        if let Some(plan) = self.plans.get(key) {
+            return *plan;
+        }
+        let plan = if self.exempt.iter().any(|p| p.matches(key)) {
+            Plan::Exempt
+        } else {
+            let (action, max) = self
+                .rules
+                .iter()
+                .find(|r| r.keys.iter().any(|p| p.matches(key)))
+                .map_or((Action::Truncate, self.default_max), |r| {
+                    (r.action, r.max_length)
+                });
+            Plan::Limit(action, max)
         };
-        match action {
-            Action::Truncate => (value[..cut].to_owned(), Some(Change::Truncated)),
-            Action::Hash => {
-                let digest = Sha256::digest(value.as_bytes());
-                let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-                (format!("sha256:{hex}"), Some(Change::Hashed))
-            }
+        if self.plans.len() < MAX_PLANS {
+            self.plans.insert(key.to_owned(), plan);
+        }
+        plan
+    }
+}
+
+fn limit(action: Action, max: usize, value: String) -> (String, Option<Change>) {
+    // Characters, not bytes: never cut a UTF-8 sequence in half.
+    let Some((cut, _)) = value.char_indices().nth(max) else {
+        return (value, None);
+    };
+    match action {
+        Action::Truncate => (value[..cut].to_owned(), Some(Change::Truncated)),
+        Action::Hash => {
+            let digest = Sha256::digest(value.as_bytes());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            (format!("sha256:{hex}"), Some(Change::Hashed))
         }
     }
 }
