@@ -207,6 +207,10 @@ fn run() -> anyhow::Result<()> {
         root,
     };
     std::fs::create_dir_all(&paths.work)?;
+    // One plugin cache for every tailgate phase, emptied now: the first phase starts cold
+    // (compiling the policies, as a first deployment does) and the next restarts on a warm
+    // cache (as every later restart does); the table shows the idle RSS of both.
+    let _ = std::fs::remove_dir_all(paths.work.join("plugin-cache"));
     let rotel = if opts.skip_rotel {
         None
     } else {
@@ -397,7 +401,7 @@ fn start_tailgate(
     let mut plugins = table(&mut config, "plugins")?;
     plugins.insert(
         "cache_dir".into(),
-        dir.join("plugin-cache").display().to_string().into(),
+        paths.work.join("plugin-cache").display().to_string().into(),
     );
     config.insert("plugins".into(), plugins.into());
     let config_path = dir.join("tailgate.toml");
@@ -796,9 +800,17 @@ fn render(
     };
     row(
         &mut md,
-        "Idle RSS (MiB)",
+        "Idle RSS, first start: compiles the policies (MiB)",
         &|r| Some(mib(r.idle_rss)),
         "fixed",
+        1,
+        "≤ 25 MiB",
+    );
+    row(
+        &mut md,
+        "Idle RSS, restart on a warm plugin cache (MiB)",
+        &|r| Some(mib(r.idle_rss)),
+        "saturation",
         1,
         "≤ 25 MiB",
     );

@@ -606,7 +606,7 @@ fn native_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
     found.certs
 }
 
-/// Level 1: on OTLP spans it costs about a third of zlib's default level (6) and the body is
+/// Level 1: on OTLP spans it costs about a quarter of zlib's default level (6) and the body is
 /// a few percent larger (`cargo bench -p tailgate --bench export`); compression is the largest
 /// per-span cost of an export, and the collector runs on the senders' machines.
 pub const GZIP_LEVEL: u32 = 1;

@@ -181,6 +181,14 @@ impl PluginEngine {
                 .is_err()
             {
                 tracing::warn!(policy, "could not write the compile cache");
+            } else {
+                // Run from the file just written, as a warm start does: its code is then
+                // mapped from the page cache, not held in anonymous memory for the process's
+                // life (tens of MiB for a pack).
+                // SAFETY: written just above by this engine's `serialize`.
+                if let Ok(mapped) = unsafe { Component::deserialize_file(&self.engine, path) } {
+                    return Ok(mapped);
+                }
             }
         }
         Ok(component)
@@ -487,9 +495,22 @@ pub fn build_set(
         );
         policies.push(policy);
     }
+    release_freed_heap();
     Ok(PolicySet {
         policies,
         default: config.decide.default,
         generation,
     })
+}
+
+/// Hands the heap that compiling left free back to the system. Cranelift's working memory
+/// (some 70 MiB for the agent pack on a cold cache) is freed when a compile ends, but glibc
+/// keeps freed pages mapped, so without this a fresh process idles at four times the RSS of
+/// one started on a warm cache.
+pub fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heap to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

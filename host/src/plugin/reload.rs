@@ -104,6 +104,8 @@ impl Reloader {
             }
         }
         *self.last.lock() = Some(outcome);
+        // The trial instances and a refused set's compile leave free heap behind too.
+        super::release_freed_heap();
         result
     }
 
