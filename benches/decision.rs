@@ -13,7 +13,8 @@
 //! - `agent_chain/*`: the whole `config/agent.toml` chain (six deciding policies, two
 //!   enrichments on kept traces) in Wasm on 30-span loadgen agent traces taken through the real
 //!   ingest path, beside the same eight crates compiled natively and driven through the SDK's
-//!   in-memory backend.
+//!   in-memory backend; then each policy alone (`only_<name>`), to show where the chain's time
+//!   goes.
 //!
 //! Run: `cargo bench -p tailgate --bench decision`.
 
