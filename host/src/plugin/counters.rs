@@ -19,6 +19,11 @@ pub const OVERFLOW: &str = "__overflow__";
 const MAX_LABEL_VALUE: usize = 128;
 /// Most labels one series may carry.
 const MAX_LABELS: usize = 8;
+/// Series one counter may hold, in multiples of `max_values_per_label`. Capping each label is
+/// not enough: 1,000 users × 20 tenants × 6 features × 4 models is 480,000 label sets, about
+/// 100 MiB. Past the cap a new label set is counted under a series whose every value is
+/// `__overflow__`, so totals stay exact while memory stays bounded.
+const SERIES_PER_LABEL_VALUE: usize = 10;
 
 type Labels = Vec<(String, String)>;
 
@@ -104,6 +109,15 @@ impl PolicyCounters {
             .collect();
         labels.sort();
         labels.dedup_by(|a, b| a.0 == b.0);
+        let max_series = self
+            .max_values_per_label
+            .saturating_mul(SERIES_PER_LABEL_VALUE)
+            .max(1);
+        if counter.series.len() >= max_series && !counter.series.contains_key(&labels) {
+            for (_, v) in &mut labels {
+                OVERFLOW.clone_into(v);
+            }
+        }
         match counter.series.get_mut(&labels) {
             Some(total) => *total += value,
             None => {
@@ -186,6 +200,50 @@ mod tests {
         assert!(out.contains("tenant=\"__overflow__\"} 12"), "{out}");
         assert!(
             out.contains("tailgate_policy_counter_rejected_total 2"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn label_sets_beyond_the_series_cap_fold_into_one_overflow_series_and_keep_totals() {
+        // 3 values a label keeps every label under its own cap, but 4 such labels make 81
+        // label sets, beyond the counter's cap of 3 × 10 = 30 series.
+        let c = PolicyCounters::new(3);
+        let mut sent = 0.0;
+        for i in 0..81u32 {
+            let labels = ["user", "tenant", "feature", "model"]
+                .iter()
+                .enumerate()
+                .map(|(k, key)| {
+                    (
+                        (*key).to_owned(),
+                        format!("v{}", i / 3u32.pow(k as u32) % 3),
+                    )
+                })
+                .collect();
+            c.add("llm-cost", "tokens", labels, f64::from(i));
+            sent += f64::from(i);
+        }
+        let mut out = String::new();
+        c.render(&mut out);
+        let series: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("tailgate_policy_tokens_total"))
+            .collect();
+        assert_eq!(
+            series.len(),
+            31,
+            "30 label sets and the overflow series: {out}"
+        );
+        let total: f64 = series
+            .iter()
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        assert_eq!(total, sent, "every add is counted somewhere: {out}");
+        assert!(
+            out.contains(
+                "feature=\"__overflow__\",model=\"__overflow__\",tenant=\"__overflow__\",user=\"__overflow__\"}"
+            ),
             "{out}"
         );
     }
