@@ -17,6 +17,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tailgate::loadgen::Rng;
 
 use crate::support::*;
 
@@ -68,25 +69,6 @@ struct Sent {
     /// Span ids noise-trim must remove from a kept trace.
     noise_spans: HashSet<[u8; 8]>,
     feature: String,
-}
-
-/// SplitMix64: a deterministic generator, so every run sends the same traffic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Prices from agent.toml's llm-cost config: model → (USD per 1k input, per 1k output).
@@ -169,23 +151,23 @@ impl Traffic {
     fn send(&mut self, class: Class, feature: Option<&str>, low_score: Option<(f64, f64)>) {
         let tracer = self.provider.tracer("agent-e2e");
         let r = &mut self.rng;
-        let tenant = TENANTS[r.range(0, 4) as usize].to_owned();
+        let tenant = TENANTS[r.between(0, 4) as usize].to_owned();
         let feature = feature
-            .unwrap_or(FEATURES[r.range(0, 3) as usize])
+            .unwrap_or(FEATURES[r.between(0, 3) as usize])
             .to_owned();
         // More users than the per-label cardinality cap, so the cap shows.
         let user = format!("user-{:04}", self.next_user % 1300);
         self.next_user += 1;
         let duration_ms = match class {
-            Class::Slow => r.range(6_000, 9_000),
-            _ => r.range(300, 1_500),
+            Class::Slow => r.between(6_000, 9_000),
+            _ => r.between(300, 1_500),
         };
         let score = match (class, low_score) {
             (Class::LowConfidence, _) => 0.30 + r.unit() * 0.30,
             (_, Some((lo, hi))) => lo + r.unit() * (hi - lo),
             _ => 0.78 + r.unit() * 0.10,
         };
-        let calls = r.range(1, 3);
+        let calls = r.between(1, 3);
         let start = SystemTime::now() - Duration::from_secs(20);
         let at = |ms: u64| start + Duration::from_millis(ms);
         let common = [
@@ -234,18 +216,18 @@ impl Traffic {
         for c in 0..calls {
             // Costly runs use the big models on long contexts.
             let model = match class {
-                Class::Costly => MODELS[r.range(0, 1) as usize * 2],
-                _ => MODELS[r.range(0, 3) as usize],
+                Class::Costly => MODELS[r.between(0, 1) as usize * 2],
+                _ => MODELS[r.between(0, 3) as usize],
             };
             let (input, output) = match class {
-                Class::Costly => (r.range(40_000, 60_000), r.range(4_000, 8_000)),
-                _ => (r.range(300, 1_500), r.range(50, 400)),
+                Class::Costly => (r.between(40_000, 60_000), r.between(4_000, 8_000)),
+                _ => (r.between(300, 1_500), r.between(50, 400)),
             };
             cost += self.pricing.cost(model, input, output);
             input_tokens += input;
             output_tokens += output;
             // Half the calls use the older `llm.*` names, which llm-cost maps to gen_ai.*.
-            let attrs = if r.next().is_multiple_of(2) {
+            let attrs = if r.next_u64().is_multiple_of(2) {
                 vec![
                     KeyValue::new("gen_ai.request.model", model),
                     KeyValue::new("gen_ai.usage.input_tokens", input as i64),
@@ -261,7 +243,7 @@ impl Traffic {
             let from = slot * (c + 1);
             kept_spans.insert(child("llm.call", from, from + slot, attrs, false));
         }
-        let tools = r.range(1, 2);
+        let tools = r.between(1, 2);
         for t in 0..tools {
             let from = slot * (calls + 1 + t);
             let error = class == Class::Error && t == 0;
@@ -291,6 +273,17 @@ impl Traffic {
                 feature,
             },
         );
+    }
+
+    /// 500 normal traces, sent and settled: the percentile policies keep everything until they
+    /// have seen enough. Returns their trace ids.
+    fn warm_up(&mut self, tg: &Tailgate) -> HashSet<[u8; 16]> {
+        for _ in 0..500 {
+            self.send(Class::Normal, None, None);
+        }
+        self.flush();
+        settle(tg, self.spans);
+        self.sent.keys().copied().collect()
     }
 
     fn flush(&self) {
@@ -440,19 +433,12 @@ fn agent_pack_keeps_every_interesting_trace_samples_the_rest_and_attributes_cost
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
     let mut traffic = Traffic::new(&tg, Pricing::from(&table), 7);
-
-    // Warm-up: the percentile policies keep everything until they have seen enough traces.
-    for _ in 0..500 {
-        traffic.send(Class::Normal, None, None);
-    }
-    traffic.flush();
-    settle(&tg, traffic.spans);
-    let warm: HashSet<[u8; 16]> = traffic.sent.keys().copied().collect();
+    let warm = traffic.warm_up(&tg);
 
     // Measured: about 3% of each interesting class, the rest normal, shuffled.
     let mut counts: BTreeMap<Class, usize> = BTreeMap::new();
     for _ in 0..2_000 {
-        let roll = traffic.rng.range(0, 99);
+        let roll = traffic.rng.between(0, 99);
         let class = match roll {
             0..=2 => Class::Error,
             3..=5 => Class::Slow,
@@ -614,12 +600,7 @@ fn a_retrieval_regression_in_one_feature_is_kept_whole_and_the_rest_still_sample
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
     let mut traffic = Traffic::new(&tg, Pricing::from(&table), 11);
-    for _ in 0..500 {
-        traffic.send(Class::Normal, None, None);
-    }
-    traffic.flush();
-    settle(&tg, traffic.spans);
-    let warm: HashSet<[u8; 16]> = traffic.sent.keys().copied().collect();
+    let warm = traffic.warm_up(&tg);
 
     // The index behind "billing" goes stale: its retrieval scores fall from 0.78-0.88 to
     // 0.42-0.55. Everything else is unchanged.

@@ -79,11 +79,12 @@ pub struct Traits {
 }
 
 /// SplitMix64: tiny, fast, and its output for a seed never changes with a dependency upgrade.
+/// Public so tests that make their own traffic draw from the same deterministic stream.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -91,13 +92,14 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     fn chance(&mut self, p: f64) -> bool {
@@ -107,7 +109,7 @@ impl Rng {
         loop {
             let mut id = [0u8; N];
             for chunk in id.chunks_mut(8) {
-                let bytes = self.next().to_le_bytes();
+                let bytes = self.next_u64().to_le_bytes();
                 chunk.copy_from_slice(&bytes[..chunk.len()]);
             }
             if id != [0; N] {

@@ -4,5 +4,7 @@
 pub mod generate;
 pub mod send;
 
-pub use generate::{GeneratedTrace, Generator, SEQ_ATTRIBUTE, Shape, Traits, request_of, seq_of};
+pub use generate::{
+    GeneratedTrace, Generator, Rng, SEQ_ATTRIBUTE, Shape, Traits, request_of, seq_of,
+};
 pub use send::{LoadPlan, LoadgenError, Summary, read_requests, send, write_requests};

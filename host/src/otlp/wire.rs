@@ -727,16 +727,6 @@ pub fn resource_attribute<'a>(resource: &'a [u8], key: &str) -> Option<AnyValueR
     find_attribute(resource, 1, key)
 }
 
-/// Iterate all (key, value) attributes of a span, in wire order, repeated keys included.
-/// Iteration stops at the first malformed byte.
-pub fn span_attributes(span: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'_>)> {
-    Fields::new(span).filter(|f| f.number == 9).map_while(|f| {
-        let Value::Len(kv) = f.value else { return None };
-        let (key, value) = key_value(kv)?;
-        Some((str::from_utf8(key).ok()?, any_value(value)?))
-    })
-}
-
 /// Calls `f(key, value)` for each attribute of a span in wire order, with `key` the key bytes
 /// and `value` the AnyValue body, both slices of `span`. Returns false if the span is
 /// malformed (after calling `f` for the attributes before the fault).
@@ -755,11 +745,6 @@ pub fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &
         f(key, value);
     }
     fields.clean
-}
-
-/// Decodes an AnyValue body (as [`for_each_span_attribute`] gives it).
-pub fn any_value_of(body: &[u8]) -> Option<AnyValueRef<'_>> {
-    any_value(body)
 }
 
 /// The span's trace_state string ("" if absent, last occurrence wins; "" on garbage).
@@ -867,7 +852,8 @@ fn key_value_fields(kv: &[u8]) -> Option<(&[u8], &[u8])> {
     fields.clean.then_some((key, value))
 }
 
-fn any_value(body: &[u8]) -> Option<AnyValueRef<'_>> {
+/// Decodes an AnyValue body (as [`for_each_span_attribute`] gives it).
+pub fn any_value(body: &[u8]) -> Option<AnyValueRef<'_>> {
     let mut value = AnyValueRef::Empty;
     let mut fields = Fields::new(body);
     for f in &mut fields {
@@ -1961,7 +1947,7 @@ mod tests {
             let _ = span_attribute(span, key);
             let _ = resource_attribute(span, key);
         }
-        let _ = span_attributes(span).count();
+        for_each_span_attribute(span, |_, _| {});
         let _ = span_trace_state(span);
         let mut out = Vec::new();
         rewrite_span_without_keys(span, &["str", "n"], &mut out);
@@ -2587,7 +2573,9 @@ mod tests {
         assert_eq!(span_trace_state(&body), "vendor=1");
         assert_eq!(span_trace_state(&span(1, None, "x").encode_to_vec()), "");
 
-        let listed: Vec<(&str, AnyValueRef<'_>)> = span_attributes(&body).collect();
+        let mut listed: Vec<(&str, AnyValueRef<'_>)> = Vec::new();
+        assert!(for_each_span_attribute(&body, |k, v| listed
+            .push((str::from_utf8(k).unwrap(), any_value(v).unwrap()))));
         assert_eq!(listed.len(), s.attributes.len());
         let keys: Vec<&str> = listed.iter().map(|(k, _)| *k).collect();
         let want: Vec<&str> = s.attributes.iter().map(|a| a.key.as_str()).collect();

@@ -104,7 +104,7 @@ impl AttrTable {
                     && &bytes[e.key_at as usize..(e.key_at + e.key_len) as usize] == key.as_bytes()
             })
             .and_then(|e| {
-                wire::any_value_of(&bytes[e.value_at as usize..(e.value_at + e.value_len) as usize])
+                wire::any_value(&bytes[e.value_at as usize..(e.value_at + e.value_len) as usize])
             })
     }
 
@@ -119,7 +119,7 @@ impl AttrTable {
         self.entries[range].iter().filter_map(move |e| {
             let key = &bytes[e.key_at as usize..(e.key_at + e.key_len) as usize];
             let value = &bytes[e.value_at as usize..(e.value_at + e.value_len) as usize];
-            Some((key, wire::any_value_of(value)?))
+            Some((key, wire::any_value(value)?))
         })
     }
 }
