@@ -3,12 +3,17 @@
 //! - `host_only_empty_chain`: the host's own per-trace work with no policy;
 //! - `fixed_export_call`: one policy whose `decide` does nothing (the accessor probe with
 //!   `calls = 0`): the fixed cost of a Wasm decision, index and metrics included;
-//! - `fixed_plus_summary`: the same plus the one `summary` call nearly every policy makes;
+//! - `fixed_plus_summary`: the same reading the summary, which nearly every policy does. Since
+//!   contract 0.2.0 the summary and trace id come with the `decide` call, so this should equal
+//!   `fixed_export_call` (it was a host call of its own, about 0.3 µs, before);
 //! - `accessor/<name>`: the probe calling one accessor 1 and 65 times; one call costs
 //!   (t65 - t1) / 64;
 //! - the bundled `keep-errors` + `latency` + `probabilistic` chain in Wasm, the same three
 //!   crates run natively through the SDK's in-memory backend, and the same rules handwritten
-//!   against the host's span index.
+//!   over the buffered spans;
+//! - `host_index_rebuild`: the host's per-trace index (parents, leaves, summary) alone, which
+//!   every Wasm case includes;
+//! - `floor_*`: the least any sandboxed per-trace call can cost here (see [`floor`]).
 //!
 //! - `agent_chain/*`: the whole `config/agent.toml` chain (six deciding policies, two
 //!   enrichments on kept traces) in Wasm on 30-span loadgen agent traces taken through the real
@@ -261,6 +266,18 @@ fn bench(c: &mut Criterion) {
             verdicts.iter().any(|v| v.is_keep())
         })
     });
+    // The host's per-trace index alone (inside every Wasm case above; the native SDK
+    // traces have their summary computed when built, outside the timing).
+    let mut idx = tailgate::plugin::TraceIndex::default();
+    let mut i = 0;
+    group.bench_function("host_index_rebuild", |b| {
+        b.iter(|| {
+            let (_, spans) = &traces[i % 16];
+            i += 1;
+            idx.rebuild(spans);
+            idx.span_count
+        })
+    });
     let mut i = 0;
     group.bench_function("native_handwritten_errors_latency_probabilistic", |b| {
         b.iter(|| {
@@ -269,7 +286,111 @@ fn bench(c: &mut Criterion) {
             native_chain(std::hint::black_box(id), std::hint::black_box(spans))
         })
     });
+    floor(&mut group, &traces);
     group.finish();
+}
+
+/// The floor of any sandboxed per-trace call on this engine (fuel and epochs on, as for the
+/// policies): bare core-Wasm functions, no component model, no trace resource, no verdict
+/// record, inputs as arguments and the answer as one integer.
+/// - `floor_empty_core_call`: one call of `() -> ()`;
+/// - `floor_three_rules_core_calls`: keep-errors, latency and probabilistic as three
+///   instances (one per policy, as the host runs them), each called once per trace with the
+///   summary values it needs, which are computed natively from the spans first (as the
+///   handwritten native chain does).
+fn floor(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    traces: &[([u8; 16], Vec<BufferedSpan>)],
+) {
+    use wasmtime::{Instance, Module, Store, TypedFunc};
+    let runtime = PolicyRuntime::start(
+        &Config::parse("[plugins]\ncache_dir = \"\"\n", "bench.toml").expect("bench config"),
+        Path::new("."),
+    )
+    .expect("engine");
+    let engine = runtime.engine.engine();
+    let instance = |wasm: Vec<u8>| {
+        let module = Module::new(engine, wasm).expect("core module");
+        let mut store = Store::new(engine, ());
+        store.set_fuel(u64::MAX).expect("fuel");
+        store.set_epoch_deadline(1 << 40);
+        let instance = Instance::new(&mut store, &module, &[]).expect("instantiate");
+        (store, instance)
+    };
+
+    let (mut store, inst) = instance(core_module(&[], &[], |_| {}));
+    let empty: TypedFunc<(), ()> = inst.get_typed_func(&mut store, "f").expect("f");
+    group.bench_function("floor_empty_core_call", |b| {
+        b.iter(|| empty.call(&mut store, ()).expect("call"))
+    });
+
+    use wasm_encoder::ValType::{I32, I64};
+    let threshold = ((1.0 - 0.1) * (1u64 << 56) as f64).round() as i64;
+    let mut errors = instance(core_module(&[I32], &[I32], |f| {
+        f.local_get(0).i32_const(0).i32_gt_u();
+    }));
+    let mut slow = instance(core_module(&[I64], &[I32], |f| {
+        f.local_get(0).i64_const(500_000_000).i64_ge_u();
+    }));
+    let mut sample = instance(core_module(&[I64], &[I32], |f| {
+        f.local_get(0)
+            .i64_const((1 << 56) - 1)
+            .i64_and()
+            .i64_const(threshold)
+            .i64_ge_u();
+    }));
+    let errors_f: TypedFunc<u32, u32> = errors.1.get_typed_func(&mut errors.0, "f").unwrap();
+    let slow_f: TypedFunc<u64, u32> = slow.1.get_typed_func(&mut slow.0, "f").unwrap();
+    let sample_f: TypedFunc<u64, u32> = sample.1.get_typed_func(&mut sample.0, "f").unwrap();
+    let mut i = 0;
+    group.bench_function("floor_three_rules_core_calls", |b| {
+        b.iter(|| {
+            let (id, spans) = &traces[i % traces.len()];
+            i += 1;
+            let errs = spans.iter().filter(|s| s.status_code == 2).count() as u32;
+            let start = spans.iter().map(|s| s.start_unix_nano).min().unwrap_or(0);
+            let end = spans.iter().map(|s| s.end_unix_nano).max().unwrap_or(0);
+            let r = u64::from_be_bytes(id[8..].try_into().unwrap_or([0; 8]));
+            let keep = errors_f.call(&mut errors.0, errs).expect("call") != 0
+                || slow_f
+                    .call(&mut slow.0, end.saturating_sub(start))
+                    .expect("call")
+                    != 0
+                || sample_f.call(&mut sample.0, r).expect("call") != 0;
+            std::hint::black_box(keep)
+        })
+    });
+}
+
+/// A core module exporting one function `f(params) -> results` with the body `body` writes.
+fn core_module(
+    params: &[wasm_encoder::ValType],
+    results: &[wasm_encoder::ValType],
+    body: impl FnOnce(&mut wasm_encoder::InstructionSink<'_>),
+) -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, ExportKind, ExportSection, Function, FunctionSection, Module, TypeSection,
+    };
+    let mut types = TypeSection::new();
+    types
+        .ty()
+        .function(params.iter().copied(), results.iter().copied());
+    let mut functions = FunctionSection::new();
+    functions.function(0);
+    let mut exports = ExportSection::new();
+    exports.export("f", ExportKind::Func, 0);
+    let mut f = Function::new([]);
+    body(&mut f.instructions());
+    f.instructions().end();
+    let mut code = CodeSection::new();
+    code.function(&f);
+    let mut module = Module::new();
+    module
+        .section(&types)
+        .section(&functions)
+        .section(&exports)
+        .section(&code);
+    module.finish()
 }
 
 /// The eight agent crates natively, chained as the host chains them: every deciding policy

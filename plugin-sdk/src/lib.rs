@@ -1,7 +1,7 @@
 //! # tailgate-plugin-sdk
 //!
 //! Everything a Rust author needs to write a tailgate sampling policy: the WIT
-//! contract (`wit/policy.wit`, package `tailgate:policy@0.1.0`), an ergonomic
+//! contract (`wit/policy.wit`, package `tailgate:policy@0.2.0`), an ergonomic
 //! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
 //! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
 //! [`export_policy!`]. [`stats`] holds state that several policies share:
@@ -55,7 +55,7 @@ pub use types::{
 };
 
 /// The WIT package this SDK implements.
-pub const WIT_PACKAGE: &str = "tailgate:policy@0.1.0";
+pub const WIT_PACKAGE: &str = "tailgate:policy@0.2.0";
 
 /// The contract's WIT text, for hosts and tools that want the exact file the
 /// SDK was built with.
@@ -175,8 +175,12 @@ macro_rules! export_policy {
                 ) -> ::core::result::Result<(), $crate::__private::String> {
                     $crate::__private::init::<$policy>(&__TAILGATE_POLICY, config)
                 }
-                fn decide(t: &$crate::__private::RawTrace) -> $crate::__private::RawVerdict {
-                    $crate::__private::decide::<$policy>(&__TAILGATE_POLICY, t)
+                fn decide(
+                    t: &$crate::__private::RawTrace,
+                    summary: $crate::__private::RawSummary,
+                    trace_id: (u64, u64),
+                ) -> $crate::__private::RawVerdict {
+                    $crate::__private::decide::<$policy>(&__TAILGATE_POLICY, t, summary, trace_id)
                 }
             }
     $crate::__private::export_world!(__TailgatePolicyExport with_types_in $crate::bindings);
@@ -219,7 +223,9 @@ pub mod __private {
 
     pub use crate::bindings::__export_world as export_world;
     pub use crate::bindings::Guest;
-    pub use crate::bindings::tailgate::policy::types::{Trace as RawTrace, Verdict as RawVerdict};
+    pub use crate::bindings::tailgate::policy::types::{
+        Summary as RawSummary, Trace as RawTrace, Verdict as RawVerdict,
+    };
     pub use std::string::String;
 
     use crate::backend::Backend;
@@ -246,11 +252,20 @@ pub mod __private {
         Ok(())
     }
 
-    pub fn decide<P: Policy>(slot: &'static Slot<P>, raw: &RawTrace) -> RawVerdict {
+    pub fn decide<P: Policy>(
+        slot: &'static Slot<P>,
+        raw: &RawTrace,
+        summary: RawSummary,
+        (hi, lo): (u64, u64),
+    ) -> RawVerdict {
         install_panic_hook();
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&hi.to_be_bytes());
+        id[8..].copy_from_slice(&lo.to_be_bytes());
         // SAFETY: `trace` lives only until the end of this function, inside
         // the export call that lent `raw`; the policy only sees `&trace`.
-        let trace = Trace::from_backend(unsafe { Backend::borrowed(raw) });
+        let backend = unsafe { Backend::borrowed(raw) };
+        let trace = Trace::with_facts(backend, crate::backend::summary_from_wit(summary), id);
         let verdict = slot.with(|s| match s.borrow_mut().as_mut() {
             Some(policy) => policy.decide(&trace),
             None => Verdict::abstain().with_reason("policy not initialised"),

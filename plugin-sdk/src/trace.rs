@@ -44,10 +44,19 @@ impl Trace {
         }
     }
 
+    /// A trace whose summary and id are already known (the host passes both
+    /// to `decide`), so reading them makes no host call.
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn with_facts(backend: Backend, summary: Summary, trace_id: [u8; 16]) -> Self {
+        let trace = Self::from_backend(backend);
+        let _ = trace.summary.set(summary);
+        let _ = trace.trace_id.set(trace_id);
+        trace
+    }
+
     // ---- summary ----
 
-    /// The host's precomputed summary (one cheap host call per trace, then
-    /// cached).
+    /// The host's precomputed summary (given with the trace, so free).
     pub fn summary(&self) -> &Summary {
         self.summary.get_or_init(|| self.backend.summary())
     }

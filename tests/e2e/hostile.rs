@@ -398,16 +398,16 @@ async fn repeated_failures_quarantine_the_policy() {
     assert!(tg.exported().is_empty());
 }
 
-/// `(component (type (instance)) (import "wasi:filesystem/types@0.2.0" (instance (type 0))))`
-/// in the component binary format, encoded by hand (the `wat` crate is not a dependency).
-fn filesystem_importing_component() -> Vec<u8> {
-    const NAME: &[u8] = b"wasi:filesystem/types@0.2.0";
+/// `(component (type (instance)) (import "<name>" (instance (type 0))))` in the component
+/// binary format, encoded by hand (the `wat` crate is not a dependency).
+fn component_importing(name: &str) -> Vec<u8> {
+    let name = name.as_bytes();
     let mut c = vec![0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
     // Type section (7): one empty instance type (0x42, no declarations).
     c.extend([0x07, 0x03, 0x01, 0x42, 0x00]);
     // Import section (10): one import, plain name, extern desc instance (0x05) of type 0.
-    let mut body = vec![0x01, 0x00, NAME.len() as u8];
-    body.extend(NAME);
+    let mut body = vec![0x01, 0x00, name.len() as u8];
+    body.extend(name);
     body.extend([0x05, 0x00]);
     c.push(0x0a);
     c.push(body.len() as u8);
@@ -415,14 +415,11 @@ fn filesystem_importing_component() -> Vec<u8> {
     c
 }
 
-#[test]
-fn a_component_importing_outside_the_contract_is_refused_at_load() {
+/// Starts tailgate with `component` as its only policy, `evil`, and returns its exit status
+/// and stderr: it must refuse the policy and exit rather than run.
+fn refused_at_load(component: Vec<u8>) -> (std::process::ExitStatus, String) {
     let dir = TempDir::new("hostile-refused");
-    std::fs::write(
-        dir.path().join("evil.wasm"),
-        filesystem_importing_component(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("evil.wasm"), component).unwrap();
     let config = dir.path().join("tailgate.toml");
     std::fs::write(
         &config,
@@ -448,14 +445,30 @@ fn a_component_importing_outside_the_contract_is_refused_at_load() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("tailgate kept running with a policy that imports wasi:filesystem");
+            panic!("tailgate kept running with a policy it should have refused");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     eprintln!("{stderr}");
+    (status, stderr)
+}
+
+#[test]
+fn a_component_importing_outside_the_contract_is_refused_at_load() {
+    let (status, stderr) = refused_at_load(component_importing("wasi:filesystem/types@0.2.0"));
     assert!(!status.success(), "{status}");
     assert!(stderr.contains("wasi:filesystem/types@0.2.0"), "{stderr}");
+    assert!(stderr.contains("evil"), "names the policy: {stderr}");
+}
+
+#[test]
+fn a_component_built_for_the_previous_contract_is_refused_naming_its_version() {
+    // 0.1.0's `decide` took only the trace; this host passes the summary and id as well.
+    let (status, stderr) = refused_at_load(component_importing("tailgate:policy/host@0.1.0"));
+    assert!(!status.success(), "{status}");
+    assert!(stderr.contains("tailgate:policy@0.1.0"), "{stderr}");
+    assert!(stderr.contains("accepts 0.2.0"), "{stderr}");
     assert!(stderr.contains("evil"), "names the policy: {stderr}");
 }

@@ -6,6 +6,7 @@
 
 mod apply;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::buffer::{BufferedSpan, TraceId, Trigger};
@@ -36,7 +37,8 @@ pub struct Decision {
     pub keep: bool,
     /// The policy whose verdict decided (or `default`).
     pub policy: Arc<str>,
-    pub reason: String,
+    /// A policy's own words, or one of the host's fixed texts (which cost no allocation).
+    pub reason: Cow<'static, str>,
     /// The probability with which traces like this one are kept, when below 1; stamped as the
     /// OTel `th` threshold so backends can re-weight counts.
     pub probability: Option<f64>,
@@ -64,7 +66,7 @@ pub enum TraceEdit {
 #[derive(Debug)]
 pub struct Stamp {
     pub policy: Arc<str>,
-    pub reason: String,
+    pub reason: Cow<'static, str>,
     /// `sampling.trigger`, `sampling.policy`, `sampling.reason` as encoded Span attributes.
     pub encoded: Box<[u8]>,
 }
@@ -134,12 +136,20 @@ impl PolicyChain {
     }
 }
 
+/// The reason stamped when every policy abstained and the chain's default decided.
+pub fn default_reason(default: DefaultVerdict) -> &'static str {
+    match default {
+        DefaultVerdict::Keep => "no policy decided; default verdict keep",
+        DefaultVerdict::Drop => "no policy decided; default verdict drop",
+    }
+}
+
 impl Decider for PolicyChain {
     fn decide(&mut self, _trace: &mut TraceView<'_>) -> Decision {
         Decision {
             keep: self.default == DefaultVerdict::Keep,
             policy: self.default_policy.clone(),
-            reason: format!("no policy decided; default verdict {}", self.default),
+            reason: Cow::Borrowed(default_reason(self.default)),
             ..Decision::default()
         }
     }

@@ -8,15 +8,16 @@
 //! failures quarantines the policy. Edits are kept only from calls that returned normally and
 //! passed validation.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bindings::tailgate::policy::types::Decision as WitDecision;
 use super::edits;
-use super::state::{CallClock, TraceData, TraceIndex, thread_cpu_time};
+use super::state::{CallClock, TraceData, thread_cpu_time};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
 use crate::config::{DefaultVerdict, OnError, PolicyMode};
-use crate::decide::{Decider, DeciderFactory, Decision, TraceView};
+use crate::decide::{Decider, DeciderFactory, Decision, TraceView, default_reason};
 use crate::telemetry::{Metrics, PolicyMetrics};
 
 /// Builds a [`WasmChain`] for each worker.
@@ -34,7 +35,9 @@ impl DeciderFactory for WasmChainFactory {
             instances: Vec::new(),
             handles: Vec::new(),
             cpu_read: None,
-            index: TraceIndex::default(),
+            data: None,
+            clock: Instant::now(),
+            default_policy: Arc::from("default"),
         })
     }
 }
@@ -49,14 +52,19 @@ pub struct WasmChain {
     handles: Vec<PolicyMetrics>,
     /// When this thread's CPU clock was last read, and its value.
     cpu_read: Option<(Instant, Option<Duration>)>,
-    /// The per-trace index, rebuilt in place for each trace so its buffers are reused.
-    index: TraceIndex,
+    /// The trace being decided with its index, boxed so it moves into each store and back as
+    /// a pointer; kept between traces so the index's buffers are reused.
+    data: Option<Box<TraceData>>,
+    /// When the previous call ended (or the decision began): each call's latency runs from
+    /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
+    clock: Instant,
+    default_policy: Arc<str>,
 }
 
 /// One policy's contribution to a decision.
 struct Outcome {
     verdict: WitDecision,
-    reason: String,
+    reason: Cow<'static, str>,
     probability: Option<f64>,
 }
 
@@ -83,10 +91,12 @@ impl WasmChain {
     fn run_one(
         &mut self,
         i: usize,
-        data: &mut Option<TraceData>,
+        data: &mut Option<Box<TraceData>>,
         edits_out: &mut Vec<crate::decide::TraceEdit>,
     ) -> Option<Outcome> {
-        let policy: Arc<LoadedPolicy> = self.set.policies[i].clone();
+        // Borrowed, not cloned: an Arc clone here would bounce the policy's reference count
+        // between every worker thread on every call.
+        let policy: &LoadedPolicy = &self.set.policies[i];
         if policy.health.is_quarantined() {
             self.handles[i].quarantined.inc();
             return None;
@@ -96,12 +106,12 @@ impl WasmChain {
                 Ok(inst) => self.instances[i] = Some(inst),
                 Err(e) => {
                     tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
-                    return Some(self.failed(&policy, "instantiate"));
+                    return Some(self.failed(policy, "instantiate"));
                 }
             }
         }
         let trace = data.take()?;
-        let started = Instant::now();
+        let started = self.clock;
         // The thread's CPU clock is a system call: read it at most once a millisecond. An
         // older reading only makes the deadline stricter (it counts earlier work as the call's).
         if self
@@ -115,8 +125,9 @@ impl WasmChain {
             cpu_at_start: self.cpu_read.and_then(|(_, cpu)| cpu),
         };
         let inst = self.instances[i].as_mut()?;
-        let (result, back) = inst.decide(&policy, trace, clock);
-        let elapsed = started.elapsed();
+        let (result, back) = inst.decide(policy, trace, clock);
+        self.clock = Instant::now();
+        let elapsed = self.clock.duration_since(started);
         *data = back;
         let handles = &self.handles[i];
         handles.latency.observe(elapsed.as_secs_f64());
@@ -140,7 +151,7 @@ impl WasmChain {
                 };
                 Some(Outcome {
                     verdict: verdict.decision,
-                    reason: truncated(verdict.reason, 256),
+                    reason: Cow::Owned(truncated(verdict.reason, 256)),
                     probability,
                 })
             }
@@ -149,7 +160,7 @@ impl WasmChain {
                 tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), "policy call failed; applying on_error");
                 // A trapped instance may be in any state: rebuild it for the next trace.
                 self.instances[i] = None;
-                Some(self.failed(&policy, kind))
+                Some(self.failed(policy, kind))
             }
         }
     }
@@ -160,8 +171,8 @@ impl WasmChain {
         let keep = self.set.default == DefaultVerdict::Keep;
         Decision {
             keep,
-            policy: Arc::from("default"),
-            reason: format!("no policy decided; default verdict {}", self.set.default),
+            policy: self.default_policy.clone(),
+            reason: Cow::Borrowed(default_reason(self.set.default)),
             probability: None,
             edits: if keep { edits } else { Vec::new() },
         }
@@ -188,7 +199,7 @@ impl WasmChain {
         };
         Outcome {
             verdict,
-            reason: format!("policy failed ({kind}); on_error"),
+            reason: Cow::Owned(format!("policy failed ({kind}); on_error")),
             probability: None,
         }
     }
@@ -234,36 +245,40 @@ impl Decider for WasmChain {
             // No policies: the default decides, with no index built and no spans moved.
             return self.default_decision(Vec::new());
         }
-        let mut index = std::mem::take(&mut self.index);
-        index.rebuild(trace.spans);
-        // The worker lends us the spans; they travel into each store by value and back.
-        let mut data = Some(TraceData {
-            trace_id: *trace.trace_id,
-            spans: std::mem::take(trace.spans),
-            index,
-        });
+        // The worker lends us the spans; they travel into each store and back.
+        let mut data = self.data.take().unwrap_or_default();
+        data.trace_id = *trace.trace_id;
+        data.spans = std::mem::take(trace.spans);
+        let TraceData { spans, index, .. } = &mut *data;
+        index.rebuild(spans);
+        let mut data = Some(data);
+        self.clock = Instant::now();
         let mut edits = Vec::new();
-        let mut dropped_by: Option<(Arc<str>, String)> = None;
-        let mut kept_by: Option<(Arc<str>, String)> = None;
+        let mut dropped_by: Option<(Arc<str>, Cow<'static, str>)> = None;
+        let mut kept_by: Option<(Arc<str>, Cow<'static, str>)> = None;
         let mut probability: Option<f64> = None;
         let mut certain_keep = false;
         let mut shadows: Vec<(Arc<str>, WitDecision)> = Vec::new();
         for i in 0..self.set.policies.len() {
-            let policy = self.set.policies[i].clone();
-            if policy.spec.mode == PolicyMode::Enrich {
+            let (mode, drop_rule) = {
+                let spec = &self.set.policies[i].spec;
+                (spec.mode, spec.drop_rule)
+            };
+            if mode == PolicyMode::Enrich {
                 continue;
             }
             let mut own_edits = Vec::new();
             let Some(outcome) = self.run_one(i, &mut data, &mut own_edits) else {
                 continue;
             };
-            if policy.spec.mode == PolicyMode::Shadow {
+            let policy = &self.set.policies[i];
+            if mode == PolicyMode::Shadow {
                 shadows.push((policy.name.clone(), outcome.verdict));
                 continue;
             }
             edits.append(&mut own_edits);
             match outcome.verdict {
-                WitDecision::Drop if policy.spec.drop_rule => {
+                WitDecision::Drop if drop_rule => {
                     if dropped_by.is_none() {
                         dropped_by = Some((policy.name.clone(), outcome.reason));
                     }
@@ -307,9 +322,9 @@ impl Decider for WasmChain {
                 }
             }
         }
-        if let Some(data) = data {
-            *trace.spans = data.spans;
-            self.index = data.index;
+        if let Some(mut data) = data {
+            *trace.spans = std::mem::take(&mut data.spans);
+            self.data = Some(data);
         }
         for (name, verdict) in shadows {
             let agrees = match verdict {

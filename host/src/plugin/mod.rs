@@ -29,6 +29,7 @@ use wasmtime::{
 
 use bindings::{Policy, PolicyPre};
 pub use counters::PolicyCounters;
+pub use state::TraceIndex;
 use state::{PolicyMeta, PolicyState};
 
 use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
@@ -36,7 +37,7 @@ use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
 /// The WIT package versions this host implements. A component built against another
 /// version is refused at load, naming the version it asked for.
 pub const CONTRACT_PACKAGE: &str = "tailgate:policy";
-pub const CONTRACT_VERSIONS: &[&str] = &["0.1.0"];
+pub const CONTRACT_VERSIONS: &[&str] = &["0.2.0"];
 
 /// Epoch ticks drive call deadlines: a stuck call is stopped within its timeout plus one tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -329,11 +330,19 @@ fn unix_ms() -> u64 {
 
 impl PolicyHealth {
     pub fn is_quarantined(&self) -> bool {
-        self.quarantined_until_ms.load(Ordering::Relaxed) > unix_ms()
+        // Read the clock only while a quarantine is set: this runs for every policy and trace.
+        match self.quarantined_until_ms.load(Ordering::Relaxed) {
+            0 => false,
+            until => until > unix_ms(),
+        }
     }
 
     fn succeeded(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        // Write only when there is something to reset: every worker calls this on every
+        // success, and an unconditional store would bounce the cache line between them.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Returns true when this failure starts a quarantine.
@@ -427,23 +436,25 @@ impl PolicyInstance {
     fn decide(
         &mut self,
         policy: &LoadedPolicy,
-        trace: state::TraceData,
+        trace: Box<state::TraceData>,
         clock: state::CallClock,
     ) -> (
         wasmtime::Result<bindings::tailgate::policy::types::Verdict>,
-        Option<state::TraceData>,
+        Option<Box<state::TraceData>>,
     ) {
         self.store.set_epoch_deadline(policy.deadline_ticks());
         if let Some(fuel) = policy.spec.fuel {
             let _ = self.store.set_fuel(fuel);
         }
+        let summary = trace.index.summary();
+        let id = state::trace_id_words(&trace.trace_id);
         let state = self.store.data_mut();
         state.call = clock;
         state.seed_for(&trace.trace_id);
         state.trace = Some(trace);
-        let result = self
-            .bindings
-            .call_decide(&mut self.store, state::TraceHandle::borrowed());
+        let result =
+            self.bindings
+                .call_decide(&mut self.store, state::TraceHandle::borrowed(), summary, id);
         (result, self.store.data_mut().trace.take())
     }
 }

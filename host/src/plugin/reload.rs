@@ -140,7 +140,7 @@ impl Reloader {
                     index: TraceIndex::new(spans),
                     spans: spans.clone(),
                 };
-                let (result, _) = inst.decide(policy, trace, CallClock::now());
+                let (result, _) = inst.decide(policy, Box::new(trace), CallClock::now());
                 if let Err(trap) = result {
                     return Err(format!(
                         "policy {:?} failed on sample trace {n}: {trap:#}",

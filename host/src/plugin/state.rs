@@ -13,7 +13,7 @@ use wasmtime::{StoreLimits, bail};
 use super::bindings::tailgate::policy::host::{self, Level};
 use super::bindings::tailgate::policy::types::{self, AttrValue, SpanKind, StatusCode, Summary};
 use super::counters::PolicyCounters;
-use crate::buffer::{BufferedSpan, TraceId};
+use crate::buffer::{BufferedSpan, ScopeHeader, TraceId};
 use crate::otlp::wire::{self, AnyValueRef};
 
 /// The guest's handle on the trace being decided. The data lives in [`PolicyState::trace`];
@@ -39,10 +39,13 @@ pub struct TraceIndex {
     pub error_count: u32,
     pub duration_ns: u64,
     pub root: Option<u32>,
+    /// Spans naming a parent that is not in the trace.
+    pub orphan_count: u32,
     pub services: Vec<Arc<str>>,
-    /// Open-addressing table of span indexes by span id (`u32::MAX` = empty): the parent
-    /// lookup. Ids are random 64-bit numbers, so one multiply spreads them; no hasher runs.
-    slots: Vec<u32>,
+    /// Open-addressing table of (span id, span index) by span id (index `u32::MAX` = empty):
+    /// the parent lookup. Ids are random 64-bit numbers, so one multiply spreads them; no
+    /// hasher runs. The id is held in the slot, so a probe reads no span.
+    slots: Vec<Slot>,
     /// Every span attribute, found by one pass over the spans on the first attribute lookup
     /// of the trace and shared by every policy after it: a lookup compares key lengths and
     /// bytes in this table instead of parsing each span's protobuf again.
@@ -124,19 +127,41 @@ impl AttrTable {
     }
 }
 
-const EMPTY: u32 = u32::MAX;
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: u64,
+    index: u32,
+}
 
-/// The slot an id starts probing at, in a table of `1 << bits` slots. The multiplier is odd
-/// and fixed; the per-process salt keeps crafted ids from colliding on purpose.
-fn slot_of(id: u64, bits: u32) -> usize {
+const EMPTY: Slot = Slot {
+    id: 0,
+    index: u32::MAX,
+};
+
+/// The per-process salt that keeps crafted ids from colliding on purpose.
+fn salt() -> u64 {
     static SALT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let salt = *SALT.get_or_init(|| {
+    *SALT.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(0x7461_696c_6761_7465);
         h.finish()
-    });
-    ((id ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
+    })
+}
+
+/// Probes for `id` in a table of `1 << bits` slots from its home slot (an odd fixed
+/// multiplier over the salted id), and returns the slot holding it or the empty slot
+/// where it belongs.
+fn probe(slots: &[Slot], id: u64, salt: u64, bits: u32) -> usize {
+    let mask = slots.len() - 1;
+    let mut at = ((id ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize;
+    loop {
+        let slot = slots[at];
+        if slot.index == EMPTY.index || slot.id == id {
+            return at;
+        }
+        at = (at + 1) & mask;
+    }
 }
 
 impl TraceIndex {
@@ -144,19 +169,6 @@ impl TraceIndex {
         let mut index = Self::default();
         index.rebuild(spans);
         index
-    }
-
-    /// The index of the first-arrived span with this id.
-    fn find(&self, spans: &[BufferedSpan], id: [u8; 8], bits: u32) -> Option<u32> {
-        let mask = self.slots.len() - 1;
-        let mut at = slot_of(u64::from_ne_bytes(id), bits);
-        loop {
-            match self.slots[at] {
-                EMPTY => return None,
-                i if spans[i as usize].span_id == id => return Some(i),
-                _ => at = (at + 1) & mask,
-            }
-        }
     }
 
     /// Recomputes every fact for `spans`, reusing this index's buffers.
@@ -167,54 +179,68 @@ impl TraceIndex {
             .next_power_of_two()
             .trailing_zeros()
             .max(4);
+        let salt = salt();
         self.slots.clear();
         self.slots.resize(1 << bits, EMPTY);
-        let mask = self.slots.len() - 1;
         for (i, s) in spans.iter().enumerate() {
-            let mut at = slot_of(u64::from_ne_bytes(s.span_id), bits);
-            loop {
-                match self.slots[at] {
-                    EMPTY => {
-                        self.slots[at] = i as u32;
-                        break;
-                    }
-                    // A repeated span id: the first arrival keeps the slot.
-                    j if spans[j as usize].span_id == s.span_id => break,
-                    _ => at = (at + 1) & mask,
-                }
+            let id = u64::from_ne_bytes(s.span_id);
+            let at = probe(&self.slots, id, salt, bits);
+            // A repeated span id: the first arrival keeps the slot.
+            if self.slots[at].index == EMPTY.index {
+                self.slots[at] = Slot {
+                    id,
+                    index: i as u32,
+                };
             }
         }
+        let n = spans.len();
         self.parents.clear();
+        self.parents.resize(n, None);
         self.missing_parent.clear();
+        self.missing_parent.resize(n, false);
         self.is_leaf.clear();
-        self.is_leaf.resize(spans.len(), true);
+        self.is_leaf.resize(n, true);
         self.services.clear();
+        // Plain slices from here: the loop then keeps every pointer in a register.
+        let (slots, parents, missing, is_leaf) = (
+            &self.slots[..],
+            &mut self.parents[..],
+            &mut self.missing_parent[..],
+            &mut self.is_leaf[..],
+        );
         let mut root: Option<u32> = None;
         let (mut min_start, mut max_end) = (u64::MAX, 0u64);
         let mut error_count = 0;
+        let mut orphan_count = 0;
+        let mut last_scope: Option<&Arc<ScopeHeader>> = None;
         for (i, s) in spans.iter().enumerate() {
-            let parent = if s.is_root() {
-                None
-            } else {
-                self.find(spans, s.parent_span_id, bits)
-            };
-            if let Some(p) = parent {
-                self.is_leaf[p as usize] = false;
-            }
-            self.parents.push(parent);
-            self.missing_parent.push(!s.is_root() && parent.is_none());
             if s.is_root() {
                 let earlier =
                     root.is_none_or(|r| s.start_unix_nano < spans[r as usize].start_unix_nano);
                 if earlier {
                     root = Some(i as u32);
                 }
+            } else {
+                let id = u64::from_ne_bytes(s.parent_span_id);
+                match slots[probe(slots, id, salt, bits)].index {
+                    p if p == EMPTY.index => {
+                        missing[i] = true;
+                        orphan_count += 1;
+                    }
+                    p => {
+                        parents[i] = Some(p);
+                        is_leaf[p as usize] = false;
+                    }
+                }
             }
             min_start = min_start.min(s.start_unix_nano);
             max_end = max_end.max(s.end_unix_nano);
-            if s.status_code == 2 {
-                error_count += 1;
+            error_count += u32::from(s.status_code == 2);
+            // Spans of one request share their scope: only a new scope can add a service.
+            if last_scope.is_some_and(|l| Arc::ptr_eq(l, &s.scope)) {
+                continue;
             }
+            last_scope = Some(&s.scope);
             let service = &s.scope.resource.service;
             // Spans of one batch share the Arc: compare pointers before text.
             if !service.is_empty()
@@ -231,6 +257,28 @@ impl TraceIndex {
         self.error_count = error_count;
         self.duration_ns = max_end.saturating_sub(min_start);
         self.root = root;
+        self.orphan_count = orphan_count;
+    }
+}
+
+/// The 16-byte trace id as the contract's two big-endian halves.
+pub fn trace_id_words(id: &TraceId) -> (u64, u64) {
+    let (hi, lo) = id.split_at(8);
+    let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    (word(hi), word(lo))
+}
+
+impl TraceIndex {
+    /// The contract's `summary` of the indexed trace.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            span_count: self.span_count,
+            error_count: self.error_count,
+            duration_ns: self.duration_ns,
+            root: self.root,
+            service_count: self.services.len() as u32,
+            orphan_count: self.orphan_count,
+        }
     }
 }
 
@@ -241,6 +289,7 @@ pub fn span_name(span: &BufferedSpan) -> &str {
 
 /// The trace a `decide` call is looking at. Moved into the store for the call and back out
 /// after, so no span is copied.
+#[derive(Default)]
 pub struct TraceData {
     pub trace_id: TraceId,
     pub spans: Vec<BufferedSpan>,
@@ -301,7 +350,7 @@ pub fn thread_cpu_time() -> Option<std::time::Duration> {
 pub struct PolicyState {
     pub limits: StoreLimits,
     pub call: CallClock,
-    pub trace: Option<TraceData>,
+    pub trace: Option<Box<TraceData>>,
     pub meta: Arc<PolicyMeta>,
     rng: u64,
     last_now: u64,
@@ -422,15 +471,7 @@ fn duration(s: &BufferedSpan) -> u64 {
 
 impl types::HostTrace for PolicyState {
     fn summary(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Summary> {
-        let i = &self.trace()?.index;
-        Ok(Summary {
-            span_count: i.span_count,
-            error_count: i.error_count,
-            duration_ns: i.duration_ns,
-            root: i.root,
-            service_count: i.services.len() as u32,
-            orphan_count: i.missing_parent.iter().filter(|m| **m).count() as u32,
-        })
+        Ok(self.trace()?.index.summary())
     }
 
     fn services(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<String>> {
@@ -444,10 +485,7 @@ impl types::HostTrace for PolicyState {
     }
 
     fn trace_id(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<(u64, u64)> {
-        let id = self.trace()?.trace_id;
-        let (hi, lo) = id.split_at(8);
-        let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).unwrap_or(0);
-        Ok((word(hi), word(lo)))
+        Ok(trace_id_words(&self.trace()?.trace_id))
     }
 
     fn name(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {

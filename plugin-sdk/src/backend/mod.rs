@@ -6,7 +6,7 @@
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 #[cfg(target_arch = "wasm32")]
-pub(crate) use wasm::{Backend, attr_to_wit};
+pub(crate) use wasm::{Backend, attr_to_wit, summary_from_wit};
 
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod native;

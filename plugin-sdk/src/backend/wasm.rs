@@ -13,6 +13,18 @@ pub(crate) struct Backend {
     raw: ManuallyDrop<wit::Trace>,
 }
 
+/// The SDK's summary from the binding's record.
+pub(crate) fn summary_from_wit(s: wit::Summary) -> Summary {
+    Summary {
+        span_count: s.span_count,
+        error_count: s.error_count,
+        duration_ns: s.duration_ns,
+        root: s.root,
+        service_count: s.service_count,
+        orphan_count: s.orphan_count,
+    }
+}
+
 impl Backend {
     /// # Safety
     /// The returned backend must not outlive the `decide` call that lent `t`.
@@ -25,15 +37,7 @@ impl Backend {
     }
 
     pub(crate) fn summary(&self) -> Summary {
-        let s = self.raw.summary();
-        Summary {
-            span_count: s.span_count,
-            error_count: s.error_count,
-            duration_ns: s.duration_ns,
-            root: s.root,
-            service_count: s.service_count,
-            orphan_count: s.orphan_count,
-        }
+        summary_from_wit(self.raw.summary())
     }
 
     pub(crate) fn services(&self) -> Vec<String> {
