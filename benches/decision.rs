@@ -511,5 +511,34 @@ fn agent_wasm(only: Option<&str>) -> Box<dyn Decider> {
     .build()
 }
 
-criterion_group!(benches, bench, agent_chain);
+/// Loading a policy whose compiled form is in the plugin cache (issue 3: at most 5 ms): read
+/// and hash the component, map its compiled code from the cache file, check its imports,
+/// link it, and instantiate it once to run `init` — all that a start or a reload does per
+/// policy, bar the trial decisions of a reload. The smallest bundled policy and the largest
+/// (attribute-hygiene, with the regex crate inside).
+fn policy_load(c: &mut Criterion) {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "bench-plugin-cache-{}",
+        std::process::id()
+    ));
+    let engine = tailgate::plugin::PluginEngine::new(Some(cache.clone()), 1000).expect("engine");
+    let config = Config::parse(
+        "[[policies]]\nname = \"errors\"\nplugin = \"keep-errors\"\n\
+         [[policies]]\nname = \"hygiene\"\nplugin = \"attribute-hygiene\"\n",
+        "bench.toml",
+    )
+    .expect("bench config");
+    let mut group = c.benchmark_group("policy_load");
+    for spec in &config.policies {
+        // The first load compiles and fills the cache; every measured one reads it.
+        engine.load(spec, Path::new(".")).expect("first load");
+        group.bench_function(format!("cached/{}", spec.name), |b| {
+            b.iter(|| engine.load(spec, Path::new(".")).expect("cached load"))
+        });
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+criterion_group!(benches, bench, agent_chain, policy_load);
 criterion_main!(benches);
