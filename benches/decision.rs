@@ -517,10 +517,8 @@ fn agent_wasm(only: Option<&str>) -> Box<dyn Decider> {
 /// policy, bar the trial decisions of a reload. The smallest bundled policy and the largest
 /// (attribute-hygiene, with the regex crate inside).
 fn policy_load(c: &mut Criterion) {
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "bench-plugin-cache-{}",
-        std::process::id()
-    ));
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-plugin-cache-{}", std::process::id()));
     let engine = tailgate::plugin::PluginEngine::new(Some(cache.clone()), 1000).expect("engine");
     let config = Config::parse(
         "[[policies]]\nname = \"errors\"\nplugin = \"keep-errors\"\n\

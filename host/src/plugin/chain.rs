@@ -103,7 +103,11 @@ impl WasmChain {
         }
         if self.instances[i].is_none() {
             match policy.instantiate(self.runtime.engine.engine()) {
-                Ok(inst) => self.instances[i] = Some(inst),
+                Ok(inst) => {
+                    self.instances[i] = Some(inst);
+                    // Building the instance is not the call: start its clock afresh.
+                    self.clock = Instant::now();
+                }
                 Err(e) => {
                     tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
                     return Some(self.failed(policy, "instantiate"));
