@@ -230,7 +230,16 @@ fn bench(c: &mut Criterion) {
             probe(&probe_wasm, "summary", 1),
         ),
     ];
-    for accessor in ["name", "duration", "attr", "attr_column", "sum"] {
+    let accessors = [
+        "name",
+        "duration",
+        "attr",
+        "attr_column",
+        "attr_column_str",
+        "attr_column_dict_str",
+        "sum",
+    ];
+    for accessor in accessors {
         for calls in [1, 65] {
             cases.push((
                 format!("accessor/{accessor}/x{calls}"),

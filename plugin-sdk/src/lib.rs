@@ -51,7 +51,8 @@ pub mod testing;
 pub use host::{counter_add, now_ns, random_f64, random_u64};
 pub use trace::{Span, Spans, Trace};
 pub use types::{
-    AttrValue, Decision, Level, Patch, PatchTarget, SpanKind, StatusCode, Summary, Verdict,
+    AttrValue, Decision, DictColumn, Level, Patch, PatchTarget, SpanKind, StatusCode, Summary,
+    Verdict,
 };
 
 /// The WIT package this SDK implements.

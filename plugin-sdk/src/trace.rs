@@ -3,16 +3,17 @@
 //! [`Trace`] is one type on every target; only its backend differs: on Wasm it
 //! forwards to the host's `trace` resource (each call crosses into the host),
 //! natively it reads an in-memory trace built with
-//! `testing::TraceBuilder`. Values the host computes
-//! once per trace (the summary, the trace id, the columns) are fetched at most
-//! once per `decide` and cached here, so calling `trace.summary()` or
-//! `span.is_leaf()` in a loop stays cheap.
+//! `testing::TraceBuilder`. The summary and the trace id arrive with the
+//! `decide` call itself, so reading them costs no host call. Other values the
+//! host computes once per trace (the services, the columns) are fetched at most
+//! once per `decide` and cached here, so calling `span.is_leaf()` in a loop
+//! stays cheap.
 
 use std::cell::OnceCell;
 use std::time::Duration;
 
 use crate::backend::Backend;
-use crate::types::{AttrValue, SpanKind, StatusCode, Summary};
+use crate::types::{AttrValue, DictColumn, SpanKind, StatusCode, Summary};
 
 /// One trace, readable for the duration of a `decide` call.
 ///
@@ -113,7 +114,7 @@ impl Trace {
         self.services.get_or_init(|| self.backend.services())
     }
 
-    /// The 16-byte trace id.
+    /// The 16-byte trace id (given with the trace: no host call).
     pub fn trace_id(&self) -> [u8; 16] {
         *self.trace_id.get_or_init(|| {
             let (hi, lo) = self.backend.trace_id();
@@ -167,6 +168,15 @@ impl Trace {
     /// per span with [`Span::attr`]. Not cached: each call asks again.
     pub fn attr_column(&self, key: &str) -> Vec<Option<AttrValue>> {
         self.backend.attr_column(key)
+    }
+
+    /// [`Trace::attr_column`] dictionary-encoded: each distinct value once,
+    /// and a code per span. The same answer, at a fraction of the cost when
+    /// values repeat across spans (tenant, user, model...): one host call, and
+    /// each distinct string crosses into the guest once rather than once per
+    /// span.
+    pub fn attr_column_dict(&self, key: &str) -> DictColumn {
+        self.backend.attr_column_dict(key)
     }
 
     /// Every string-valued span attribute at least `min_len` bytes long, as

@@ -170,6 +170,52 @@ pub struct Summary {
     pub orphan_count: u32,
 }
 
+/// One attribute over every span, dictionary-encoded (WIT `dict-column`):
+/// what [`crate::Trace::attr_column_dict`] returns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DictColumn {
+    values: Vec<AttrValue>,
+    codes: Vec<u32>,
+}
+
+impl DictColumn {
+    /// A span's code meaning "no value".
+    pub const NO_VALUE: u32 = u32::MAX;
+
+    /// From the contract's parts. A code that does not index `values` reads
+    /// as no value.
+    pub fn new(values: Vec<AttrValue>, codes: Vec<u32>) -> Self {
+        DictColumn { values, codes }
+    }
+
+    /// Span `span`'s value, as `Trace::attr_column(key)[span]` would give it.
+    pub fn get(&self, span: u32) -> Option<&AttrValue> {
+        let code = *self.codes.get(span as usize)?;
+        self.values.get(code as usize)
+    }
+
+    /// The distinct values, in order of first appearance by span index.
+    pub fn values(&self) -> &[AttrValue] {
+        &self.values
+    }
+
+    /// One code per span: an index into [`DictColumn::values`], or
+    /// [`DictColumn::NO_VALUE`].
+    pub fn codes(&self) -> &[u32] {
+        &self.codes
+    }
+
+    /// Number of spans.
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    /// True for a column of no spans.
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
+    }
+}
+
 /// Keep, drop or abstain (WIT `decision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Decision {

@@ -11,7 +11,9 @@ use wasmtime::component::Resource;
 use wasmtime::{StoreLimits, bail};
 
 use super::bindings::tailgate::policy::host::{self, Level};
-use super::bindings::tailgate::policy::types::{self, AttrValue, SpanKind, StatusCode, Summary};
+use super::bindings::tailgate::policy::types::{
+    self, AttrValue, DictColumn, SpanKind, StatusCode, Summary,
+};
 use super::counters::PolicyCounters;
 use crate::buffer::{BufferedSpan, ScopeHeader, TraceId};
 use crate::otlp::wire::{self, AnyValueRef};
@@ -97,6 +99,11 @@ impl AttrTable {
 
     /// The last value of `key` on span `i` (the last occurrence wins, as in protobuf).
     fn get<'a>(&self, spans: &'a [BufferedSpan], i: usize, key: &str) -> Option<AnyValueRef<'a>> {
+        self.get_encoded(spans, i, key).and_then(wire::any_value)
+    }
+
+    /// The encoded `AnyValue` of `key`'s last occurrence on span `i`.
+    fn get_encoded<'a>(&self, spans: &'a [BufferedSpan], i: usize, key: &str) -> Option<&'a [u8]> {
         let bytes: &'a [u8] = &spans[i].bytes;
         let range = self.starts[i] as usize..self.starts[i + 1] as usize;
         self.entries[range]
@@ -106,9 +113,53 @@ impl AttrTable {
                 e.key_len as usize == key.len()
                     && &bytes[e.key_at as usize..(e.key_at + e.key_len) as usize] == key.as_bytes()
             })
-            .and_then(|e| {
-                wire::any_value(&bytes[e.value_at as usize..(e.value_at + e.value_len) as usize])
+            .map(|e| &bytes[e.value_at as usize..(e.value_at + e.value_len) as usize])
+    }
+
+    /// `key` over every span as distinct values and one code per span (`NO_VALUE` where
+    /// the span has none). Values are told apart by their encoded bytes: a linear scan while
+    /// there are few, a hash map once there are many.
+    fn dict_column(&self, spans: &[BufferedSpan], key: &str) -> DictColumn {
+        const SCAN: usize = 16;
+        let mut values = Vec::new();
+        let mut seen: Vec<&[u8]> = Vec::new();
+        let mut index: Option<foldhash::HashMap<&[u8], u32>> = None;
+        let codes = (0..spans.len())
+            .map(|i| {
+                let Some(encoded) = self.get_encoded(spans, i, key) else {
+                    return NO_VALUE;
+                };
+                let known = match &index {
+                    Some(map) => map.get(encoded).copied(),
+                    None => seen.iter().position(|v| *v == encoded).map(|p| p as u32),
+                };
+                if let Some(code) = known {
+                    return code;
+                }
+                let Some(value) = wire::any_value(encoded).and_then(to_attr_value) else {
+                    return NO_VALUE;
+                };
+                let code = values.len() as u32;
+                values.push(value);
+                seen.push(encoded);
+                match &mut index {
+                    Some(map) => {
+                        map.insert(encoded, code);
+                    }
+                    None if seen.len() > SCAN => {
+                        index = Some(
+                            seen.iter()
+                                .enumerate()
+                                .map(|(c, v)| (*v, c as u32))
+                                .collect(),
+                        );
+                    }
+                    None => {}
+                }
+                code
             })
+            .collect();
+        DictColumn { values, codes }
     }
 
     /// Every attribute of span `i` as (key, value), in wire order.
@@ -132,6 +183,9 @@ struct Slot {
     id: u64,
     index: u32,
 }
+
+/// A `dict-column` code for a span without the attribute.
+const NO_VALUE: u32 = u32::MAX;
 
 const EMPTY: Slot = Slot {
     id: 0,
@@ -594,6 +648,15 @@ impl types::HostTrace for PolicyState {
             .collect())
     }
 
+    fn attr_column_dict(
+        &mut self,
+        _: Resource<TraceHandle>,
+        key: String,
+    ) -> wasmtime::Result<DictColumn> {
+        let (spans, attrs) = self.attributed()?;
+        Ok(attrs.dict_column(spans, &key))
+    }
+
     fn sum(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<f64> {
         Ok(self.numeric_values(&key)?.sum())
     }
@@ -863,5 +926,58 @@ mod tests {
             all[2][1],
             (&b"tenant.i"[..], AnyValueRef::Str("prefix, not the key"))
         );
+    }
+
+    #[test]
+    fn a_dictionary_column_decodes_to_the_plain_column() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        use prost::Message;
+        // 40 spans: few distinct values for `tenant` (the scan), 40 for `user` (past the
+        // scan, into the hash map), mixed types and gaps for `mixed`.
+        let spans: Vec<BufferedSpan> = (0..40u64)
+            .map(|i| {
+                let kv = |k: &str, v: Value| KeyValue {
+                    key: k.into(),
+                    value: Some(AnyValue { value: Some(v) }),
+                    key_strindex: 0,
+                };
+                let mut attributes = vec![
+                    kv("tenant", Value::StringValue(format!("t{}", i % 3))),
+                    kv("user", Value::StringValue(format!("u{i}"))),
+                ];
+                match i % 4 {
+                    0 => attributes.push(kv("mixed", Value::IntValue(7))),
+                    1 => attributes.push(kv("mixed", Value::StringValue("7".into()))),
+                    2 => attributes.push(kv("mixed", Value::BoolValue(true))),
+                    _ => {}
+                }
+                let proto = opentelemetry_proto::tonic::trace::v1::Span {
+                    trace_id: vec![1; 16],
+                    span_id: (i + 1).to_be_bytes().to_vec(),
+                    attributes,
+                    ..Default::default()
+                };
+                BufferedSpan {
+                    bytes: proto.encode_to_vec().into_boxed_slice(),
+                    ..span(i + 1, 0, i, &resource("svc"))
+                }
+            })
+            .collect();
+        let mut table = AttrTable::default();
+        table.build(&spans);
+        for (key, distinct) in [("tenant", 3), ("user", 40), ("mixed", 3), ("absent", 0)] {
+            let dict = table.dict_column(&spans, key);
+            assert_eq!(dict.values.len(), distinct, "{key}");
+            assert_eq!(dict.codes.len(), spans.len(), "{key}");
+            for (i, code) in dict.codes.iter().enumerate() {
+                let plain = table.get(&spans, i, key).and_then(to_attr_value);
+                let decoded = (*code != NO_VALUE).then(|| dict.values[*code as usize].clone());
+                assert_eq!(
+                    format!("{decoded:?}"),
+                    format!("{plain:?}"),
+                    "{key}, span {i}"
+                );
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! same saturating durations), so a policy tested natively behaves the same
 //! in Wasm.
 
-use crate::types::{AttrValue, SpanKind, StatusCode, Summary};
+use crate::types::{AttrValue, DictColumn, SpanKind, StatusCode, Summary};
 
 /// `service.name`, the resource attribute behind `service` and the summary.
 pub(crate) const SERVICE_NAME: &str = "service.name";
@@ -236,6 +236,25 @@ impl Backend {
             .iter()
             .map(|s| lookup(&s.attrs, key).cloned())
             .collect()
+    }
+
+    /// Distinct by equality here (the host tells values apart by their
+    /// encoding); the decoded column is the same either way.
+    pub(crate) fn attr_column_dict(&self, key: &str) -> DictColumn {
+        let mut values: Vec<AttrValue> = Vec::new();
+        let codes = (self.trace.spans.iter())
+            .map(|s| match lookup(&s.attrs, key) {
+                None => DictColumn::NO_VALUE,
+                Some(v) => match values.iter().position(|known| known == v) {
+                    Some(code) => code as u32,
+                    None => {
+                        values.push(v.clone());
+                        values.len() as u32 - 1
+                    }
+                },
+            })
+            .collect();
+        DictColumn::new(values, codes)
     }
 
     pub(crate) fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {

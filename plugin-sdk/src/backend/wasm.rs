@@ -4,7 +4,7 @@
 use std::mem::ManuallyDrop;
 
 use crate::bindings::tailgate::policy::types as wit;
-use crate::types::{AttrValue, SpanKind, StatusCode, Summary};
+use crate::types::{AttrValue, DictColumn, SpanKind, StatusCode, Summary};
 
 pub(crate) struct Backend {
     // A second handle object for the *borrowed* resource that `decide`
@@ -129,6 +129,11 @@ impl Backend {
             .into_iter()
             .map(|v| v.map(attr_from_wit))
             .collect()
+    }
+
+    pub(crate) fn attr_column_dict(&self, key: &str) -> DictColumn {
+        let wit::DictColumn { values, codes } = self.raw.attr_column_dict(key);
+        DictColumn::new(values.into_iter().map(attr_from_wit).collect(), codes)
     }
 
     pub(crate) fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {

@@ -193,10 +193,12 @@ impl Policy for Attribute {
             Scope::Any if self.resource => trace
                 .spans()
                 .any(|s| read(s).is_some_and(|v| self.matcher.matches(&v))),
+            // Each distinct value is matched (a regex run) once, however many
+            // spans repeat it.
             Scope::Any => trace
-                .attr_column(&self.key)
+                .attr_column_dict(&self.key)
+                .values()
                 .iter()
-                .flatten()
                 .any(|v| self.matcher.matches(v)),
         };
         if matched != self.invert {

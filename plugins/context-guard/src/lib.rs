@@ -128,7 +128,8 @@ impl Policy for ContextGuard {
         let mut findings = String::new();
         let mut leak = false;
         for key in &self.keys {
-            if has_mixed_values(&trace.attr_column(key)) {
+            // The distinct values are enough: each crosses into the guest once.
+            if has_mixed_values(trace.attr_column_dict(key).values()) {
                 leak = true;
                 push_finding(&mut findings, format_args!("mixed:{key}"));
             }
@@ -182,8 +183,10 @@ impl Policy for ContextGuard {
 }
 
 /// True when the column holds two different non-blank values.
-fn has_mixed_values(column: &[Option<AttrValue>]) -> bool {
-    let mut values = column.iter().flatten().filter(|v| !is_blank(v));
+/// True when the values (any order, repeats allowed) hold two that differ,
+/// ignoring empty strings.
+fn has_mixed_values(values: &[AttrValue]) -> bool {
+    let mut values = values.iter().filter(|v| !is_blank(v));
     match values.next() {
         Some(first) => values.any(|v| !same_value(first, v)),
         None => false,

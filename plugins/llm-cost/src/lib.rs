@@ -83,7 +83,9 @@ use tailgate_plugin_sdk::stats::{
     DEFAULT_MAX_KEYS, DEFAULT_WARMUP, DEFAULT_WINDOW, Judgement, KeyedQuantiles, QuantileSettings,
     percentile_label,
 };
-use tailgate_plugin_sdk::{AttrValue, Patch, PatchTarget, Policy, Trace, Verdict, export_policy};
+use tailgate_plugin_sdk::{
+    AttrValue, DictColumn, Patch, PatchTarget, Policy, Trace, Verdict, export_policy,
+};
 
 /// Reason on traces kept because they cost more than `threshold_usd`.
 pub const REASON_THRESHOLD: &str = "llm_cost";
@@ -327,7 +329,9 @@ impl Policy for LlmCost {
         let output = column(OUTPUT_TOKENS, present[1]);
         let legacy_input = column(LEGACY_INPUT_TOKENS, present[2]);
         let legacy_output = column(LEGACY_OUTPUT_TOKENS, present[3]);
-        let models = trace.attr_column(MODEL);
+        // Text columns repeat a few values over many spans: dictionary-encoded,
+        // each distinct string crosses into the guest once.
+        let models = trace.attr_column_dict(MODEL);
 
         let n = trace.span_count();
         let mut calls: Vec<LlmCall> = Vec::new();
@@ -345,7 +349,7 @@ impl Policy for LlmCost {
                 span,
                 input: ti.or(li).unwrap_or(0.0),
                 output: to.or(lo).unwrap_or(0.0),
-                model: text(at(&models, span)),
+                model: text(models.get(span)),
                 cost: 0.0,
                 fallback_price: false,
                 // Only where the gen_ai name is absent, not merely unusable,
@@ -363,19 +367,23 @@ impl Policy for LlmCost {
             // Only negative or non-finite counts: nothing to price.
             return Verdict::abstain();
         }
-        let legacy_models = column(LEGACY_MODEL, calls.iter().any(|c| c.model.is_none()));
-        let label_columns = LABEL_ATTRS.map(|(_, key)| trace.attr_column(key));
+        let legacy_models = if calls.iter().any(|c| c.model.is_none()) {
+            trace.attr_column_dict(LEGACY_MODEL)
+        } else {
+            DictColumn::default()
+        };
+        let label_columns = LABEL_ATTRS.map(|(_, key)| trace.attr_column_dict(key));
         let root = trace.summary().root;
-        let root_labels = root.map(|r| label_columns.each_ref().map(|col| label(at(col, r))));
+        let root_labels = root.map(|r| label_columns.each_ref().map(|col| label(col.get(r))));
 
         let (mut total_cost, mut total_input, mut total_output) = (0.0, 0.0, 0.0);
         let mut by_labels: Vec<LabelTotals> = Vec::new();
         for call in &mut calls {
             if call.model.is_none() {
-                let legacy = text(at(&legacy_models, call.span));
+                let legacy = text(legacy_models.get(call.span));
                 call.model = legacy;
                 // Fill only where gen_ai.request.model is absent altogether.
-                if at(&models, call.span).is_none() {
+                if models.get(call.span).is_none() {
                     call.fill_model = legacy;
                 }
             }
@@ -389,7 +397,7 @@ impl Policy for LlmCost {
             total_output += call.output;
 
             let [tenant, user, feature] = std::array::from_fn(|k| {
-                label(at(&label_columns[k], call.span))
+                label(label_columns[k].get(call.span))
                     .or_else(|| root_labels.as_ref().and_then(|r| r[k].clone()))
                     .unwrap_or(Cow::Borrowed(UNKNOWN))
             });

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use tailgate_plugin_sdk::{Policy, Trace, Verdict, export_policy};
 
 const KEY: &str = "gen_ai.usage.input_tokens";
+/// A string attribute with the same value on every span of the bench's traces.
+const STR_KEY: &str = "gen_ai.request.model";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +31,8 @@ enum Accessor {
     Duration,
     Attr,
     AttrColumn,
+    StrColumn,
+    StrColumnDict,
     Sum,
 }
 
@@ -42,6 +46,8 @@ impl Policy for Probe {
             "duration" => Accessor::Duration,
             "attr" => Accessor::Attr,
             "attr_column" => Accessor::AttrColumn,
+            "attr_column_str" => Accessor::StrColumn,
+            "attr_column_dict_str" => Accessor::StrColumnDict,
             "sum" => Accessor::Sum,
             other => return Err(format!("accessor: unknown {other:?}")),
         };
@@ -67,6 +73,8 @@ impl Policy for Probe {
                     .and_then(|s| s.attr(KEY))
                     .map_or(0, |v| v.as_f64().unwrap_or(0.0) as u64),
                 Accessor::AttrColumn => trace.attr_column(KEY).len() as u64,
+                Accessor::StrColumn => trace.attr_column(STR_KEY).len() as u64,
+                Accessor::StrColumnDict => trace.attr_column_dict(STR_KEY).len() as u64,
                 Accessor::Sum => trace.sum(KEY) as u64,
             });
         }
