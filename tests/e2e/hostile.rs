@@ -181,7 +181,7 @@ async fn an_infinite_loop_is_cut_off_at_the_deadline_and_deciding_goes_on() {
     let call_seconds = m.sum("tailgate_policy_call_seconds_sum", &["policy=\"spin\""]);
     eprintln!(
         "spin trace: decided {decided_after:?} after sending (root_grace 100 ms + timeout 50 ms \
-         + 1 ms epoch tick = 151 ms bound, plus polling), exported after {exported_after:?}; \
+         + 5 ms epoch tick = 155 ms bound, plus polling), exported after {exported_after:?}; \
          time inside the spinning call {:.1} ms",
         call_seconds * 1000.0
     );
