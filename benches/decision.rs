@@ -312,12 +312,8 @@ fn floor(
     traces: &[([u8; 16], Vec<BufferedSpan>)],
 ) {
     use wasmtime::{Instance, Module, Store, TypedFunc};
-    let runtime = PolicyRuntime::start(
-        &Config::parse("[plugins]\ncache_dir = \"\"\n", "bench.toml").expect("bench config"),
-        Path::new("."),
-    )
-    .expect("engine");
-    let engine = runtime.engine.engine();
+    let plugins = tailgate::plugin::PluginEngine::new(None, 1000).expect("engine");
+    let engine = plugins.engine();
     let instance = |wasm: Vec<u8>| {
         let module = Module::new(engine, wasm).expect("core module");
         let mut store = Store::new(engine, ());

@@ -117,45 +117,24 @@ impl AttrTable {
     }
 
     /// `key` over every span as distinct values and one code per span (`NO_VALUE` where
-    /// the span has none). Values are told apart by their encoded bytes: a linear scan while
-    /// there are few, a hash map once there are many.
+    /// the span has none). Values are told apart by their encoded bytes.
     fn dict_column(&self, spans: &[BufferedSpan], key: &str) -> DictColumn {
-        const SCAN: usize = 16;
         let mut values = Vec::new();
-        let mut seen: Vec<&[u8]> = Vec::new();
-        let mut index: Option<foldhash::HashMap<&[u8], u32>> = None;
+        let mut codes_of: foldhash::HashMap<&[u8], u32> = Default::default();
         let codes = (0..spans.len())
             .map(|i| {
                 let Some(encoded) = self.get_encoded(spans, i, key) else {
                     return NO_VALUE;
                 };
-                let known = match &index {
-                    Some(map) => map.get(encoded).copied(),
-                    None => seen.iter().position(|v| *v == encoded).map(|p| p as u32),
-                };
-                if let Some(code) = known {
-                    return code;
+                if let Some(code) = codes_of.get(encoded) {
+                    return *code;
                 }
                 let Some(value) = wire::any_value(encoded).and_then(to_attr_value) else {
                     return NO_VALUE;
                 };
                 let code = values.len() as u32;
                 values.push(value);
-                seen.push(encoded);
-                match &mut index {
-                    Some(map) => {
-                        map.insert(encoded, code);
-                    }
-                    None if seen.len() > SCAN => {
-                        index = Some(
-                            seen.iter()
-                                .enumerate()
-                                .map(|(c, v)| (*v, c as u32))
-                                .collect(),
-                        );
-                    }
-                    None => {}
-                }
+                codes_of.insert(encoded, code);
                 code
             })
             .collect();
@@ -313,16 +292,7 @@ impl TraceIndex {
         self.root = root;
         self.orphan_count = orphan_count;
     }
-}
 
-/// The 16-byte trace id as the contract's two big-endian halves.
-pub fn trace_id_words(id: &TraceId) -> (u64, u64) {
-    let (hi, lo) = id.split_at(8);
-    let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).unwrap_or(0);
-    (word(hi), word(lo))
-}
-
-impl TraceIndex {
     /// The contract's `summary` of the indexed trace.
     pub fn summary(&self) -> Summary {
         Summary {
@@ -334,6 +304,13 @@ impl TraceIndex {
             orphan_count: self.orphan_count,
         }
     }
+}
+
+/// The 16-byte trace id as the contract's two big-endian halves.
+pub fn trace_id_words(id: &TraceId) -> (u64, u64) {
+    let (hi, lo) = id.split_at(8);
+    let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    (word(hi), word(lo))
 }
 
 /// A span's name, read from its bytes.
@@ -789,6 +766,7 @@ fn unix_nanos() -> u64 {
 mod tests {
     use super::*;
     use crate::buffer::{ResourceHeader, ScopeHeader};
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 
     fn span(id: u64, parent: u64, start: u64, service: &Arc<ResourceHeader>) -> BufferedSpan {
         BufferedSpan {
@@ -861,28 +839,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_attribute_table_answers_as_the_span_bytes_do() {
-        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-        use prost::Message;
-        let kv = |k: &str, v: Value| KeyValue {
+    fn kv(k: &str, v: Value) -> KeyValue {
+        KeyValue {
             key: k.into(),
             value: Some(AnyValue { value: Some(v) }),
             key_strindex: 0,
+        }
+    }
+
+    /// Span `id` with these attributes in its bytes.
+    fn with_attrs(id: u64, attrs: Vec<KeyValue>) -> BufferedSpan {
+        use prost::Message;
+        let proto = opentelemetry_proto::tonic::trace::v1::Span {
+            trace_id: vec![1; 16],
+            span_id: id.to_be_bytes().to_vec(),
+            name: format!("span-{id}"),
+            attributes: attrs,
+            ..Default::default()
         };
-        let with_attrs = |id: u64, attrs: Vec<KeyValue>| {
-            let proto = opentelemetry_proto::tonic::trace::v1::Span {
-                trace_id: vec![1; 16],
-                span_id: id.to_be_bytes().to_vec(),
-                name: format!("span-{id}"),
-                attributes: attrs,
-                ..Default::default()
-            };
-            BufferedSpan {
-                bytes: proto.encode_to_vec().into_boxed_slice(),
-                ..span(id, 0, id, &resource("svc"))
-            }
-        };
+        BufferedSpan {
+            bytes: proto.encode_to_vec().into_boxed_slice(),
+            ..span(id, 0, id, &resource("svc"))
+        }
+    }
+
+    #[test]
+    fn the_attribute_table_answers_as_the_span_bytes_do() {
         let spans = vec![
             with_attrs(
                 1,
@@ -930,17 +912,10 @@ mod tests {
 
     #[test]
     fn a_dictionary_column_decodes_to_the_plain_column() {
-        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-        use prost::Message;
-        // 40 spans: few distinct values for `tenant` (the scan), 40 for `user` (past the
-        // scan, into the hash map), mixed types and gaps for `mixed`.
+        // 40 spans: 3 distinct values for `tenant`, 40 for `user`, mixed types and gaps for
+        // `mixed`.
         let spans: Vec<BufferedSpan> = (0..40u64)
             .map(|i| {
-                let kv = |k: &str, v: Value| KeyValue {
-                    key: k.into(),
-                    value: Some(AnyValue { value: Some(v) }),
-                    key_strindex: 0,
-                };
                 let mut attributes = vec![
                     kv("tenant", Value::StringValue(format!("t{}", i % 3))),
                     kv("user", Value::StringValue(format!("u{i}"))),
@@ -951,16 +926,7 @@ mod tests {
                     2 => attributes.push(kv("mixed", Value::BoolValue(true))),
                     _ => {}
                 }
-                let proto = opentelemetry_proto::tonic::trace::v1::Span {
-                    trace_id: vec![1; 16],
-                    span_id: (i + 1).to_be_bytes().to_vec(),
-                    attributes,
-                    ..Default::default()
-                };
-                BufferedSpan {
-                    bytes: proto.encode_to_vec().into_boxed_slice(),
-                    ..span(i + 1, 0, i, &resource("svc"))
-                }
+                with_attrs(i + 1, attributes)
             })
             .collect();
         let mut table = AttrTable::default();
