@@ -10,7 +10,12 @@
 //!   (t65 - t1) / 64;
 //! - the bundled `keep-errors` + `latency` + `probabilistic` chain in Wasm, the same three
 //!   crates run natively through the SDK's in-memory backend, and the same rules handwritten
-//!   over the buffered spans;
+//!   over the buffered spans. The three are summary-only, so the host enters each once per
+//!   batch of traces that come due together: `wasm_errors_latency_probabilistic` is a batch
+//!   of one (a trace decided alone), `..._batch/N` a batch of N (criterion's throughput is
+//!   per trace). `native_host_errors_latency_probabilistic` is the same three crates natively
+//!   on exactly the inputs the host gives the Wasm ones: the host's index and facts of each
+//!   trace, then the SDK deciding from them;
 //! - `host_index_rebuild`: the host's per-trace index (parents, leaves, summary) alone, which
 //!   every Wasm case includes;
 //! - `floor_*`: the least any sandboxed per-trace call can cost here (see [`floor`]).
@@ -256,6 +261,63 @@ fn bench(c: &mut Criterion) {
             b.iter(|| run(decider.as_mut(), &mut traces, &mut i))
         });
     }
+
+    // The three summary-only policies deciding batches of traces that came due together.
+    for n in [16usize, 64, 256] {
+        let mut decider = chain(THREE);
+        let mut batch: Vec<([u8; 16], Vec<BufferedSpan>)> = (0..n)
+            .map(|k| {
+                let mut id = [0x5a; 16];
+                id[8..].copy_from_slice(&(k as u64 * 0x9E37_79B9_7F4A_7C15).to_be_bytes());
+                (id, traces[k % traces.len()].1.clone())
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        group.throughput(criterion::Throughput::Elements(n as u64));
+        group.bench_function(
+            format!("wasm_errors_latency_probabilistic_batch/{n}"),
+            |b| {
+                b.iter(|| {
+                    let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
+                        .map(|(id, spans)| TraceView {
+                            trace_id: id,
+                            spans,
+                            trigger: Trigger::RootGrace,
+                        })
+                        .collect();
+                    out.clear();
+                    decider.decide_batch(&mut views, &mut out);
+                    out.iter().filter(|d| d.keep).count()
+                })
+            },
+        );
+    }
+    group.throughput(criterion::Throughput::Elements(1));
+
+    // The same three crates natively, from what the host computes for the Wasm ones.
+    let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
+    let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
+    let mut sample = testing::init::<probabilistic::Probabilistic>(r#"{"rate": 0.1}"#).unwrap();
+    let mut idx = tailgate::plugin::TraceIndex::default();
+    let mut facts = Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS);
+    let mut i = 0;
+    group.bench_function("native_host_errors_latency_probabilistic", |b| {
+        b.iter(|| {
+            let (id, spans) = &traces[i % traces.len()];
+            i += 1;
+            idx.rebuild(spans);
+            facts.clear();
+            idx.push_facts(id, spans, &mut facts);
+            let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&facts);
+            let t = testing::facts_trace(summary, id, r);
+            let verdicts = [
+                testing::decide(&mut errors, &t),
+                testing::decide(&mut slow, &t),
+                testing::decide(&mut sample, &t),
+            ];
+            verdicts.iter().any(|v| v.is_keep())
+        })
+    });
 
     // The same three crates, compiled natively, through the SDK's in-memory trace.
     let sdk_traces: Vec<_> = (1..=16u8).map(sdk_trace).collect();

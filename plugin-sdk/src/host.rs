@@ -15,9 +15,69 @@ pub fn log(level: Level, message: &str) {
 
 /// A deterministic pseudo-random `u64`: the host seeds a stream per trace
 /// from the trace id and the policy's seed, and each call within one
-/// `decide` returns the next number of that stream.
+/// `decide` returns the next number of that stream. A summary-only policy
+/// gets the same numbers from the SDK itself (see [`TraceStream`]).
 pub fn random_u64() -> u64 {
-    imp::random()
+    match LOCAL_STREAM.with(|s| s.get()) {
+        Some(mut stream) => {
+            let n = stream.next_u64();
+            LOCAL_STREAM.with(|s| s.set(Some(stream)));
+            n
+        }
+        None => imp::random(),
+    }
+}
+
+std::thread_local! {
+    /// The stream of the trace a summary-only batch is deciding, if any.
+    static LOCAL_STREAM: std::cell::Cell<Option<TraceStream>> = const { std::cell::Cell::new(None) };
+}
+
+/// The per-trace random stream exactly as the host seeds it for `decide`
+/// (documented with `decide-summaries` in the WIT contract).
+#[derive(Clone, Copy, Debug)]
+pub struct TraceStream(u64);
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl TraceStream {
+    /// The stream for `trace_id` under the policy's `seed`.
+    pub fn new(seed: u64, trace_id: &[u8; 16]) -> Self {
+        let mut x = seed ^ GOLDEN;
+        for chunk in trace_id.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            x = splitmix(x ^ u64::from_le_bytes(b));
+        }
+        TraceStream(x)
+    }
+
+    /// The stream outside any trace (during `init`): seeded from the seed alone.
+    pub fn untraced(seed: u64) -> Self {
+        TraceStream(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GOLDEN);
+        splitmix(self.0)
+    }
+}
+
+/// Runs `f` with [`random_u64`] drawing from `stream` instead of the host.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub(crate) fn with_stream<R>(stream: TraceStream, f: impl FnOnce() -> R) -> R {
+    LOCAL_STREAM.with(|s| s.set(Some(stream)));
+    let r = f();
+    LOCAL_STREAM.with(|s| s.set(None));
+    r
 }
 
 /// A deterministic pseudo-random float in `[0, 1)`, from [`random_u64`]'s

@@ -1,7 +1,7 @@
 //! # tailgate-plugin-sdk
 //!
 //! Everything a Rust author needs to write a tailgate sampling policy: the WIT
-//! contract (`wit/policy.wit`, package `tailgate:policy@0.2.0`), an ergonomic
+//! contract (`wit/policy.wit`, package `tailgate:policy@0.3.0`), an ergonomic
 //! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
 //! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
 //! [`export_policy!`]. [`stats`] holds state that several policies share:
@@ -48,15 +48,15 @@ mod otlp;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use host::{counter_add, now_ns, random_f64, random_u64};
-pub use trace::{Span, Spans, Trace};
+pub use host::{TraceStream, counter_add, now_ns, random_f64, random_u64};
+pub use trace::{Span, Spans, Trace, explicit_randomness, trace_id_randomness};
 pub use types::{
     AttrValue, Decision, DictColumn, Level, Patch, PatchTarget, SpanKind, StatusCode, Summary,
     Verdict,
 };
 
 /// The WIT package this SDK implements.
-pub const WIT_PACKAGE: &str = "tailgate:policy@0.2.0";
+pub const WIT_PACKAGE: &str = "tailgate:policy@0.3.0";
 
 /// The contract's WIT text, for hosts and tools that want the exact file the
 /// SDK was built with.
@@ -79,6 +79,20 @@ pub trait Policy: Sized + 'static {
 
     /// Decide one trace.
     fn decide(&mut self, trace: &Trace) -> Verdict;
+
+    /// Set to `true` when `decide` reads only the trace's summary
+    /// ([`Trace::summary`] and what derives from it: span and error counts,
+    /// duration, root index, completeness), its id and its
+    /// [`Trace::randomness`], and returns no patches or removals.
+    ///
+    /// The host then decides such a policy's traces in batches: everything
+    /// that comes due together crosses into the component in one call, which
+    /// costs a fraction of a call per trace. Reading anything else (a span's
+    /// name, an attribute, a column) panics, in Wasm and in native tests
+    /// through `testing::decide` alike, so a wrong declaration shows up in
+    /// the policy's own unit tests. A summary-only verdict with edits panics
+    /// too.
+    const SUMMARY_ONLY: bool = false;
 }
 
 /// Config of a policy that takes none: accepts only an empty table, so a
@@ -173,8 +187,17 @@ macro_rules! export_policy {
             impl $crate::__private::Guest for __TailgatePolicyExport {
                 fn init(
                     config: $crate::__private::String,
-                ) -> ::core::result::Result<(), $crate::__private::String> {
+                ) -> ::core::result::Result<
+                    $crate::__private::Capabilities,
+                    $crate::__private::String,
+                > {
                     $crate::__private::init::<$policy>(&__TAILGATE_POLICY, config)
+                }
+                fn decide_summaries(
+                    seed: u64,
+                    facts: $crate::__private::Vec<u64>,
+                ) -> $crate::__private::SummaryVerdicts {
+                    $crate::__private::decide_summaries::<$policy>(&__TAILGATE_POLICY, seed, facts)
                 }
                 fn decide(
                     t: &$crate::__private::RawTrace,
@@ -225,9 +248,11 @@ pub mod __private {
     pub use crate::bindings::__export_world as export_world;
     pub use crate::bindings::Guest;
     pub use crate::bindings::tailgate::policy::types::{
-        Summary as RawSummary, Trace as RawTrace, Verdict as RawVerdict,
+        Capabilities, Summary as RawSummary, SummaryVerdicts, Trace as RawTrace,
+        Verdict as RawVerdict,
     };
     pub use std::string::String;
+    pub use std::vec::Vec;
 
     use crate::backend::Backend;
     use crate::bindings::tailgate::policy::types as wit;
@@ -246,11 +271,72 @@ pub mod __private {
         });
     }
 
-    pub fn init<P: Policy>(slot: &'static Slot<P>, config: String) -> Result<(), String> {
+    pub fn init<P: Policy>(slot: &'static Slot<P>, config: String) -> Result<Capabilities, String> {
         install_panic_hook();
         let policy = crate::init_from_json::<P>(&config)?;
         slot.with(|s| *s.borrow_mut() = Some(policy));
-        Ok(())
+        Ok(if P::SUMMARY_ONLY {
+            Capabilities::SUMMARY_ONLY
+        } else {
+            Capabilities::empty()
+        })
+    }
+
+    /// One batch of summary-only decisions: 7 words of facts per trace (the
+    /// layout is in the WIT docs of `decide-summaries`), one code per trace
+    /// into this call's distinct outcomes.
+    pub fn decide_summaries<P: Policy>(
+        slot: &'static Slot<P>,
+        seed: u64,
+        facts: Vec<u64>,
+    ) -> SummaryVerdicts {
+        install_panic_hook();
+        let mut outcomes: Vec<wit::Outcome> = Vec::new();
+        let mut codes = Vec::with_capacity(facts.len() / crate::FACT_WORDS);
+        slot.with(|s| {
+            let mut slot = s.borrow_mut();
+            for f in facts.chunks_exact(crate::FACT_WORDS) {
+                let (summary, id, randomness) = crate::facts_from_words(f);
+                let verdict = match slot.as_mut() {
+                    Some(policy) => {
+                        let trace = Trace::summary_only(summary, id, randomness);
+                        let stream = crate::TraceStream::new(seed, &id);
+                        crate::host::with_stream(stream, || policy.decide(&trace))
+                    }
+                    None => Verdict::abstain().with_reason("policy not initialised"),
+                };
+                assert!(
+                    verdict.patches.is_empty() && verdict.remove_spans.is_empty(),
+                    "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
+                );
+                let decision = decision_to_wit(verdict.decision);
+                let code = match outcomes.iter().position(|o| {
+                    o.decision == decision
+                        && o.reason == verdict.reason
+                        && o.probability.map(f64::to_bits) == verdict.probability.map(f64::to_bits)
+                }) {
+                    Some(i) => i,
+                    None => {
+                        outcomes.push(wit::Outcome {
+                            decision,
+                            reason: verdict.reason,
+                            probability: verdict.probability,
+                        });
+                        outcomes.len() - 1
+                    }
+                };
+                codes.push(code as u32);
+            }
+        });
+        SummaryVerdicts { outcomes, codes }
+    }
+
+    fn decision_to_wit(d: Decision) -> wit::Decision {
+        match d {
+            Decision::Keep => wit::Decision::Keep,
+            Decision::Drop => wit::Decision::Drop,
+            Decision::Abstain => wit::Decision::Abstain,
+        }
     }
 
     pub fn decide<P: Policy>(
@@ -277,11 +363,7 @@ pub mod __private {
     fn to_wit(v: Verdict) -> RawVerdict {
         use crate::backend::attr_to_wit;
         RawVerdict {
-            decision: match v.decision {
-                Decision::Keep => wit::Decision::Keep,
-                Decision::Drop => wit::Decision::Drop,
-                Decision::Abstain => wit::Decision::Abstain,
-            },
+            decision: decision_to_wit(v.decision),
             reason: v.reason,
             probability: v.probability,
             patches: v
@@ -299,6 +381,47 @@ pub mod __private {
             remove_spans: v.remove_spans,
         }
     }
+}
+
+/// Words of facts per trace in `decide-summaries`.
+pub const FACT_WORDS: usize = 7;
+
+/// One trace's facts as `decide-summaries` passes them (the layout is in the
+/// WIT docs); the host writes them with [`facts_to_words`].
+pub fn facts_from_words(f: &[u64]) -> (Summary, [u8; 16], u64) {
+    let lo32 = |w: u64| w as u32;
+    let hi32 = |w: u64| (w >> 32) as u32;
+    let summary = Summary {
+        span_count: lo32(f[0]),
+        error_count: hi32(f[0]),
+        duration_ns: f[1],
+        root: (lo32(f[2]) != u32::MAX).then_some(lo32(f[2])),
+        service_count: hi32(f[2]),
+        orphan_count: f[3] as u32,
+    };
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&f[4].to_be_bytes());
+    id[8..].copy_from_slice(&f[5].to_be_bytes());
+    (summary, id, f[6])
+}
+
+/// The facts words of one trace, appended to `out`.
+pub fn facts_to_words(summary: &Summary, trace_id: &[u8; 16], randomness: u64, out: &mut Vec<u64>) {
+    let pair = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_be_bytes(w)
+    };
+    out.extend_from_slice(&[
+        pair(summary.span_count, summary.error_count),
+        summary.duration_ns,
+        pair(summary.root.unwrap_or(u32::MAX), summary.service_count),
+        u64::from(summary.orphan_count),
+        word(&trace_id[..8]),
+        word(&trace_id[8..]),
+        randomness,
+    ]);
 }
 
 /// Lowercase hex of `bytes`.

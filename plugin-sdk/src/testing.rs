@@ -308,9 +308,28 @@ pub fn init<P: Policy>(config: &str) -> Result<P, String> {
 
 /// Run `decide` the way the host does: first reseed the random stream from
 /// the trace id and the current seed (see [`set_seed`]).
+///
+/// A [`Policy::SUMMARY_ONLY`] policy sees what the host gives it: a trace of
+/// the summary, id and randomness alone, so reading anything else panics here
+/// as it traps in Wasm, and so do edits in its verdict.
 pub fn decide<P: Policy>(policy: &mut P, trace: &Trace) -> Verdict {
     state::begin_trace(&trace.trace_id());
+    if P::SUMMARY_ONLY {
+        let facts = facts_trace(*trace.summary(), trace.trace_id(), trace.randomness());
+        let verdict = policy.decide(&facts);
+        assert!(
+            verdict.patches.is_empty() && verdict.remove_spans.is_empty(),
+            "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
+        );
+        return verdict;
+    }
     policy.decide(trace)
+}
+
+/// The trace a summary-only policy sees: its summary, id and randomness
+/// alone, as `decide-summaries` passes them (reading anything else panics).
+pub fn facts_trace(summary: crate::Summary, trace_id: [u8; 16], randomness: u64) -> Trace {
+    Trace::summary_only(summary, trace_id, randomness)
 }
 
 /// Check `verdict` against `trace` with the contract's validation rules (as
@@ -359,7 +378,7 @@ pub fn check_verdict(trace: &Trace, verdict: &Verdict) -> Result<(), String> {
 pub fn set_seed(seed: u64) {
     state::with(|s| {
         s.seed = seed;
-        s.rng = seed;
+        s.rng = crate::TraceStream::untraced(seed);
     })
 }
 
@@ -401,15 +420,27 @@ pub(crate) mod state {
     use std::collections::BTreeMap;
 
     use super::CounterKey;
+    use crate::TraceStream;
     use crate::types::Level;
 
-    #[derive(Default)]
     pub(crate) struct HostState {
         pub seed: u64,
-        pub rng: u64,
+        pub rng: TraceStream,
         pub now: Option<u64>,
         pub counters: BTreeMap<CounterKey, f64>,
         pub logs: Vec<(Level, String)>,
+    }
+
+    impl Default for HostState {
+        fn default() -> Self {
+            HostState {
+                seed: 0,
+                rng: TraceStream::untraced(0),
+                now: None,
+                counters: BTreeMap::new(),
+                logs: Vec::new(),
+            }
+        }
     }
 
     thread_local! {
@@ -420,27 +451,14 @@ pub(crate) mod state {
         STATE.with(|s| f(&mut s.borrow_mut()))
     }
 
-    /// SplitMix64: tiny, good enough for tests, and a bijection of its state
-    /// so distinct seeds give distinct streams.
-    fn splitmix(state: &mut u64) -> u64 {
-        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
+    /// The host's own stream (see [`TraceStream`]), so a policy sees the same
+    /// numbers natively as in Wasm.
     pub(crate) fn begin_trace(trace_id: &[u8; 16]) {
-        let hi = u64::from_be_bytes(trace_id[..8].try_into().unwrap());
-        let lo = u64::from_be_bytes(trace_id[8..].try_into().unwrap());
-        with(|s| {
-            let mut mix = s.seed ^ hi;
-            s.rng = splitmix(&mut mix) ^ lo;
-        })
+        with(|s| s.rng = TraceStream::new(s.seed, trace_id))
     }
 
     pub(crate) fn random() -> u64 {
-        with(|s| splitmix(&mut s.rng))
+        with(|s| s.rng.next_u64())
     }
 
     pub(crate) fn now_ns() -> u64 {

@@ -20,8 +20,10 @@ use crate::types::{AttrValue, DictColumn, SpanKind, StatusCode, Summary};
 /// On Wasm a `Trace` only ever exists behind the `&Trace` that `decide`
 /// receives; it cannot be kept past the call.
 pub struct Trace {
-    backend: Backend,
+    /// `None` for a summary-only trace (see [`Policy::SUMMARY_ONLY`](crate::Policy::SUMMARY_ONLY)).
+    backend: Option<Backend>,
     summary: OnceCell<Summary>,
+    randomness: OnceCell<u64>,
     services: OnceCell<Vec<String>>,
     trace_id: OnceCell<[u8; 16]>,
     durations: OnceCell<Vec<u64>>,
@@ -34,8 +36,9 @@ pub struct Trace {
 impl Trace {
     pub(crate) fn from_backend(backend: Backend) -> Self {
         Trace {
-            backend,
+            backend: Some(backend),
             summary: OnceCell::new(),
+            randomness: OnceCell::new(),
             services: OnceCell::new(),
             trace_id: OnceCell::new(),
             durations: OnceCell::new(),
@@ -55,11 +58,38 @@ impl Trace {
         trace
     }
 
+    /// A trace known only by its facts, as a summary-only policy sees it:
+    /// the summary, the id and the OTel randomness answer, anything else
+    /// panics (see [`Policy::SUMMARY_ONLY`](crate::Policy::SUMMARY_ONLY)).
+    pub(crate) fn summary_only(summary: Summary, trace_id: [u8; 16], randomness: u64) -> Self {
+        Trace {
+            backend: None,
+            summary: OnceCell::from(summary),
+            randomness: OnceCell::from(randomness),
+            services: OnceCell::new(),
+            trace_id: OnceCell::from(trace_id),
+            durations: OnceCell::new(),
+            statuses: OnceCell::new(),
+            parents: OnceCell::new(),
+            has_children: OnceCell::new(),
+        }
+    }
+
+    fn backend(&self) -> &Backend {
+        match &self.backend {
+            Some(b) => b,
+            None => panic!(
+                "a SUMMARY_ONLY policy read span data; it may read only the summary, the \
+                 trace id and the randomness (or set SUMMARY_ONLY = false)"
+            ),
+        }
+    }
+
     // ---- summary ----
 
     /// The host's precomputed summary (given with the trace, so free).
     pub fn summary(&self) -> &Summary {
-        self.summary.get_or_init(|| self.backend.summary())
+        self.summary.get_or_init(|| self.backend().summary())
     }
 
     /// Number of spans; valid span indexes are `0..span_count()`.
@@ -111,17 +141,32 @@ impl Trace {
     /// Distinct non-empty service names in order of first appearance (one
     /// host call, cached).
     pub fn services(&self) -> &[String] {
-        self.services.get_or_init(|| self.backend.services())
+        self.services.get_or_init(|| self.backend().services())
     }
 
     /// The 16-byte trace id (given with the trace: no host call).
     pub fn trace_id(&self) -> [u8; 16] {
         *self.trace_id.get_or_init(|| {
-            let (hi, lo) = self.backend.trace_id();
+            let (hi, lo) = self.backend().trace_id();
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&hi.to_be_bytes());
             id[8..].copy_from_slice(&lo.to_be_bytes());
             id
+        })
+    }
+
+    /// The trace's OTel randomness R (W3C Trace Context Level 2), as
+    /// consistent probability sampling uses it: the `rv` sub-key of the root
+    /// span's `ot` tracestate entry when it holds 14 hex digits (the first
+    /// span's when there is no root), otherwise the trace id's lower 56 bits.
+    /// Summary-only policies receive it from the host.
+    pub fn randomness(&self) -> u64 {
+        *self.randomness.get_or_init(|| {
+            let probe = self.root().or_else(|| self.span(0));
+            probe
+                .and_then(|s| s.trace_state())
+                .and_then(|ts| explicit_randomness(&ts))
+                .unwrap_or_else(|| trace_id_randomness(&self.trace_id()))
         })
     }
 
@@ -150,24 +195,24 @@ impl Trace {
 
     /// Duration in nanoseconds of every span, by index.
     pub fn durations(&self) -> &[u64] {
-        self.durations.get_or_init(|| self.backend.durations())
+        self.durations.get_or_init(|| self.backend().durations())
     }
 
     /// Status of every span, by index.
     pub fn statuses(&self) -> &[StatusCode] {
-        self.statuses.get_or_init(|| self.backend.statuses())
+        self.statuses.get_or_init(|| self.backend().statuses())
     }
 
     /// Parent index of every span, by index (`None` for roots and for spans
     /// whose parent is missing).
     pub fn parents(&self) -> &[Option<u32>] {
-        self.parents.get_or_init(|| self.backend.parents())
+        self.parents.get_or_init(|| self.backend().parents())
     }
 
     /// Attribute `key` of every span, by index. One host call, instead of one
     /// per span with [`Span::attr`]. Not cached: each call asks again.
     pub fn attr_column(&self, key: &str) -> Vec<Option<AttrValue>> {
-        self.backend.attr_column(key)
+        self.backend().attr_column(key)
     }
 
     /// [`Trace::attr_column`] dictionary-encoded: each distinct value once,
@@ -176,7 +221,7 @@ impl Trace {
     /// each distinct string crosses into the guest once rather than once per
     /// span.
     pub fn attr_column_dict(&self, key: &str) -> DictColumn {
-        self.backend.attr_column_dict(key)
+        self.backend().attr_column_dict(key)
     }
 
     /// Every string-valued span attribute at least `min_len` bytes long, as
@@ -185,7 +230,7 @@ impl Trace {
     /// keys in advance; a high `min_len` keeps the answer small. Resource
     /// attributes are not included.
     pub fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {
-        self.backend.string_attrs(min_len)
+        self.backend().string_attrs(min_len)
     }
 
     fn has_children(&self) -> &[bool] {
@@ -206,28 +251,28 @@ impl Trace {
     /// Sum of the numeric (int or double) values of span attribute `key`; 0
     /// when no span has one.
     pub fn sum(&self, key: &str) -> f64 {
-        self.backend.sum(key)
+        self.backend().sum(key)
     }
 
     /// Largest numeric value of span attribute `key`, if any span has one.
     pub fn max(&self, key: &str) -> Option<f64> {
-        self.backend.max(key)
+        self.backend().max(key)
     }
 
     /// Number of spans whose attribute `key` is numeric.
     pub fn count_attr(&self, key: &str) -> u32 {
-        self.backend.count(key)
+        self.backend().count(key)
     }
 
     /// Number of spans named exactly `name`.
     pub fn count_name(&self, name: &str) -> u32 {
-        self.backend.count_name(name)
+        self.backend().count_name(name)
     }
 
     /// The trace as OTLP protobuf `TracesData` bytes. Expensive: an escape
     /// hatch for what the accessors cannot express.
     pub fn otlp_bytes(&self) -> Vec<u8> {
-        self.backend.otlp_bytes()
+        self.backend().otlp_bytes()
     }
 }
 
@@ -238,6 +283,26 @@ impl std::fmt::Debug for Trace {
             .field("summary", self.summary())
             .finish()
     }
+}
+
+/// The trace id's randomness: bytes 9..16 (the lower 56 bits), big-endian.
+pub fn trace_id_randomness(trace_id: &[u8; 16]) -> u64 {
+    let mut b = [0u8; 8];
+    b[1..].copy_from_slice(&trace_id[9..16]);
+    u64::from_be_bytes(b)
+}
+
+/// The explicit randomness `rv` in a W3C tracestate, if its `ot` entry has a
+/// valid one (exactly 14 hex digits).
+pub fn explicit_randomness(tracestate: &str) -> Option<u64> {
+    let ot = tracestate
+        .split(',')
+        .find_map(|member| member.trim().strip_prefix("ot="))?;
+    let rv = ot.split(';').find_map(|kv| kv.strip_prefix("rv:"))?;
+    if rv.len() != 14 || !rv.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(rv, 16).ok()
 }
 
 /// A cheap, copyable view of one span of a [`Trace`].
@@ -258,17 +323,17 @@ impl<'t> Span<'t> {
     }
 
     pub fn name(&self) -> String {
-        self.trace.backend.name(self.index)
+        self.trace.backend().name(self.index)
     }
 
     pub fn kind(&self) -> SpanKind {
-        self.trace.backend.kind(self.index)
+        self.trace.backend().kind(self.index)
     }
 
     pub fn status(&self) -> StatusCode {
         match self.trace.statuses.get() {
             Some(col) => col[self.index as usize],
-            None => self.trace.backend.status(self.index),
+            None => self.trace.backend().status(self.index),
         }
     }
 
@@ -277,17 +342,17 @@ impl<'t> Span<'t> {
     }
 
     pub fn status_message(&self) -> String {
-        self.trace.backend.status_message(self.index)
+        self.trace.backend().status_message(self.index)
     }
 
     /// Start time, nanoseconds since the Unix epoch.
     pub fn start_ns(&self) -> u64 {
-        self.trace.backend.start_ns(self.index)
+        self.trace.backend().start_ns(self.index)
     }
 
     /// End time, nanoseconds since the Unix epoch.
     pub fn end_ns(&self) -> u64 {
-        self.trace.backend.end_ns(self.index)
+        self.trace.backend().end_ns(self.index)
     }
 
     pub fn duration(&self) -> Duration {
@@ -297,7 +362,7 @@ impl<'t> Span<'t> {
     pub fn duration_ns(&self) -> u64 {
         match self.trace.durations.get() {
             Some(col) => col[self.index as usize],
-            None => self.trace.backend.duration_ns(self.index),
+            None => self.trace.backend().duration_ns(self.index),
         }
     }
 
@@ -305,7 +370,7 @@ impl<'t> Span<'t> {
     pub fn parent_index(&self) -> Option<u32> {
         match self.trace.parents.get() {
             Some(col) => col[self.index as usize],
-            None => self.trace.backend.parent(self.index),
+            None => self.trace.backend().parent(self.index),
         }
     }
 
@@ -319,7 +384,7 @@ impl<'t> Span<'t> {
 
     /// True when the span names a parent that is not in this trace.
     pub fn missing_parent(&self) -> bool {
-        self.trace.backend.missing_parent(self.index)
+        self.trace.backend().missing_parent(self.index)
     }
 
     /// True when no span of this trace has this span as its parent. Answered
@@ -345,27 +410,27 @@ impl<'t> Span<'t> {
 
     /// The 8-byte span id.
     pub fn span_id(&self) -> [u8; 8] {
-        self.trace.backend.span_id(self.index).to_be_bytes()
+        self.trace.backend().span_id(self.index).to_be_bytes()
     }
 
     /// The span's W3C tracestate, if it has one.
     pub fn trace_state(&self) -> Option<String> {
-        self.trace.backend.trace_state(self.index)
+        self.trace.backend().trace_state(self.index)
     }
 
     /// `service.name` of the span's resource; empty if it has none.
     pub fn service(&self) -> String {
-        self.trace.backend.service(self.index)
+        self.trace.backend().service(self.index)
     }
 
     /// Span attribute `key`.
     pub fn attr(&self, key: &str) -> Option<AttrValue> {
-        self.trace.backend.attr(self.index, key)
+        self.trace.backend().attr(self.index, key)
     }
 
     /// Attribute `key` of the span's resource.
     pub fn resource_attr(&self, key: &str) -> Option<AttrValue> {
-        self.trace.backend.resource_attr(self.index, key)
+        self.trace.backend().resource_attr(self.index, key)
     }
 }
 

@@ -13,11 +13,12 @@ use prost::Message;
 use crate::support::*;
 
 /// The policy crates this module builds (other crates in `tests/plugins/` belong to other tests).
-const HOSTILE: [&str; 4] = [
+const HOSTILE: [&str; 5] = [
     "hostile-grow",
     "hostile-panic",
     "hostile-patch",
     "hostile-spin",
+    "hostile-summary",
 ];
 
 /// Builds every hostile crate of `tests/plugins/` into a component, once per test binary, and returns
@@ -32,12 +33,7 @@ fn components() -> &'static Path {
             .only(HOSTILE.iter().map(|s| s.to_string()).collect())
             .build()
             .expect("build the hostile test policies");
-        for name in [
-            "hostile-spin",
-            "hostile-grow",
-            "hostile-panic",
-            "hostile-patch",
-        ] {
+        for name in HOSTILE {
             assert!(
                 built.iter().any(|p| p.name == name),
                 "{name} was not built: {:?}",
@@ -289,6 +285,61 @@ async fn a_panicking_policy_is_counted_and_its_instance_rebuilt() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summary_only_policy_failing_a_batch_is_contained_and_rebuilt() {
+    let plugins = Plugins::new(&["hostile-summary"]);
+    let tg = Tailgate::start(&format!(
+        "{HEAD}[[policies]]\nname = \"summary\"\npath = {}\non_error = \"drop\"\n",
+        plugins.path("hostile-summary")
+    ));
+    // Six traces in one request, so each worker decides its share as one batch; trace 6 has
+    // three spans, which makes the policy panic on that batch.
+    let mut spans = Vec::new();
+    for n in 1..=6u64 {
+        spans.push(SpanSpec::new(n, n * 10 + 1, 0));
+        spans.push(SpanSpec::new(n, n * 10 + 2, n * 10 + 1));
+    }
+    spans.push(SpanSpec::new(6, 63, 61));
+    send(&tg, &request("svc", &spans)).await;
+    let m = wait_decided(&tg, 6.0);
+    assert_eq!(failures(&m, "summary", "trap"), 1.0, "{:?}", m.0);
+    // One call per batch, not per trace: at most one batch for each of the two workers.
+    let batches = m.sum(
+        "tailgate_policy_call_seconds_count",
+        &["policy=\"summary\""],
+    );
+    assert!(
+        (1.0..=2.0).contains(&batches),
+        "{batches} calls for 6 traces"
+    );
+    // on_error = "drop" for every trace of the failed batch (an ordinary policy's drop, so
+    // the chain's default, drop, stands for it).
+    let failed_batch = m.sum("tailgate_traces_decided_total", &["verdict=\"drop\""]);
+    assert!(failed_batch >= 1.0, "trace 6 dropped by on_error");
+    assert_eq!(calls(&m, "summary", "keep") + failed_batch, 6.0);
+
+    // The instance was rebuilt: a later trace is decided normally.
+    send(&tg, &trace(7, "normal")).await;
+    wait_decided(&tg, 7.0);
+    let spans = exported_of(&tg, 7, 2);
+    for s in &spans {
+        assert_eq!(attr(s, "sampling.policy"), Some("summary"));
+        assert_eq!(attr(s, "sampling.reason"), Some("summary-policy-alive"));
+    }
+    assert!(!exported_ids(&tg).contains(&trace_id(6).to_vec()));
+    let m = tg.metrics();
+    assert_eq!(
+        m.sum("tailgate_spans_received_total", &[]),
+        m.sum("tailgate_spans_kept_total", &[]) + m.sum("tailgate_spans_dropped_total", &[])
+    );
+    assert!(
+        tg.log()
+            .iter()
+            .any(|l| l.contains("hostile-summary was given three spans")),
+        "panic message logged"
+    );
+}
+
 /// Attributes as comparable (key, encoded value) pairs.
 fn attrs(list: &[KeyValue]) -> Vec<(String, Vec<u8>)> {
     list.iter()
@@ -465,8 +516,8 @@ fn a_component_importing_outside_the_contract_is_refused_at_load() {
 
 #[test]
 fn a_component_built_for_the_previous_contract_is_refused_naming_its_version() {
-    // 0.1.0's `decide` took only the trace; this host passes the summary and id as well.
-    let stderr = refused_at_load(component_importing("tailgate:policy/host@0.1.0"));
-    assert!(stderr.contains("tailgate:policy@0.1.0"), "{stderr}");
-    assert!(stderr.contains("accepts 0.2.0"), "{stderr}");
+    // 0.2.0's `init` returned no capabilities, and it had no `decide-summaries`.
+    let stderr = refused_at_load(component_importing("tailgate:policy/host@0.2.0"));
+    assert!(stderr.contains("tailgate:policy@0.2.0"), "{stderr}");
+    assert!(stderr.contains("accepts 0.3.0"), "{stderr}");
 }

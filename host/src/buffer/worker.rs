@@ -16,7 +16,7 @@ use super::{
     TraceBuffer, TraceId, Trigger,
 };
 use crate::clock::Clock;
-use crate::decide::{Decider, DeciderFactory, Stamp, TraceView};
+use crate::decide::{Decider, DeciderFactory, Decision, Stamp, TraceView};
 use crate::export::{ExportQueue, KeptTrace};
 use crate::telemetry::Metrics;
 
@@ -52,6 +52,13 @@ const PRESSURE_POLL: Duration = Duration::from_millis(20);
 /// Messages handled before timers and pressure are looked at again, so a flood of spans cannot
 /// starve decisions.
 const MESSAGES_PER_ROUND: usize = 64;
+
+/// Most traces decided in one batch: bounds the latency of the batch's first trace and the
+/// memory lent to the decider at once.
+const MAX_BATCH: usize = 256;
+
+/// Oldest traces decided per batch under memory pressure, before pressure is looked at again.
+const PRESSURE_BATCH: usize = 32;
 
 pub struct Workers {
     pub senders: Vec<Sender<ShardMsg>>,
@@ -142,9 +149,14 @@ impl Worker {
                 }
             }
             if stop {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
                 for due in self.buffer.drain(Trigger::Shutdown) {
-                    self.decide(due);
+                    batch.push(due);
+                    if batch.len() == MAX_BATCH {
+                        self.decide_batch(&mut batch);
+                    }
                 }
+                self.decide_batch(&mut batch);
                 self.publish_gauges();
                 return;
             }
@@ -208,30 +220,80 @@ impl Worker {
         }
     }
 
+    /// Decides every trace that is due, in batches: the decider may then enter each policy
+    /// once per batch instead of once per trace, so the busier the worker, the cheaper each
+    /// decision.
     fn decide_due(&mut self) {
         let now = self.ctx.clock.now();
+        let mut batch = Vec::new();
         while let Some(due) = self.buffer.pop_due(now) {
-            self.decide(due);
+            batch.push(due);
+            if batch.len() == MAX_BATCH {
+                self.decide_batch(&mut batch);
+            }
         }
+        self.decide_batch(&mut batch);
+        // Under pressure, the oldest traces go a few at a time: pressure is rechecked after
+        // each batch has released its bytes.
         while self.ctx.memory.under_pressure() {
-            let Some(due) = self.buffer.pop_oldest() else {
+            while batch.len() < PRESSURE_BATCH {
+                let Some(due) = self.buffer.pop_oldest() else {
+                    break;
+                };
+                batch.push(due);
+            }
+            if batch.is_empty() {
                 break;
-            };
-            self.decide(due);
+            }
+            self.decide_batch(&mut batch);
         }
     }
 
+    /// Decides one trace on its own (a trace that hit a cap while its spans arrived).
     fn decide(&mut self, due: DueTrace) {
+        self.decide_batch(&mut vec![due]);
+    }
+
+    /// Decides the traces in `batch` together and acts on each decision; leaves it empty.
+    fn decide_batch(&mut self, batch: &mut Vec<DueTrace>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut decisions = Vec::with_capacity(batch.len());
+        {
+            let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
+                .map(|due| TraceView {
+                    trace_id: &due.trace_id,
+                    spans: &mut due.trace.spans,
+                    trigger: due.trigger,
+                })
+                .collect();
+            self.decider.decide_batch(&mut views, &mut decisions);
+        }
+        let mut decisions = decisions.into_iter();
+        for due in batch.drain(..) {
+            // A decider owes one decision per trace; should one fall short, keep rather than
+            // lose the trace.
+            let decision = decisions.next().unwrap_or_else(|| {
+                tracing::error!("the decider returned no decision for a trace; keeping it");
+                Decision {
+                    keep: true,
+                    policy: std::sync::Arc::from("default"),
+                    reason: std::borrow::Cow::Borrowed("no decision"),
+                    ..Decision::default()
+                }
+            });
+            self.finish(due, decision);
+        }
+    }
+
+    /// Acts on one decision: metrics, the memory budget, the decision memory, the export.
+    fn finish(&mut self, due: DueTrace, decision: Decision) {
         let DueTrace {
             trace_id,
             mut trace,
             trigger,
         } = due;
-        let decision = self.decider.decide(&mut TraceView {
-            trace_id: &trace_id,
-            spans: &mut trace.spans,
-            trigger,
-        });
         let now = self.ctx.clock.now();
         let since = trace.root_seen.unwrap_or(trace.last_seen);
         let metrics = &self.ctx.metrics;

@@ -112,6 +112,15 @@ impl Stamp {
 /// (streaming percentiles, rate limiters) without locks.
 pub trait Decider: Send {
     fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision;
+
+    /// Decides traces that came due together, in order, pushing one decision per trace onto
+    /// `out`. A decider that can share work across the batch (one call into a policy for all
+    /// of it) overrides this; the result must be what deciding them one by one would give.
+    fn decide_batch(&mut self, traces: &mut [TraceView<'_>], out: &mut Vec<Decision>) {
+        for trace in traces {
+            out.push(self.decide(trace));
+        }
+    }
 }
 
 /// Builds one [`Decider`] per worker thread.

@@ -7,6 +7,11 @@
 //! fuel) counts as the policy's `on_error` verdict, rebuilds the instance, and after repeated
 //! failures quarantines the policy. Edits are kept only from calls that returned normally and
 //! passed validation.
+//!
+//! Traces that come due together are decided as a batch, policy by policy: a summary-only
+//! policy answers the whole batch in one `decide-summaries` call, any other is called once per
+//! trace. Every policy still sees every trace in the same order, and each trace's verdicts are
+//! combined in chain order, so a batch decides exactly as one trace at a time would.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -35,7 +40,8 @@ impl DeciderFactory for WasmChainFactory {
             instances: Vec::new(),
             handles: Vec::new(),
             cpu_read: None,
-            data: None,
+            batch: Vec::new(),
+            facts: Vec::new(),
             clock: Instant::now(),
             default_policy: Arc::from("default"),
         })
@@ -52,9 +58,11 @@ pub struct WasmChain {
     handles: Vec<PolicyMetrics>,
     /// When this thread's CPU clock was last read, and its value.
     cpu_read: Option<(Instant, Option<Duration>)>,
-    /// The trace being decided with its index, boxed so it moves into each store and back as
-    /// a pointer; kept between traces so the index's buffers are reused.
-    data: Option<Box<TraceData>>,
+    /// The traces being decided with their indexes, boxed so each moves into a store and back
+    /// as a pointer; kept between batches so the indexes' buffers are reused.
+    batch: Vec<Option<Box<TraceData>>>,
+    /// The batch's facts for summary-only policies (`decide-summaries`), built once per batch.
+    facts: Vec<u64>,
     /// When the previous call ended (or the decision began): each call's latency runs from
     /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
     clock: Instant,
@@ -62,10 +70,59 @@ pub struct WasmChain {
 }
 
 /// One policy's contribution to a decision.
+#[derive(Clone)]
 struct Outcome {
     verdict: WitDecision,
     reason: Cow<'static, str>,
     probability: Option<f64>,
+}
+
+/// One trace's verdicts so far, combined in chain order.
+#[derive(Default)]
+struct Tally {
+    edits: Vec<crate::decide::TraceEdit>,
+    dropped_by: Option<(Arc<str>, Cow<'static, str>)>,
+    kept_by: Option<(Arc<str>, Cow<'static, str>)>,
+    probability: Option<f64>,
+    certain_keep: bool,
+    shadows: Vec<(Arc<str>, WitDecision)>,
+}
+
+impl Tally {
+    /// Adds policy `policy`'s outcome (with the edits of its call).
+    fn add(
+        &mut self,
+        policy: &LoadedPolicy,
+        outcome: Outcome,
+        own_edits: &mut Vec<crate::decide::TraceEdit>,
+    ) {
+        if policy.spec.mode == PolicyMode::Shadow {
+            self.shadows.push((policy.name.clone(), outcome.verdict));
+            own_edits.clear();
+            return;
+        }
+        self.edits.append(own_edits);
+        match outcome.verdict {
+            WitDecision::Drop if policy.spec.drop_rule => {
+                if self.dropped_by.is_none() {
+                    self.dropped_by = Some((policy.name.clone(), outcome.reason));
+                }
+            }
+            WitDecision::Keep => {
+                match outcome.probability {
+                    Some(p) => {
+                        self.probability = Some(self.probability.map_or(p, |q: f64| q.max(p)))
+                    }
+                    None => self.certain_keep = true,
+                }
+                if self.kept_by.is_none() {
+                    self.kept_by = Some((policy.name.clone(), outcome.reason));
+                }
+            }
+            // A drop from an ordinary policy is an opinion the default can stand for.
+            WitDecision::Drop | WitDecision::Abstain => {}
+        }
+    }
 }
 
 impl WasmChain {
@@ -86,35 +143,28 @@ impl WasmChain {
         }
     }
 
-    /// Runs one policy on the trace. The trace data moves into the store for the call and
-    /// always comes back, whatever the guest did.
-    fn run_one(
-        &mut self,
-        i: usize,
-        data: &mut Option<Box<TraceData>>,
-        edits_out: &mut Vec<crate::decide::TraceEdit>,
-    ) -> Option<Outcome> {
-        // Borrowed, not cloned: an Arc clone here would bounce the policy's reference count
-        // between every worker thread on every call.
-        let policy: &LoadedPolicy = &self.set.policies[i];
-        if policy.health.is_quarantined() {
-            self.handles[i].quarantined.inc();
-            return None;
+    /// Makes sure policy `i` has an instance on this worker; `Err` is the failed outcome.
+    fn ensure_instance(&mut self, i: usize) -> Result<(), Outcome> {
+        if self.instances[i].is_some() {
+            return Ok(());
         }
-        if self.instances[i].is_none() {
-            match policy.instantiate(self.runtime.engine.engine()) {
-                Ok(inst) => {
-                    self.instances[i] = Some(inst);
-                    // Building the instance is not the call: start its clock afresh.
-                    self.clock = Instant::now();
-                }
-                Err(e) => {
-                    tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
-                    return Some(self.failed(policy, "instantiate"));
-                }
+        let policy: &LoadedPolicy = &self.set.policies[i];
+        match policy.instantiate(self.runtime.engine.engine()) {
+            Ok(inst) => {
+                self.instances[i] = Some(inst);
+                // Building the instance is not the call: start its clock afresh.
+                self.clock = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
+                Err(self.failed(policy, "instantiate"))
             }
         }
-        let trace = data.take()?;
+    }
+
+    /// The clock of a call starting now (when the previous one ended).
+    fn call_clock(&mut self) -> CallClock {
         let started = self.clock;
         // The thread's CPU clock is a system call: read it at most once a millisecond. An
         // older reading only makes the deadline stricter (it counts earlier work as the call's).
@@ -124,17 +174,55 @@ impl WasmChain {
         {
             self.cpu_read = Some((started, thread_cpu_time()));
         }
-        let clock = CallClock {
+        CallClock {
             started,
             cpu_at_start: self.cpu_read.and_then(|(_, cpu)| cpu),
-        };
+        }
+    }
+
+    /// Ends a call begun at `clock`: records its latency.
+    fn end_call(&mut self, i: usize, clock: &CallClock) {
+        self.clock = Instant::now();
+        let elapsed = self.clock.duration_since(clock.started);
+        self.handles[i].latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A failed call: counted, the instance rebuilt for the next call, `on_error` applied.
+    fn call_failed(&mut self, i: usize, trap: &wasmtime::Error) -> Outcome {
+        let policy: &LoadedPolicy = &self.set.policies[i];
+        let kind = failure_kind(trap);
+        tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), "policy call failed; applying on_error");
+        // A trapped instance may be in any state: rebuild it for the next trace.
+        self.instances[i] = None;
+        self.failed(policy, kind)
+    }
+
+    /// Runs one policy on the trace. The trace data moves into the store for the call and
+    /// always comes back, whatever the guest did.
+    fn run_one(
+        &mut self,
+        i: usize,
+        data: &mut Option<Box<TraceData>>,
+        edits_out: &mut Vec<crate::decide::TraceEdit>,
+    ) -> Option<Outcome> {
+        if self.set.policies[i].health.is_quarantined() {
+            self.handles[i].quarantined.inc();
+            return None;
+        }
+        if let Err(failed) = self.ensure_instance(i) {
+            return Some(failed);
+        }
+        let trace = data.take()?;
+        let clock = self.call_clock();
+        // Borrowed, not cloned: an Arc clone here would bounce the policy's reference count
+        // between every worker thread on every call.
+        let policy: &LoadedPolicy = &self.set.policies[i];
         let inst = self.instances[i].as_mut()?;
         let (result, back) = inst.decide(policy, trace, clock);
-        self.clock = Instant::now();
-        let elapsed = self.clock.duration_since(started);
         *data = back;
+        self.end_call(i, &clock);
+        let policy: &LoadedPolicy = &self.set.policies[i];
         let handles = &self.handles[i];
-        handles.latency.observe(elapsed.as_secs_f64());
         match result {
             Ok(verdict) => {
                 policy.health.succeeded();
@@ -147,25 +235,56 @@ impl WasmChain {
                         tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
                     }
                 }
-                let probability = verdict.probability.filter(|p| *p > 0.0 && *p < 1.0);
-                match verdict.decision {
-                    WitDecision::Keep => handles.keep.inc(),
-                    WitDecision::Drop => handles.drop.inc(),
-                    WitDecision::Abstain => handles.abstain.inc(),
-                };
+                count(handles, verdict.decision, 1);
                 Some(Outcome {
                     verdict: verdict.decision,
                     reason: Cow::Owned(truncated(verdict.reason, 256)),
-                    probability,
+                    probability: verdict.probability.filter(|p| *p > 0.0 && *p < 1.0),
                 })
             }
-            Err(trap) => {
-                let kind = failure_kind(&trap);
-                tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), "policy call failed; applying on_error");
-                // A trapped instance may be in any state: rebuild it for the next trace.
-                self.instances[i] = None;
-                Some(self.failed(policy, kind))
+            Err(trap) => Some(self.call_failed(i, &trap)),
+        }
+    }
+
+    /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call: one
+    /// outcome per trace, or `None` while the policy is quarantined.
+    fn run_summaries(&mut self, i: usize) -> Option<Vec<Outcome>> {
+        let traces = self.facts.len() / tailgate_plugin_sdk::FACT_WORDS;
+        if self.set.policies[i].health.is_quarantined() {
+            self.handles[i].quarantined.inc_by(traces as u64);
+            return None;
+        }
+        if let Err(failed) = self.ensure_instance(i) {
+            return Some(vec![failed; traces]);
+        }
+        let clock = self.call_clock();
+        let policy: &LoadedPolicy = &self.set.policies[i];
+        let inst = self.instances[i].as_mut()?;
+        let result = inst.decide_summaries(policy, &self.facts, clock);
+        self.end_call(i, &clock);
+        match result {
+            Ok(answer) => {
+                self.set.policies[i].health.succeeded();
+                let distinct: Vec<Outcome> = (answer.outcomes.into_iter())
+                    .map(|o| Outcome {
+                        verdict: o.decision,
+                        reason: Cow::Owned(truncated(o.reason, 256)),
+                        probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
+                    })
+                    .collect();
+                let mut counts = vec![0u64; distinct.len()];
+                let outcomes = (answer.codes.iter())
+                    .map(|&c| {
+                        counts[c as usize] += 1;
+                        distinct[c as usize].clone()
+                    })
+                    .collect();
+                for (o, n) in distinct.iter().zip(counts) {
+                    count(&self.handles[i], o.verdict, n);
+                }
+                Some(outcomes)
             }
+            Err(trap) => Some(vec![self.call_failed(i, &trap); traces]),
         }
     }
 
@@ -209,6 +328,15 @@ impl WasmChain {
     }
 }
 
+/// Counts `n` calls answering `decision`.
+fn count(handles: &PolicyMetrics, decision: WitDecision, n: u64) {
+    match decision {
+        WitDecision::Keep => handles.keep.inc_by(n),
+        WitDecision::Drop => handles.drop.inc_by(n),
+        WitDecision::Abstain => handles.abstain.inc_by(n),
+    };
+}
+
 /// `s` cut to at most `max` bytes on a character boundary, without copying it.
 fn truncated(mut s: String, max: usize) -> String {
     if s.len() > max {
@@ -244,100 +372,327 @@ fn failure_kind(e: &wasmtime::Error) -> &'static str {
 
 impl Decider for WasmChain {
     fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision {
+        let mut out = Vec::with_capacity(1);
+        self.decide_batch(std::slice::from_mut(trace), &mut out);
+        out.pop().unwrap_or_default()
+    }
+
+    fn decide_batch(&mut self, traces: &mut [TraceView<'_>], out: &mut Vec<Decision>) {
         self.refresh();
         if self.set.policies.is_empty() {
             // No policies: the default decides, with no index built and no spans moved.
-            return self.default_decision(Vec::new());
+            out.extend(traces.iter().map(|_| self.default_decision(Vec::new())));
+            return;
         }
         // The worker lends us the spans; they travel into each store and back.
-        let mut data = self.data.take().unwrap_or_default();
-        data.trace_id = *trace.trace_id;
-        data.spans = std::mem::take(trace.spans);
-        let TraceData { spans, index, .. } = &mut *data;
-        index.rebuild(spans);
-        let mut data = Some(data);
+        let n = traces.len();
+        if self.batch.len() < n {
+            self.batch.resize_with(n, || Some(Box::default()));
+        }
+        let summaries = (self.set.policies.iter()).any(|p| p.summary_only);
+        self.facts.clear();
+        for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
+            let data = slot.get_or_insert_with(Box::default);
+            data.trace_id = *trace.trace_id;
+            data.spans = std::mem::take(trace.spans);
+            let TraceData { spans, index, .. } = &mut **data;
+            index.rebuild(spans);
+            if summaries {
+                index.push_facts(trace.trace_id, spans, &mut self.facts);
+            }
+        }
         self.clock = Instant::now();
-        let mut edits = Vec::new();
-        let mut dropped_by: Option<(Arc<str>, Cow<'static, str>)> = None;
-        let mut kept_by: Option<(Arc<str>, Cow<'static, str>)> = None;
-        let mut probability: Option<f64> = None;
-        let mut certain_keep = false;
-        let mut shadows: Vec<(Arc<str>, WitDecision)> = Vec::new();
-        for i in 0..self.set.policies.len() {
-            let (mode, drop_rule) = {
-                let spec = &self.set.policies[i].spec;
-                (spec.mode, spec.drop_rule)
-            };
-            if mode == PolicyMode::Enrich {
+        let mut tallies: Vec<Tally> = (0..n).map(|_| Tally::default()).collect();
+        let mut own_edits = Vec::new();
+        // One reference count for the batch, not one per call (it is shared by every worker).
+        let set = self.set.clone();
+        for (i, policy) in set.policies.iter().enumerate() {
+            if policy.spec.mode == PolicyMode::Enrich {
                 continue;
             }
-            let mut own_edits = Vec::new();
-            let Some(outcome) = self.run_one(i, &mut data, &mut own_edits) else {
-                continue;
-            };
-            let policy = &self.set.policies[i];
-            if mode == PolicyMode::Shadow {
-                shadows.push((policy.name.clone(), outcome.verdict));
-                continue;
-            }
-            edits.append(&mut own_edits);
-            match outcome.verdict {
-                WitDecision::Drop if drop_rule => {
-                    if dropped_by.is_none() {
-                        dropped_by = Some((policy.name.clone(), outcome.reason));
+            if policy.summary_only {
+                if let Some(outcomes) = self.run_summaries(i) {
+                    for (tally, outcome) in tallies.iter_mut().zip(outcomes) {
+                        tally.add(policy, outcome, &mut own_edits);
                     }
                 }
-                WitDecision::Keep => {
-                    match outcome.probability {
-                        Some(p) => probability = Some(probability.map_or(p, |q: f64| q.max(p))),
-                        None => certain_keep = true,
-                    }
-                    if kept_by.is_none() {
-                        kept_by = Some((policy.name.clone(), outcome.reason));
-                    }
-                }
-                // A drop from an ordinary policy is an opinion the default can stand for.
-                WitDecision::Drop | WitDecision::Abstain => {}
+                continue;
             }
-        }
-        let mut decision = if let Some((policy, reason)) = dropped_by {
-            Decision {
-                keep: false,
-                policy,
-                reason,
-                ..Decision::default()
-            }
-        } else if let Some((policy, reason)) = kept_by {
-            Decision {
-                keep: true,
-                policy,
-                reason,
-                probability: if certain_keep { None } else { probability },
-                edits,
-            }
-        } else {
-            self.default_decision(edits)
-        };
-        if decision.keep {
-            // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
-            for i in 0..self.set.policies.len() {
-                if self.set.policies[i].spec.mode == PolicyMode::Enrich {
-                    self.run_one(i, &mut data, &mut decision.edits);
+            for (t, tally) in tallies.iter_mut().enumerate() {
+                let mut data = self.batch[t].take();
+                let outcome = self.run_one(i, &mut data, &mut own_edits);
+                self.batch[t] = data;
+                match outcome {
+                    Some(outcome) => tally.add(policy, outcome, &mut own_edits),
+                    None => own_edits.clear(),
                 }
             }
         }
-        if let Some(mut data) = data {
-            *trace.spans = std::mem::take(&mut data.spans);
-            self.data = Some(data);
-        }
-        for (name, verdict) in shadows {
-            let agrees = match verdict {
-                WitDecision::Keep => decision.keep,
-                WitDecision::Drop => !decision.keep,
-                WitDecision::Abstain => true,
+        for (t, tally) in tallies.into_iter().enumerate() {
+            let mut decision = if let Some((policy, reason)) = tally.dropped_by {
+                Decision {
+                    keep: false,
+                    policy,
+                    reason,
+                    ..Decision::default()
+                }
+            } else if let Some((policy, reason)) = tally.kept_by {
+                Decision {
+                    keep: true,
+                    policy,
+                    reason,
+                    probability: if tally.certain_keep {
+                        None
+                    } else {
+                        tally.probability
+                    },
+                    edits: tally.edits,
+                }
+            } else {
+                self.default_decision(tally.edits)
             };
-            self.metrics.shadow_agreement(&name, agrees);
+            if decision.keep {
+                // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
+                for i in 0..self.set.policies.len() {
+                    if self.set.policies[i].spec.mode == PolicyMode::Enrich {
+                        let mut data = self.batch[t].take();
+                        self.run_one(i, &mut data, &mut decision.edits);
+                        self.batch[t] = data;
+                    }
+                }
+            }
+            for (name, verdict) in tally.shadows {
+                let agrees = match verdict {
+                    WitDecision::Keep => decision.keep,
+                    WitDecision::Drop => !decision.keep,
+                    WitDecision::Abstain => true,
+                };
+                self.metrics.shadow_agreement(&name, agrees);
+            }
+            out.push(decision);
         }
-        decision
+        for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
+            if let Some(data) = slot {
+                *trace.spans = std::mem::take(&mut data.spans);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+    use crate::config::Config;
+    use crate::decide::DeciderFactory;
+    use crate::plugin::PolicyRuntime;
+    use opentelemetry_proto::tonic::trace::v1::{Span, Status};
+    use prost::Message;
+
+    /// Summary-only policies (decided through `decide-summaries`) beside one that reads
+    /// attributes (decided through `decide`), a drop rule and a shadow.
+    const CHAIN: &str = r#"
+[plugins]
+cache_dir = ""
+[decide]
+default = "drop"
+[[policies]]
+name = "health"
+plugin = "drop"
+drop_rule = true
+[policies.config]
+names = ["GET /health"]
+[[policies]]
+name = "errors"
+plugin = "keep-errors"
+[[policies]]
+name = "vip"
+plugin = "attribute"
+[policies.config]
+key = "tier"
+equals = "vip"
+[[policies]]
+name = "slow"
+plugin = "latency"
+[policies.config]
+threshold_ms = 40
+[[policies]]
+name = "sample"
+plugin = "probabilistic"
+[policies.config]
+rate = 0.25
+[[policies]]
+name = "watch"
+plugin = "span-count"
+mode = "shadow"
+[policies.config]
+min_spans = 3
+"#;
+
+    fn chain(text: &str) -> Box<dyn Decider> {
+        let config = Config::parse(text, "chain-test.toml").expect("config");
+        let runtime = PolicyRuntime::start(&config, std::path::Path::new(".")).expect("load");
+        WasmChainFactory {
+            runtime,
+            metrics: crate::telemetry::Metrics::new(),
+        }
+        .build()
+    }
+
+    /// Trace `n`: 1 to 4 spans; some with an error, some slow, some with `tier = vip`, some
+    /// health checks, and the root of every fifth carrying an explicit OTel randomness.
+    fn trace(n: u64) -> ([u8; 16], Vec<BufferedSpan>) {
+        let scope = Arc::new(ScopeHeader {
+            resource: Arc::new(ResourceHeader {
+                fields: Box::new([]),
+                resource: Box::new([]),
+                service: Arc::from("svc"),
+            }),
+            fields: Box::new([]),
+        });
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        id[8..].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+        let spans = (0..1 + n % 4)
+            .map(|i| {
+                let span_id = (n * 16 + i + 1).to_be_bytes();
+                let parent = if i == 0 { [0; 8] } else { (n * 16 + 1).to_be_bytes() };
+                let start = 1_700_000_000_000_000_000 + i * 1_000_000;
+                let end = start + if n % 7 == 3 { 50_000_000 } else { 2_000_000 };
+                let error = i == 1 && n % 11 == 5;
+                let mut attributes = Vec::new();
+                if n % 9 == 2 {
+                    attributes.push(opentelemetry_proto::tonic::common::v1::KeyValue {
+                        key: "tier".into(),
+                        value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                            value: Some(
+                                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                                    "vip".into(),
+                                ),
+                            ),
+                        }),
+                        key_strindex: 0,
+                    });
+                }
+                let span = Span {
+                    trace_id: id.to_vec(),
+                    span_id: span_id.to_vec(),
+                    parent_span_id: if i == 0 { vec![] } else { parent.to_vec() },
+                    name: if i == 0 && n % 13 == 4 {
+                        "GET /health".into()
+                    } else {
+                        format!("op{i}")
+                    },
+                    trace_state: if i == 0 && n.is_multiple_of(5) {
+                        // Top randomness: kept by any sampling rate.
+                        "ot=rv:ffffffffffffff".into()
+                    } else {
+                        String::new()
+                    },
+                    start_time_unix_nano: start,
+                    end_time_unix_nano: end,
+                    attributes,
+                    status: Some(Status {
+                        code: if error { 2 } else { 0 },
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                BufferedSpan {
+                    bytes: span.encode_to_vec().into_boxed_slice(),
+                    scope: scope.clone(),
+                    span_id,
+                    parent_span_id: parent,
+                    start_unix_nano: start,
+                    end_unix_nano: end,
+                    status_code: if error { 2 } else { 0 },
+                    kind: 0,
+                }
+            })
+            .collect();
+        (id, spans)
+    }
+
+    fn key(d: &Decision) -> (bool, String, String, Option<u64>) {
+        (
+            d.keep,
+            d.policy.to_string(),
+            d.reason.to_string(),
+            d.probability.map(f64::to_bits),
+        )
+    }
+
+    #[test]
+    fn a_batch_decides_exactly_as_one_trace_at_a_time() {
+        let mut traces: Vec<_> = (1..=300).map(trace).collect();
+        let mut single = chain(CHAIN);
+        let alone: Vec<Decision> = (traces.iter_mut())
+            .map(|(id, spans)| {
+                single.decide(&mut TraceView {
+                    trace_id: id,
+                    spans,
+                    trigger: Trigger::RootGrace,
+                })
+            })
+            .collect();
+
+        let mut batched = chain(CHAIN);
+        let mut together = Vec::new();
+        let mut at = 0;
+        // Batches of varying sizes, as a worker forms them.
+        for size in (1..).map(|k| 1 + (k * 7) % 40) {
+            if at == traces.len() {
+                break;
+            }
+            let end = (at + size).min(traces.len());
+            let mut views: Vec<TraceView<'_>> = (traces[at..end].iter_mut())
+                .map(|(id, spans)| TraceView {
+                    trace_id: id,
+                    spans,
+                    trigger: Trigger::RootGrace,
+                })
+                .collect();
+            batched.decide_batch(&mut views, &mut together);
+            at = end;
+        }
+        assert_eq!(together.len(), traces.len());
+        let a: Vec<_> = alone.iter().map(key).collect();
+        let b: Vec<_> = together.iter().map(key).collect();
+        assert_eq!(a, b);
+        // The spans came back to the caller.
+        for (n, (_, spans)) in (1u64..).zip(&traces) {
+            assert_eq!(spans.len() as u64, 1 + n % 4);
+        }
+
+        // Each rule decided what it should, in chain order.
+        for (n, d) in (1u64..).zip(&together) {
+            let (expected, policy) = if n % 13 == 4 {
+                (false, "health")
+            } else if n % 11 == 5 && n % 4 >= 1 {
+                (true, "errors")
+            } else if n % 9 == 2 {
+                (true, "vip")
+            } else if n % 7 == 3 {
+                (true, "slow")
+            } else {
+                // OTel consistent sampling at 0.25: R >= 2^56 - 2^54, R from the root's
+                // explicit `rv` when it has one, else from the id's lower 56 bits.
+                let r = if n.is_multiple_of(5) {
+                    (1 << 56) - 1
+                } else {
+                    n.wrapping_mul(0x9E37_79B9_7F4A_7C15) & ((1 << 56) - 1)
+                };
+                if r >= (1u64 << 56) - (1 << 54) {
+                    (true, "sample")
+                } else {
+                    (false, "default")
+                }
+            };
+            assert_eq!((d.keep, &*d.policy), (expected, policy), "trace {n}");
+            if policy == "sample" {
+                assert_eq!(d.probability, Some(0.25), "trace {n}");
+            }
+        }
+        assert!(together.iter().filter(|d| &*d.policy == "sample").count() > 60);
     }
 }

@@ -37,7 +37,7 @@ use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
 /// The WIT package versions this host implements. A component built against another
 /// version is refused at load, naming the version it asked for.
 pub const CONTRACT_PACKAGE: &str = "tailgate:policy";
-pub const CONTRACT_VERSIONS: &[&str] = &["0.2.0"];
+pub const CONTRACT_VERSIONS: &[&str] = &["0.3.0"];
 
 /// Epoch ticks drive call deadlines: a stuck call is stopped within its timeout plus one tick.
 /// Each tick wakes a thread, which on a VM costs some 25 µs of CPU: at 1 ms that was 2.7% of a
@@ -287,7 +287,7 @@ impl PluginEngine {
         let pre = PolicyPre::new(pre)
             .map_err(|e| refused(name, format!("does not export the policy world: {e:#}")))?;
         let config_json = serde_json::to_string(&spec.config).map_err(|e| refused(name, e))?;
-        let policy = Arc::new(LoadedPolicy {
+        let mut policy = LoadedPolicy {
             spec: spec.clone(),
             name: Arc::from(name),
             sha256: sha,
@@ -300,14 +300,17 @@ impl PluginEngine {
                 counters: self.counters.clone(),
             }),
             health: PolicyHealth::default(),
-            load_time: started.elapsed(),
-        });
+            summary_only: false,
+            load_time: Duration::ZERO,
+        };
         // Refuse a policy whose init fails now, with the guest's message, rather than on the
-        // first trace.
-        policy
+        // first trace. Its capabilities are the first instance's.
+        let first = policy
             .instantiate(&self.engine)
             .map_err(|e| refused(name, e))?;
-        Ok(policy)
+        policy.summary_only = first.summary_only;
+        policy.load_time = started.elapsed();
+        Ok(Arc::new(policy))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -369,6 +372,9 @@ pub struct LoadedPolicy {
     config_json: String,
     meta: Arc<PolicyMeta>,
     pub health: PolicyHealth,
+    /// `init` declared the policy summary-only: it is called through `decide-summaries`, once
+    /// per batch of traces, never through `decide`.
+    pub summary_only: bool,
     pub load_time: Duration,
 }
 
@@ -376,6 +382,7 @@ pub struct LoadedPolicy {
 pub struct PolicyInstance {
     store: Store<PolicyState>,
     bindings: Policy,
+    summary_only: bool,
 }
 
 impl LoadedPolicy {
@@ -410,7 +417,12 @@ impl LoadedPolicy {
             .instantiate(&mut store)
             .map_err(|e| format!("instantiation failed: {e:#}"))?;
         match bindings.call_init(&mut store, &self.config_json) {
-            Ok(Ok(())) => Ok(PolicyInstance { store, bindings }),
+            Ok(Ok(caps)) => Ok(PolicyInstance {
+                store,
+                bindings,
+                summary_only: caps
+                    .contains(bindings::tailgate::policy::types::Capabilities::SUMMARY_ONLY),
+            }),
             Ok(Err(message)) => Err(format!("init refused its config: {message}")),
             Err(trap) => Err(format!("init trapped: {trap:#}")),
         }
@@ -458,6 +470,43 @@ impl PolicyInstance {
             self.bindings
                 .call_decide(&mut self.store, state::TraceHandle::borrowed(), summary, id);
         (result, self.store.data_mut().trace.take())
+    }
+
+    /// One `decide-summaries` call over a batch: `facts` holds
+    /// [`tailgate_plugin_sdk::FACT_WORDS`] words per trace. The answers are checked (one
+    /// code per trace, each naming an outcome) before they are returned.
+    fn decide_summaries(
+        &mut self,
+        policy: &LoadedPolicy,
+        facts: &[u64],
+        clock: state::CallClock,
+    ) -> wasmtime::Result<bindings::tailgate::policy::types::SummaryVerdicts> {
+        self.store.set_epoch_deadline(policy.deadline_ticks());
+        if let Some(fuel) = policy.spec.fuel {
+            let _ = self.store.set_fuel(fuel);
+        }
+        let state = self.store.data_mut();
+        state.call = clock;
+        // No per-trace stream here: the guest draws each trace's numbers itself (see the WIT
+        // docs of `decide-summaries`); a stray `random` continues the seed's own stream.
+        state.seed_for(&[0; 16]);
+        let answer =
+            self.bindings
+                .call_decide_summaries(&mut self.store, policy.spec.seed, facts)?;
+        let traces = facts.len() / tailgate_plugin_sdk::FACT_WORDS;
+        if answer.codes.len() != traces {
+            wasmtime::bail!(
+                "decide-summaries answered {} codes for {traces} traces",
+                answer.codes.len()
+            );
+        }
+        if let Some(bad) = (answer.codes.iter()).find(|c| **c as usize >= answer.outcomes.len()) {
+            wasmtime::bail!(
+                "decide-summaries answered outcome {bad} of {}",
+                answer.outcomes.len()
+            );
+        }
+        Ok(answer)
     }
 }
 

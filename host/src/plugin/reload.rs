@@ -133,6 +133,20 @@ impl Reloader {
         let samples = sample_traces();
         for policy in &set.policies {
             let mut inst = policy.instantiate(self.runtime.engine.engine())?;
+            if policy.summary_only {
+                // As the chain calls it: every sample in one batch.
+                let mut facts = Vec::new();
+                for (n, spans) in samples.iter().enumerate() {
+                    TraceIndex::new(spans).push_facts(&[n as u8 + 1; 16], spans, &mut facts);
+                }
+                if let Err(trap) = inst.decide_summaries(policy, &facts, CallClock::now()) {
+                    return Err(format!(
+                        "policy {:?} failed on the sample traces: {trap:#}",
+                        policy.name
+                    ));
+                }
+                continue;
+            }
             for (n, spans) in samples.iter().enumerate() {
                 let trace_id = [n as u8 + 1; 16];
                 let trace = TraceData {

@@ -304,6 +304,26 @@ impl TraceIndex {
             orphan_count: self.orphan_count,
         }
     }
+
+    /// The trace's facts for `decide-summaries`, appended to `out`: the summary, the id and
+    /// the OTel randomness (the root's explicit `rv`, else the first span's, else the id's).
+    pub fn push_facts(&self, trace_id: &TraceId, spans: &[BufferedSpan], out: &mut Vec<u64>) {
+        let probe = self.root.map(|r| r as usize).unwrap_or(0);
+        let randomness = spans
+            .get(probe)
+            .map(|s| wire::span_trace_state(&s.bytes))
+            .and_then(tailgate_plugin_sdk::explicit_randomness)
+            .unwrap_or_else(|| tailgate_plugin_sdk::trace_id_randomness(trace_id));
+        let summary = tailgate_plugin_sdk::Summary {
+            span_count: self.span_count,
+            error_count: self.error_count,
+            duration_ns: self.duration_ns,
+            root: self.root,
+            service_count: self.services.len() as u32,
+            orphan_count: self.orphan_count,
+        };
+        tailgate_plugin_sdk::facts_to_words(&summary, trace_id, randomness, out);
+    }
 }
 
 /// The 16-byte trace id as the contract's two big-endian halves.
@@ -383,7 +403,7 @@ pub struct PolicyState {
     pub call: CallClock,
     pub trace: Option<Box<TraceData>>,
     pub meta: Arc<PolicyMeta>,
-    rng: u64,
+    rng: tailgate_plugin_sdk::TraceStream,
     last_now: u64,
     log_second: u64,
     logged_this_second: u32,
@@ -392,7 +412,7 @@ pub struct PolicyState {
 
 impl PolicyState {
     pub fn new(meta: Arc<PolicyMeta>, limits: StoreLimits) -> Self {
-        let rng = meta.seed;
+        let rng = tailgate_plugin_sdk::TraceStream::untraced(meta.seed);
         Self {
             limits,
             call: CallClock::now(),
@@ -409,13 +429,7 @@ impl PolicyState {
     /// Seeds the per-trace random stream from the trace id and the policy's seed, so the same
     /// trace through the same policy sees the same numbers on any replica.
     pub fn seed_for(&mut self, trace_id: &TraceId) {
-        let mut x = self.meta.seed ^ 0x9E37_79B9_7F4A_7C15;
-        for chunk in trace_id.chunks_exact(8) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            x = splitmix(x ^ u64::from_le_bytes(b));
-        }
-        self.rng = x;
+        self.rng = tailgate_plugin_sdk::TraceStream::new(self.meta.seed, trace_id);
     }
 
     fn trace(&self) -> wasmtime::Result<&TraceData> {
@@ -446,13 +460,6 @@ impl PolicyState {
             ),
         }
     }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// An OTLP attribute value as the guest sees it.
@@ -733,8 +740,7 @@ impl host::Host for PolicyState {
     }
 
     fn random(&mut self) -> wasmtime::Result<u64> {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        Ok(splitmix(self.rng))
+        Ok(self.rng.next_u64())
     }
 
     fn now_ns(&mut self) -> wasmtime::Result<u64> {

@@ -3,8 +3,8 @@
 //!
 //! Config: none (an empty table; unknown keys are refused).
 //!
-//! Cost in Wasm: one host call (the precomputed summary carries the error
-//! count), so it is cheap enough to run first in every chain.
+//! Cost in Wasm: none beyond the summary, which carries the error count; it
+//! is summary-only, so the host decides a batch of traces in one call.
 
 use tailgate_plugin_sdk::{NoConfig, Policy, Trace, Verdict, export_policy};
 
@@ -19,6 +19,9 @@ impl Policy for KeepErrors {
     fn init(_: NoConfig) -> Result<Self, String> {
         Ok(KeepErrors)
     }
+
+    // Decided from the summary alone, in batches.
+    const SUMMARY_ONLY: bool = true;
 
     fn decide(&mut self, trace: &Trace) -> Verdict {
         if trace.has_errors() {

@@ -38,6 +38,9 @@ impl Policy for Latency {
         })
     }
 
+    // Decided from the summary alone, in batches.
+    const SUMMARY_ONLY: bool = true;
+
     fn decide(&mut self, trace: &Trace) -> Verdict {
         if trace.span_count() > 0 && trace.duration_ns() >= self.threshold_ns {
             Verdict::keep(REASON)

@@ -71,35 +71,12 @@ pub fn th_value(t: u64) -> String {
     s.trim_end_matches('0').to_owned()
 }
 
-/// The trace id's randomness: bytes 9..16 (the lower 56 bits), big-endian.
-pub fn trace_id_randomness(trace_id: &[u8; 16]) -> u64 {
-    let mut b = [0u8; 8];
-    b[1..].copy_from_slice(&trace_id[9..16]);
-    u64::from_be_bytes(b)
-}
+pub use tailgate_plugin_sdk::{explicit_randomness, trace_id_randomness};
 
-/// The explicit randomness `rv` in a W3C tracestate, if its `ot` entry has a
-/// valid one (exactly 14 hex digits).
-pub fn explicit_randomness(tracestate: &str) -> Option<u64> {
-    let ot = tracestate
-        .split(',')
-        .find_map(|member| member.trim().strip_prefix("ot="))?;
-    let rv = ot.split(';').find_map(|kv| kv.strip_prefix("rv:"))?;
-    if rv.len() != 14 || !rv.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(rv, 16).ok()
-}
-
-/// The randomness R the sampling decision uses for `trace`.
+/// The randomness R the sampling decision uses for `trace` (the root's
+/// explicit `rv`, else the trace id's; see [`Trace::randomness`]).
 pub fn randomness(trace: &Trace) -> u64 {
-    // rv is set at the root (only a root sampler may introduce it), so read it
-    // there; without a root, any span carries the same propagated value.
-    let probe = trace.root().or_else(|| trace.span(0));
-    probe
-        .and_then(|s| s.trace_state())
-        .and_then(|ts| explicit_randomness(&ts))
-        .unwrap_or_else(|| trace_id_randomness(&trace.trace_id()))
+    trace.randomness()
 }
 
 impl Policy for Probabilistic {
@@ -115,6 +92,9 @@ impl Policy for Probabilistic {
             on_miss: c.on_miss,
         })
     }
+
+    // The host passes R with the summary: decided in batches.
+    const SUMMARY_ONLY: bool = true;
 
     fn decide(&mut self, trace: &Trace) -> Verdict {
         if randomness(trace) >= self.threshold {

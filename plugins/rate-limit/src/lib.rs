@@ -75,6 +75,9 @@ impl Policy for RateLimit {
         })
     }
 
+    // Decided from the summary alone, in batches.
+    const SUMMARY_ONLY: bool = true;
+
     fn decide(&mut self, trace: &Trace) -> Verdict {
         let spans = trace.span_count();
         if spans == 0 {

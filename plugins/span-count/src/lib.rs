@@ -45,6 +45,9 @@ impl Policy for SpanCount {
         Ok(SpanCount { min, max })
     }
 
+    // Decided from the summary alone, in batches.
+    const SUMMARY_ONLY: bool = true;
+
     fn decide(&mut self, trace: &Trace) -> Verdict {
         let n = trace.span_count();
         if n > 0 && (self.min..=self.max).contains(&n) {
