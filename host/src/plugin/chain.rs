@@ -70,7 +70,6 @@ pub struct WasmChain {
 }
 
 /// One policy's contribution to a decision.
-#[derive(Clone)]
 struct Outcome {
     verdict: WitDecision,
     reason: Cow<'static, str>,
@@ -89,11 +88,12 @@ struct Tally {
 }
 
 impl Tally {
-    /// Adds policy `policy`'s outcome (with the edits of its call).
+    /// Adds policy `policy`'s outcome (with the edits of its call). The reason is copied only
+    /// when it is the one the trace's decision will carry.
     fn add(
         &mut self,
         policy: &LoadedPolicy,
-        outcome: Outcome,
+        outcome: &Outcome,
         own_edits: &mut Vec<crate::decide::TraceEdit>,
     ) {
         if policy.spec.mode == PolicyMode::Shadow {
@@ -105,7 +105,7 @@ impl Tally {
         match outcome.verdict {
             WitDecision::Drop if policy.spec.drop_rule => {
                 if self.dropped_by.is_none() {
-                    self.dropped_by = Some((policy.name.clone(), outcome.reason));
+                    self.dropped_by = Some((policy.name.clone(), outcome.reason.clone()));
                 }
             }
             WitDecision::Keep => {
@@ -116,7 +116,7 @@ impl Tally {
                     None => self.certain_keep = true,
                 }
                 if self.kept_by.is_none() {
-                    self.kept_by = Some((policy.name.clone(), outcome.reason));
+                    self.kept_by = Some((policy.name.clone(), outcome.reason.clone()));
                 }
             }
             // A drop from an ordinary policy is an opinion the default can stand for.
@@ -246,16 +246,17 @@ impl WasmChain {
         }
     }
 
-    /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call: one
-    /// outcome per trace, or `None` while the policy is quarantined.
-    fn run_summaries(&mut self, i: usize) -> Option<Vec<Outcome>> {
+    /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call: the
+    /// call's distinct outcomes and one index into them per trace, or `None` while the policy
+    /// is quarantined.
+    fn run_summaries(&mut self, i: usize) -> Option<(Vec<Outcome>, Vec<u32>)> {
         let traces = self.facts.len() / tailgate_plugin_sdk::FACT_WORDS;
         if self.set.policies[i].health.is_quarantined() {
             self.handles[i].quarantined.inc_by(traces as u64);
             return None;
         }
         if let Err(failed) = self.ensure_instance(i) {
-            return Some(vec![failed; traces]);
+            return Some((vec![failed], vec![0; traces]));
         }
         let clock = self.call_clock();
         let policy: &LoadedPolicy = &self.set.policies[i];
@@ -265,26 +266,24 @@ impl WasmChain {
         match result {
             Ok(answer) => {
                 self.set.policies[i].health.succeeded();
-                let distinct: Vec<Outcome> = (answer.outcomes.into_iter())
-                    .map(|o| Outcome {
-                        verdict: o.decision,
-                        reason: Cow::Owned(truncated(o.reason, 256)),
-                        probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
-                    })
-                    .collect();
-                let mut counts = vec![0u64; distinct.len()];
-                let outcomes = (answer.codes.iter())
-                    .map(|&c| {
-                        counts[c as usize] += 1;
-                        distinct[c as usize].clone()
-                    })
-                    .collect();
-                for (o, n) in distinct.iter().zip(counts) {
-                    count(&self.handles[i], o.verdict, n);
+                let mut counts = vec![0u64; answer.outcomes.len()];
+                for &c in &answer.codes {
+                    counts[c as usize] += 1;
                 }
-                Some(outcomes)
+                let distinct: Vec<Outcome> = (answer.outcomes.into_iter())
+                    .zip(counts)
+                    .map(|(o, n)| {
+                        count(&self.handles[i], o.decision, n);
+                        Outcome {
+                            verdict: o.decision,
+                            reason: Cow::Owned(truncated(o.reason, 256)),
+                            probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
+                        }
+                    })
+                    .collect();
+                Some((distinct, answer.codes))
             }
-            Err(trap) => Some(vec![self.call_failed(i, &trap); traces]),
+            Err(trap) => Some((vec![self.call_failed(i, &trap)], vec![0; traces])),
         }
     }
 
@@ -411,9 +410,9 @@ impl Decider for WasmChain {
                 continue;
             }
             if policy.summary_only {
-                if let Some(outcomes) = self.run_summaries(i) {
-                    for (tally, outcome) in tallies.iter_mut().zip(outcomes) {
-                        tally.add(policy, outcome, &mut own_edits);
+                if let Some((distinct, codes)) = self.run_summaries(i) {
+                    for (tally, code) in tallies.iter_mut().zip(codes) {
+                        tally.add(policy, &distinct[code as usize], &mut own_edits);
                     }
                 }
                 continue;
@@ -423,7 +422,7 @@ impl Decider for WasmChain {
                 let outcome = self.run_one(i, &mut data, &mut own_edits);
                 self.batch[t] = data;
                 match outcome {
-                    Some(outcome) => tally.add(policy, outcome, &mut own_edits),
+                    Some(outcome) => tally.add(policy, &outcome, &mut own_edits),
                     None => own_edits.clear(),
                 }
             }
