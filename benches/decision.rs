@@ -43,6 +43,7 @@ use tailgate::decide::{Decider, DeciderFactory, TraceView};
 use tailgate::plugin::PolicyRuntime;
 use tailgate::plugin::chain::WasmChainFactory;
 use tailgate::telemetry::Metrics;
+use tailgate_plugin_sdk::Policy;
 use tailgate_plugin_sdk::testing::{self, TraceBuilder};
 
 const SPANS: usize = 30;
@@ -310,16 +311,13 @@ fn bench(c: &mut Criterion) {
             idx.push_facts(id, spans, &mut facts);
             let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&facts);
             let t = testing::facts_trace(summary, id, r);
-            let verdicts = [
-                testing::decide(&mut errors, &t),
-                testing::decide(&mut slow, &t),
-                testing::decide(&mut sample, &t),
-            ];
+            let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
             verdicts.iter().any(|v| v.is_keep())
         })
     });
 
-    // The same three crates, compiled natively, through the SDK's in-memory trace.
+    // The same three crates, compiled natively, through the SDK's in-memory trace: the
+    // policies' own `decide`, called directly.
     let sdk_traces: Vec<_> = (1..=16u8).map(sdk_trace).collect();
     let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
     let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
@@ -329,11 +327,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let t = &sdk_traces[i % 16];
             i += 1;
-            let verdicts = [
-                testing::decide(&mut errors, t),
-                testing::decide(&mut slow, t),
-                testing::decide(&mut sample, t),
-            ];
+            let verdicts = [errors.decide(t), slow.decide(t), sample.decide(t)];
             verdicts.iter().any(|v| v.is_keep())
         })
     });
@@ -469,9 +463,12 @@ struct NativeAgentChain {
 
 type NativePolicy = Box<dyn FnMut(&tailgate_plugin_sdk::Trace) -> tailgate_plugin_sdk::Verdict>;
 
+/// A policy's own `decide`, called directly on the in-memory trace (not through
+/// `testing::decide`, which for a summary-only policy also builds the facts-only trace the
+/// host would give it).
 fn native<P: tailgate_plugin_sdk::Policy + 'static>(config: &str) -> NativePolicy {
     let mut p = testing::init::<P>(config).expect("native init");
-    Box::new(move |t| testing::decide(&mut p, t))
+    Box::new(move |t| p.decide(t))
 }
 
 impl NativeAgentChain {

@@ -1,7 +1,9 @@
 //! A plugin author's path: the README's ten-line policy, in a crate outside this repo, built
-//! by the build step behind `tailgate-plugin-build . out/`, loaded by path, deciding traces.
+//! with the README's commands (`cargo install --path plugins/build`, then
+//! `tailgate-plugin-build . out/`), loaded by path, deciding traces.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use prost::Message;
@@ -54,23 +56,35 @@ async fn a_ten_line_policy_from_outside_the_repo_decides_traces() {
             <= 13
     );
 
-    // What `tailgate-plugin-build . out/` runs. The nested build's target directory is kept
-    // under this repo's target/ so repeated test runs reuse the compiled SDK.
-    let out = work.path().join("out");
-    let built = tailgate_plugin_build::Builder::new(&krate, &out)
-        .target_dir(repo.join("target/tailgate-plugins-external"))
-        .build()
-        .unwrap_or_else(|e| panic!("building the README policy: {e:#}"));
-    assert_eq!(built.len(), 1);
-    let component = &built[0].component;
+    // The README's two commands. The nested build's target directory is kept under this
+    // repo's target/ so repeated test runs reuse the compiled SDK.
+    let cli = install_build_cli(&repo);
+    let out = krate.join("out");
+    let built = Command::new(&cli)
+        .current_dir(&krate)
+        .args([".", "out/", "--target-dir"])
+        .arg(repo.join("target/tailgate-plugins-external"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", cli.display()));
+    let stdout = String::from_utf8_lossy(&built.stdout);
     assert!(
-        built[0]
-            .imports
-            .iter()
-            .all(|i| i.starts_with("tailgate:policy/")),
-        "{:?}",
-        built[0].imports
+        built.status.success(),
+        "tailgate-plugin-build failed: {stdout}\n{}",
+        String::from_utf8_lossy(&built.stderr)
     );
+    let component = out.join("token-budget.wasm");
+    assert!(component.exists(), "no {}: {stdout}", component.display());
+    let inspected = Command::new(&cli)
+        .arg("--inspect")
+        .arg(&component)
+        .output()
+        .expect("tailgate-plugin-build --inspect");
+    let world = String::from_utf8_lossy(&inspected.stdout);
+    assert!(inspected.status.success(), "{world}");
+    assert!(world.contains("ok: a tailgate:policy component"), "{world}");
+    assert!(!world.contains("wasi:"), "{world}");
+    let component = &component;
 
     let tg = Tailgate::start(&format!(
         "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"drop\"\n\n\
@@ -143,4 +157,33 @@ async fn a_ten_line_policy_from_outside_the_repo_decides_traces() {
             .iter()
             .all(|(_, s)| attr(s, "sampling.reason") == Some("over budget"))
     );
+}
+
+/// `cargo install --path plugins/build`, as the README tells an author, into a root under this
+/// repo's target/ (its own target directory, so it never waits on the running `cargo test`).
+/// Returns the installed `tailgate-plugin-build`.
+fn install_build_cli(repo: &Path) -> PathBuf {
+    let root = repo.join("target/tailgate-plugin-build-cli");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .arg("install")
+        .arg("--path")
+        .arg(repo.join("plugins/build"))
+        .arg("--root")
+        .arg(&root)
+        .arg("--target-dir")
+        .arg(root.join("build"))
+        // Debug is enough for a test and builds faster; the README's release build is the
+        // same code.
+        .args(["--debug", "--locked", "--quiet"])
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .expect("run cargo install");
+    assert!(
+        status.success(),
+        "cargo install --path plugins/build failed"
+    );
+    root.join("bin/tailgate-plugin-build")
 }

@@ -42,6 +42,8 @@ impl DeciderFactory for WasmChainFactory {
             cpu_read: None,
             batch: Vec::new(),
             facts: Vec::new(),
+            tallies: Vec::new(),
+            single: Vec::with_capacity(1),
             clock: Instant::now(),
             default_policy: Arc::from("default"),
         })
@@ -63,6 +65,10 @@ pub struct WasmChain {
     batch: Vec<Option<Box<TraceData>>>,
     /// The batch's facts for summary-only policies (`decide-summaries`), built once per batch.
     facts: Vec<u64>,
+    /// Each trace's verdicts during a batch; kept so its allocation is reused.
+    tallies: Vec<Tally>,
+    /// `decide`'s one-decision output, kept so its allocation is reused.
+    single: Vec<Decision>,
     /// When the previous call ended (or the decision began): each call's latency runs from
     /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
     clock: Instant,
@@ -371,9 +377,12 @@ fn failure_kind(e: &wasmtime::Error) -> &'static str {
 
 impl Decider for WasmChain {
     fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision {
-        let mut out = Vec::with_capacity(1);
+        // A batch of one, into a buffer kept between calls: no allocation per decision.
+        let mut out = std::mem::take(&mut self.single);
         self.decide_batch(std::slice::from_mut(trace), &mut out);
-        out.pop().unwrap_or_default()
+        let decision = out.pop().unwrap_or_default();
+        self.single = out;
+        decision
     }
 
     fn decide_batch(&mut self, traces: &mut [TraceView<'_>], out: &mut Vec<Decision>) {
@@ -401,16 +410,20 @@ impl Decider for WasmChain {
             }
         }
         self.clock = Instant::now();
-        let mut tallies: Vec<Tally> = (0..n).map(|_| Tally::default()).collect();
+        let mut tallies = std::mem::take(&mut self.tallies);
+        tallies.resize_with(n, Tally::default);
         let mut own_edits = Vec::new();
-        // One reference count for the batch, not one per call (it is shared by every worker).
-        let set = self.set.clone();
-        for (i, policy) in set.policies.iter().enumerate() {
-            if policy.spec.mode == PolicyMode::Enrich {
+        for i in 0..self.set.policies.len() {
+            let (mode, summary_only) = {
+                let p = &self.set.policies[i];
+                (p.spec.mode, p.summary_only)
+            };
+            if mode == PolicyMode::Enrich {
                 continue;
             }
-            if policy.summary_only {
+            if summary_only {
                 if let Some((distinct, codes)) = self.run_summaries(i) {
+                    let policy = &self.set.policies[i];
                     for (tally, code) in tallies.iter_mut().zip(codes) {
                         tally.add(policy, &distinct[code as usize], &mut own_edits);
                     }
@@ -422,12 +435,12 @@ impl Decider for WasmChain {
                 let outcome = self.run_one(i, &mut data, &mut own_edits);
                 self.batch[t] = data;
                 match outcome {
-                    Some(outcome) => tally.add(policy, &outcome, &mut own_edits),
+                    Some(outcome) => tally.add(&self.set.policies[i], &outcome, &mut own_edits),
                     None => own_edits.clear(),
                 }
             }
         }
-        for (t, tally) in tallies.into_iter().enumerate() {
+        for (t, tally) in tallies.drain(..).enumerate() {
             let mut decision = if let Some((policy, reason)) = tally.dropped_by {
                 Decision {
                     keep: false,
@@ -470,6 +483,7 @@ impl Decider for WasmChain {
             }
             out.push(decision);
         }
+        self.tallies = tallies;
         for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
             if let Some(data) = slot {
                 *trace.spans = std::mem::take(&mut data.spans);
