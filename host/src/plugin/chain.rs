@@ -10,7 +10,7 @@
 //!
 //! Traces that come due together are decided as a batch, policy by policy: a summary-only
 //! policy answers the whole batch in one `decide-summaries` call, any other is called once per
-//! trace. Every policy still sees every trace in the same order, and each trace's verdicts are
+//! trace (and so is every policy for a trace decided alone, where `decide` is cheaper). Every policy still sees every trace in the same order, and each trace's verdicts are
 //! combined in chain order, so a batch decides exactly as one trace at a time would.
 
 use std::borrow::Cow;
@@ -397,7 +397,11 @@ impl Decider for WasmChain {
         if self.batch.len() < n {
             self.batch.resize_with(n, || Some(Box::default()));
         }
-        let summaries = (self.set.policies.iter()).any(|p| p.summary_only);
+        // A batch of one costs more through `decide-summaries` (the list in, the answer
+        // record out) than through `decide`, which a summary-only policy answers the same way:
+        // batch only from two traces on.
+        let batched = n > 1;
+        let summaries = batched && (self.set.policies.iter()).any(|p| p.summary_only);
         self.facts.clear();
         for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
             let data = slot.get_or_insert_with(Box::default);
@@ -421,7 +425,7 @@ impl Decider for WasmChain {
             if mode == PolicyMode::Enrich {
                 continue;
             }
-            if summary_only {
+            if summary_only && batched {
                 if let Some((distinct, codes)) = self.run_summaries(i) {
                     let policy = &self.set.policies[i];
                     for (tally, code) in tallies.iter_mut().zip(codes) {

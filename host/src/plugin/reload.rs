@@ -134,7 +134,8 @@ impl Reloader {
         for policy in &set.policies {
             let mut inst = policy.instantiate(self.runtime.engine.engine())?;
             if policy.summary_only {
-                // As the chain calls it: every sample in one batch.
+                // As the chain calls it for a batch: every sample in one call. A trace decided
+                // alone goes through `decide`, tried below.
                 let mut facts = Vec::new();
                 for (n, spans) in samples.iter().enumerate() {
                     TraceIndex::new(spans).push_facts(&[n as u8 + 1; 16], spans, &mut facts);
@@ -145,7 +146,6 @@ impl Reloader {
                         policy.name
                     ));
                 }
-                continue;
             }
             for (n, spans) in samples.iter().enumerate() {
                 let trace_id = [n as u8 + 1; 16];
