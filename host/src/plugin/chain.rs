@@ -493,8 +493,22 @@ impl Decider for WasmChain {
                 *trace.spans = std::mem::take(&mut data.spans);
             }
         }
+        // The first slot's index keeps its buffers whatever the trace's size, as a worker
+        // deciding one trace at a time always did; the others keep theirs only for ordinary
+        // traces, so a batch of huge traces does not pin their indexes for good.
+        for slot in self.batch.iter_mut().skip(1) {
+            if slot
+                .as_ref()
+                .is_some_and(|d| d.index.span_count as usize > RETAINED_INDEX_SPANS)
+            {
+                *slot = None;
+            }
+        }
     }
 }
+
+/// Largest trace (in spans) whose index buffers a batch slot other than the first keeps.
+const RETAINED_INDEX_SPANS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
