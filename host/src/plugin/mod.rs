@@ -372,8 +372,8 @@ pub struct LoadedPolicy {
     config_json: String,
     meta: Arc<PolicyMeta>,
     pub health: PolicyHealth,
-    /// `init` declared the policy summary-only: it is called through `decide-summaries`, once
-    /// per batch of traces, never through `decide`.
+    /// `init` declared the policy summary-only: a batch of traces is decided through one
+    /// `decide-summaries` call; a trace decided alone still goes through `decide`.
     pub summary_only: bool,
     pub load_time: Duration,
 }
