@@ -192,6 +192,21 @@ plugin = "probabilistic"
 rate = 0.1
 "#;
 
+/// `n` traces with distinct ids, cycling through `traces`' spans (each trace its own copy,
+/// as in a worker's batch).
+fn batch_of(
+    n: usize,
+    traces: &[([u8; 16], Vec<BufferedSpan>)],
+) -> Vec<([u8; 16], Vec<BufferedSpan>)> {
+    (0..n)
+        .map(|k| {
+            let mut id = [0x5a; 16];
+            id[8..].copy_from_slice(&(k as u64 * 0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            (id, traces[k % traces.len()].1.clone())
+        })
+        .collect()
+}
+
 /// The same three rules in native Rust, on the same spans.
 fn native_chain(trace_id: &[u8; 16], spans: &[BufferedSpan]) -> bool {
     if spans.iter().any(|s| s.status_code == 2) {
@@ -266,13 +281,7 @@ fn bench(c: &mut Criterion) {
     // The three summary-only policies deciding batches of traces that came due together.
     for n in [16usize, 64, 256] {
         let mut decider = chain(THREE);
-        let mut batch: Vec<([u8; 16], Vec<BufferedSpan>)> = (0..n)
-            .map(|k| {
-                let mut id = [0x5a; 16];
-                id[8..].copy_from_slice(&(k as u64 * 0x9E37_79B9_7F4A_7C15).to_be_bytes());
-                (id, traces[k % traces.len()].1.clone())
-            })
-            .collect();
+        let mut batch = batch_of(n, &traces);
         let mut out = Vec::with_capacity(n);
         group.throughput(criterion::Throughput::Elements(n as u64));
         group.bench_function(
@@ -293,28 +302,32 @@ fn bench(c: &mut Criterion) {
             },
         );
     }
-    group.throughput(criterion::Throughput::Elements(1));
 
-    // The same three crates natively, from what the host computes for the Wasm ones.
+    // The same three crates natively, from what the host computes for the Wasm ones, on the
+    // same 256 traces as the largest batch (so both read the same spans from memory).
     let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
     let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
     let mut sample = testing::init::<probabilistic::Probabilistic>(r#"{"rate": 0.1}"#).unwrap();
     let mut idx = tailgate::plugin::TraceIndex::default();
     let mut facts = Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS);
-    let mut i = 0;
-    group.bench_function("native_host_errors_latency_probabilistic", |b| {
+    let batch = batch_of(256, &traces);
+    group.throughput(criterion::Throughput::Elements(batch.len() as u64));
+    group.bench_function("native_host_errors_latency_probabilistic/256", |b| {
         b.iter(|| {
-            let (id, spans) = &traces[i % traces.len()];
-            i += 1;
-            idx.rebuild(spans);
-            facts.clear();
-            idx.push_facts(id, spans, &mut facts);
-            let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&facts);
-            let t = testing::facts_trace(summary, id, r);
-            let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
-            verdicts.iter().any(|v| v.is_keep())
+            let mut kept = 0;
+            for (id, spans) in &batch {
+                idx.rebuild(spans);
+                facts.clear();
+                idx.push_facts(id, spans, &mut facts);
+                let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&facts);
+                let t = testing::facts_trace(summary, id, r);
+                let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
+                kept += usize::from(verdicts.iter().any(|v| v.is_keep()));
+            }
+            kept
         })
     });
+    group.throughput(criterion::Throughput::Elements(1));
 
     // The same three crates, compiled natively, through the SDK's in-memory trace: the
     // policies' own `decide`, called directly.

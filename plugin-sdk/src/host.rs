@@ -18,19 +18,34 @@ pub fn log(level: Level, message: &str) {
 /// `decide` returns the next number of that stream. A summary-only policy
 /// gets the same numbers from the SDK itself (see [`TraceStream`]).
 pub fn random_u64() -> u64 {
-    match LOCAL_STREAM.with(|s| s.get()) {
-        Some(mut stream) => {
-            let n = stream.next_u64();
-            LOCAL_STREAM.with(|s| s.set(Some(stream)));
-            n
-        }
-        None => imp::random(),
-    }
+    let local = LOCAL_STREAM.with(|s| {
+        let mut stream = match s.get() {
+            Local::Host => return None,
+            // Seeded on the first draw: most policies never draw.
+            Local::Seed { seed, trace_id } => TraceStream::new(seed, &trace_id),
+            Local::Stream(stream) => stream,
+        };
+        let n = stream.next_u64();
+        s.set(Local::Stream(stream));
+        Some(n)
+    });
+    local.unwrap_or_else(imp::random)
+}
+
+/// Where [`random_u64`] draws from.
+#[derive(Clone, Copy)]
+enum Local {
+    /// The host's stream (`decide`, `init`).
+    Host,
+    /// A trace of a summary-only batch whose stream is not seeded yet.
+    Seed { seed: u64, trace_id: [u8; 16] },
+    /// That trace's stream, once drawn from.
+    Stream(TraceStream),
 }
 
 std::thread_local! {
     /// The stream of the trace a summary-only batch is deciding, if any.
-    static LOCAL_STREAM: std::cell::Cell<Option<TraceStream>> = const { std::cell::Cell::new(None) };
+    static LOCAL_STREAM: std::cell::Cell<Local> = const { std::cell::Cell::new(Local::Host) };
 }
 
 /// The per-trace random stream exactly as the host seeds it for `decide`
@@ -71,13 +86,17 @@ impl TraceStream {
     }
 }
 
-/// Runs `f` with [`random_u64`] drawing from `stream` instead of the host.
-#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-pub(crate) fn with_stream<R>(stream: TraceStream, f: impl FnOnce() -> R) -> R {
-    LOCAL_STREAM.with(|s| s.set(Some(stream)));
-    let r = f();
-    LOCAL_STREAM.with(|s| s.set(None));
-    r
+/// Makes [`random_u64`] draw from trace `trace_id`'s stream under `seed`
+/// (seeded lazily, on the first draw) until [`draw_from_host`].
+#[inline]
+pub(crate) fn draw_from_trace(seed: u64, trace_id: [u8; 16]) {
+    LOCAL_STREAM.with(|s| s.set(Local::Seed { seed, trace_id }));
+}
+
+/// Makes [`random_u64`] draw from the host again.
+#[inline]
+pub(crate) fn draw_from_host() {
+    LOCAL_STREAM.with(|s| s.set(Local::Host));
 }
 
 /// A deterministic pseudo-random float in `[0, 1)`, from [`random_u64`]'s

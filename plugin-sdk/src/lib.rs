@@ -256,7 +256,7 @@ pub mod __private {
 
     use crate::backend::Backend;
     use crate::bindings::tailgate::policy::types as wit;
-    use crate::{Decision, Level, PatchTarget, Policy, Trace, Verdict};
+    use crate::{Decision, Level, PatchTarget, Policy, Summary, Trace, Verdict};
 
     pub type Slot<P> = LocalKey<RefCell<Option<P>>>;
 
@@ -299,16 +299,23 @@ pub mod __private {
                 codes: Vec::new(),
             };
         }
-        let mut codes = Vec::with_capacity(facts.len() / crate::FACT_WORDS);
+        let (facts, _) = facts.as_chunks::<{ crate::FACT_WORDS }>();
+        let mut codes = Vec::with_capacity(facts.len());
+        // One trace for the whole batch, its facts replaced for each trace.
+        let mut trace = Trace::summary_only(Summary::default(), [0; 16], 0);
+        // The previous trace's outcome: consecutive traces mostly share one.
+        let mut last = usize::MAX;
         slot.with(|s| {
             let mut slot = s.borrow_mut();
-            for f in facts.chunks_exact(crate::FACT_WORDS) {
-                let (summary, id, randomness) = crate::facts_from_words(f);
+            for f in facts {
+                let (summary, id, randomness) = crate::facts_from_array(f);
                 let verdict = match slot.as_mut() {
                     Some(policy) => {
-                        let trace = Trace::summary_only(summary, id, randomness);
-                        let stream = crate::TraceStream::new(seed, &id);
-                        crate::host::with_stream(stream, || policy.decide(&trace))
+                        trace.set_facts(summary, id, randomness);
+                        crate::host::draw_from_trace(seed, id);
+                        let verdict = policy.decide(&trace);
+                        crate::host::draw_from_host();
+                        verdict
                     }
                     None => Verdict::abstain().with_reason("policy not initialised"),
                 };
@@ -317,21 +324,24 @@ pub mod __private {
                     "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
                 );
                 let decision = decision_to_wit(verdict.decision);
-                let code = match outcomes.iter().position(|o| {
+                let same = |o: &wit::Outcome| {
                     o.decision == decision
-                        && o.reason == verdict.reason
                         && o.probability.map(f64::to_bits) == verdict.probability.map(f64::to_bits)
-                }) {
-                    Some(i) => i,
-                    None => {
-                        outcomes.push(wit::Outcome {
-                            decision,
-                            reason: verdict.reason,
-                            probability: verdict.probability,
-                        });
-                        outcomes.len() - 1
-                    }
+                        && o.reason == verdict.reason
                 };
+                let code = if outcomes.get(last).is_some_and(same) {
+                    last
+                } else if let Some(i) = outcomes.iter().position(same) {
+                    i
+                } else {
+                    outcomes.push(wit::Outcome {
+                        decision,
+                        reason: verdict.reason,
+                        probability: verdict.probability,
+                    });
+                    outcomes.len() - 1
+                };
+                last = code;
                 codes.push(code as u32);
             }
         });
@@ -396,6 +406,16 @@ pub const FACT_WORDS: usize = 7;
 /// One trace's facts as `decide-summaries` passes them (the layout is in the
 /// WIT docs); the host writes them with [`facts_to_words`].
 pub fn facts_from_words(f: &[u64]) -> (Summary, [u8; 16], u64) {
+    let f: &[u64; FACT_WORDS] = f
+        .get(..FACT_WORDS)
+        .and_then(|f| f.try_into().ok())
+        .expect("a trace's facts are FACT_WORDS words");
+    facts_from_array(f)
+}
+
+/// [`facts_from_words`] of exactly one trace's words.
+#[inline]
+pub(crate) fn facts_from_array(f: &[u64; FACT_WORDS]) -> (Summary, [u8; 16], u64) {
     let lo32 = |w: u64| w as u32;
     let hi32 = |w: u64| (w >> 32) as u32;
     let summary = Summary {

@@ -316,7 +316,11 @@ pub fn decide<P: Policy>(policy: &mut P, trace: &Trace) -> Verdict {
     state::begin_trace(&trace.trace_id());
     if P::SUMMARY_ONLY {
         let facts = facts_trace(*trace.summary(), trace.trace_id(), trace.randomness());
+        // As `decide-summaries` runs it: random numbers come from the SDK's own
+        // copy of the trace's stream, not from the host.
+        crate::host::draw_from_trace(state::seed(), trace.trace_id());
         let verdict = policy.decide(&facts);
+        crate::host::draw_from_host();
         assert!(
             verdict.patches.is_empty() && verdict.remove_spans.is_empty(),
             "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
@@ -453,6 +457,10 @@ pub(crate) mod state {
 
     /// The host's own stream (see [`TraceStream`]), so a policy sees the same
     /// numbers natively as in Wasm.
+    pub(crate) fn seed() -> u64 {
+        with(|s| s.seed)
+    }
+
     pub(crate) fn begin_trace(trace_id: &[u8; 16]) {
         with(|s| s.rng = TraceStream::new(s.seed, trace_id))
     }

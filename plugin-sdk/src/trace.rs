@@ -75,6 +75,20 @@ impl Trace {
         }
     }
 
+    /// Makes this summary-only trace the next one of a batch: a batch reuses
+    /// one `Trace`, so deciding a trace builds and drops nothing.
+    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+    #[inline]
+    pub(crate) fn set_facts(&mut self, summary: Summary, trace_id: [u8; 16], randomness: u64) {
+        debug_assert!(
+            self.backend.is_none(),
+            "only a summary-only trace is reused"
+        );
+        self.summary = OnceCell::from(summary);
+        self.trace_id = OnceCell::from(trace_id);
+        self.randomness = OnceCell::from(randomness);
+    }
+
     fn backend(&self) -> &Backend {
         match &self.backend {
             Some(b) => b,
@@ -88,31 +102,46 @@ impl Trace {
     // ---- summary ----
 
     /// The host's precomputed summary (given with the trace, so free).
+    #[inline]
     pub fn summary(&self) -> &Summary {
+        match self.summary.get() {
+            Some(summary) => summary,
+            None => self.fetch_summary(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn fetch_summary(&self) -> &Summary {
         self.summary.get_or_init(|| self.backend().summary())
     }
 
     /// Number of spans; valid span indexes are `0..span_count()`.
+    #[inline]
     pub fn span_count(&self) -> u32 {
         self.summary().span_count
     }
 
     /// Number of spans with status `Error`.
+    #[inline]
     pub fn error_count(&self) -> u32 {
         self.summary().error_count
     }
 
     /// True when at least one span has status `Error`.
+    #[inline]
     pub fn has_errors(&self) -> bool {
         self.error_count() > 0
     }
 
     /// max(end) - min(start) over all spans.
+    #[inline]
     pub fn duration(&self) -> Duration {
         Duration::from_nanos(self.duration_ns())
     }
 
     /// max(end) - min(start) over all spans, in nanoseconds.
+    #[inline]
     pub fn duration_ns(&self) -> u64 {
         self.summary().duration_ns
     }
@@ -133,6 +162,7 @@ impl Trace {
     }
 
     /// True when the root arrived and no span misses its parent.
+    #[inline]
     pub fn is_complete(&self) -> bool {
         let s = self.summary();
         s.root.is_some() && s.orphan_count == 0
@@ -145,7 +175,17 @@ impl Trace {
     }
 
     /// The 16-byte trace id (given with the trace: no host call).
+    #[inline]
     pub fn trace_id(&self) -> [u8; 16] {
+        match self.trace_id.get() {
+            Some(id) => *id,
+            None => self.fetch_trace_id(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn fetch_trace_id(&self) -> [u8; 16] {
         *self.trace_id.get_or_init(|| {
             let (hi, lo) = self.backend().trace_id();
             let mut id = [0u8; 16];
@@ -160,7 +200,17 @@ impl Trace {
     /// span's `ot` tracestate entry when it holds 14 hex digits (the first
     /// span's when there is no root), otherwise the trace id's lower 56 bits.
     /// Summary-only policies receive it from the host.
+    #[inline]
     pub fn randomness(&self) -> u64 {
+        match self.randomness.get() {
+            Some(r) => *r,
+            None => self.find_randomness(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn find_randomness(&self) -> u64 {
         *self.randomness.get_or_init(|| {
             let probe = self.root().or_else(|| self.span(0));
             probe

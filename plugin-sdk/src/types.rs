@@ -262,6 +262,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    #[inline]
     fn new(decision: Decision, reason: String) -> Self {
         Verdict {
             decision,
@@ -274,22 +275,26 @@ impl Verdict {
 
     /// Keep the trace. `reason` should be short and low-cardinality: the host
     /// uses it as a metric label and stamps it on kept spans.
+    #[inline]
     pub fn keep(reason: impl Into<String>) -> Self {
         Self::new(Decision::Keep, reason.into())
     }
 
     /// Drop the trace (wins over other policies' keeps only if the host's
     /// config marks this policy as a drop rule).
+    #[inline]
     pub fn drop(reason: impl Into<String>) -> Self {
         Self::new(Decision::Drop, reason.into())
     }
 
     /// No opinion: let the rest of the chain decide.
+    #[inline]
     pub fn abstain() -> Self {
         Self::new(Decision::Abstain, String::new())
     }
 
     /// Replace the reason.
+    #[inline]
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
         self.reason = reason.into();
         self
@@ -297,6 +302,7 @@ impl Verdict {
 
     /// The probability with which traces like this one are kept, in (0, 1];
     /// the host turns it into the OTel `th` threshold of kept spans.
+    #[inline]
     pub fn with_probability(mut self, p: f64) -> Self {
         self.probability = Some(p);
         self

@@ -105,7 +105,8 @@ impl Policy for Dice {
     }
 
     fn decide(&mut self, t: &Trace) -> Verdict {
-        let draw = tailgate_plugin_sdk::random_u64();
+        // Two draws: the first seeds the trace's stream, the second continues it.
+        let draw = tailgate_plugin_sdk::random_u64() ^ tailgate_plugin_sdk::random_u64();
         if t.span_count() > 1 && draw.is_multiple_of(2) {
             Verdict::keep("even")
         } else {
@@ -127,9 +128,10 @@ fn a_summary_only_policy_reads_the_summary_and_draws_the_hosts_stream() {
             .child_of(0)
             .build();
         let v = testing::decide(&mut dice, &t);
-        // The first number of the trace's stream, as the host (and the SDK in a
-        // `decide-summaries` batch) computes it.
-        let first = TraceStream::new(42, &id).next_u64();
-        assert_eq!(v.is_keep(), first.is_multiple_of(2), "trace {n}");
+        // The trace's first two numbers, as the host (and the SDK in a
+        // `decide-summaries` batch) computes them.
+        let mut stream = TraceStream::new(42, &id);
+        let draw = stream.next_u64() ^ stream.next_u64();
+        assert_eq!(v.is_keep(), draw.is_multiple_of(2), "trace {n}");
     }
 }

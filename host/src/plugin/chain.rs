@@ -43,6 +43,7 @@ impl DeciderFactory for WasmChainFactory {
             batch: Vec::new(),
             facts: Vec::new(),
             tallies: Vec::new(),
+            outcomes: Vec::new(),
             single: Vec::with_capacity(1),
             clock: Instant::now(),
             default_policy: Arc::from("default"),
@@ -67,6 +68,9 @@ pub struct WasmChain {
     facts: Vec<u64>,
     /// Each trace's verdicts during a batch; kept so its allocation is reused.
     tallies: Vec<Tally>,
+    /// Every outcome of the batch's calls, with the policy that answered it: a summary-only
+    /// call's distinct outcomes, one per trace of any other call. Tallies index into it.
+    outcomes: Vec<(usize, Outcome)>,
     /// `decide`'s one-decision output, kept so its allocation is reused.
     single: Vec<Decision>,
     /// When the previous call ended (or the decision began): each call's latency runs from
@@ -82,47 +86,66 @@ struct Outcome {
     probability: Option<f64>,
 }
 
-/// One trace's verdicts so far, combined in chain order.
-#[derive(Default)]
+/// One trace's verdicts so far, combined in chain order. Verdicts are held as indexes into
+/// the batch's outcomes ([`WasmChain::outcomes`]), so adding one copies no name or reason.
 struct Tally {
     edits: Vec<crate::decide::TraceEdit>,
-    dropped_by: Option<(Arc<str>, Cow<'static, str>)>,
-    kept_by: Option<(Arc<str>, Cow<'static, str>)>,
-    probability: Option<f64>,
+    /// The first drop rule's drop, if any.
+    dropped_by: u32,
+    /// The first keep, if any.
+    kept_by: u32,
+    /// The largest probability of a probabilistic keep; 0 when there is none.
+    probability: f64,
     certain_keep: bool,
-    shadows: Vec<(Arc<str>, WitDecision)>,
+    /// Shadow policies' verdicts, by policy index.
+    shadows: Vec<(u32, WitDecision)>,
+}
+
+/// No outcome (in [`Tally`]).
+const NONE: u32 = u32::MAX;
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            edits: Vec::new(),
+            dropped_by: NONE,
+            kept_by: NONE,
+            probability: 0.0,
+            certain_keep: false,
+            shadows: Vec::new(),
+        }
+    }
 }
 
 impl Tally {
-    /// Adds policy `policy`'s outcome (with the edits of its call). The reason is copied only
-    /// when it is the one the trace's decision will carry.
+    /// Adds policy `p`'s outcome, `outcomes[at]`, with the edits of its call.
     fn add(
         &mut self,
         policy: &LoadedPolicy,
+        p: usize,
+        at: u32,
         outcome: &Outcome,
         own_edits: &mut Vec<crate::decide::TraceEdit>,
     ) {
         if policy.spec.mode == PolicyMode::Shadow {
-            self.shadows.push((policy.name.clone(), outcome.verdict));
+            self.shadows.push((p as u32, outcome.verdict));
             own_edits.clear();
             return;
         }
         self.edits.append(own_edits);
         match outcome.verdict {
             WitDecision::Drop if policy.spec.drop_rule => {
-                if self.dropped_by.is_none() {
-                    self.dropped_by = Some((policy.name.clone(), outcome.reason.clone()));
+                if self.dropped_by == NONE {
+                    self.dropped_by = at;
                 }
             }
             WitDecision::Keep => {
                 match outcome.probability {
-                    Some(p) => {
-                        self.probability = Some(self.probability.map_or(p, |q: f64| q.max(p)))
-                    }
+                    Some(p) => self.probability = self.probability.max(p),
                     None => self.certain_keep = true,
                 }
-                if self.kept_by.is_none() {
-                    self.kept_by = Some((policy.name.clone(), outcome.reason.clone()));
+                if self.kept_by == NONE {
+                    self.kept_by = at;
                 }
             }
             // A drop from an ordinary policy is an opinion the default can stand for.
@@ -252,17 +275,19 @@ impl WasmChain {
         }
     }
 
-    /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call: the
-    /// call's distinct outcomes and one index into them per trace, or `None` while the policy
-    /// is quarantined.
-    fn run_summaries(&mut self, i: usize) -> Option<(Vec<Outcome>, Vec<u32>)> {
+    /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call. Its
+    /// distinct outcomes are appended to [`Self::outcomes`]; the answer is the index of the
+    /// first and one code per trace relative to it, or `None` while the policy is quarantined.
+    fn run_summaries(&mut self, i: usize) -> Option<(u32, Vec<u32>)> {
         let traces = self.facts.len() / tailgate_plugin_sdk::FACT_WORDS;
+        let base = self.outcomes.len() as u32;
         if self.set.policies[i].health.is_quarantined() {
             self.handles[i].quarantined.inc_by(traces as u64);
             return None;
         }
         if let Err(failed) = self.ensure_instance(i) {
-            return Some((vec![failed], vec![0; traces]));
+            self.outcomes.push((i, failed));
+            return Some((base, vec![0; traces]));
         }
         let clock = self.call_clock();
         let policy: &LoadedPolicy = &self.set.policies[i];
@@ -276,20 +301,24 @@ impl WasmChain {
                 for &c in &answer.codes {
                     counts[c as usize] += 1;
                 }
-                let distinct: Vec<Outcome> = (answer.outcomes.into_iter())
-                    .zip(counts)
-                    .map(|(o, n)| {
-                        count(&self.handles[i], o.decision, n);
+                for (o, n) in answer.outcomes.into_iter().zip(counts) {
+                    count(&self.handles[i], o.decision, n);
+                    self.outcomes.push((
+                        i,
                         Outcome {
                             verdict: o.decision,
                             reason: Cow::Owned(truncated(o.reason, 256)),
                             probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
-                        }
-                    })
-                    .collect();
-                Some((distinct, answer.codes))
+                        },
+                    ));
+                }
+                Some((base, answer.codes))
             }
-            Err(trap) => Some((vec![self.call_failed(i, &trap)], vec![0; traces])),
+            Err(trap) => {
+                let failed = self.call_failed(i, &trap);
+                self.outcomes.push((i, failed));
+                Some((base, vec![0; traces]))
+            }
         }
     }
 
@@ -416,6 +445,7 @@ impl Decider for WasmChain {
         self.clock = Instant::now();
         let mut tallies = std::mem::take(&mut self.tallies);
         tallies.resize_with(n, Tally::default);
+        self.outcomes.clear();
         let mut own_edits = Vec::new();
         for i in 0..self.set.policies.len() {
             let (mode, summary_only) = {
@@ -426,10 +456,12 @@ impl Decider for WasmChain {
                 continue;
             }
             if summary_only && batched {
-                if let Some((distinct, codes)) = self.run_summaries(i) {
+                if let Some((base, codes)) = self.run_summaries(i) {
                     let policy = &self.set.policies[i];
                     for (tally, code) in tallies.iter_mut().zip(codes) {
-                        tally.add(policy, &distinct[code as usize], &mut own_edits);
+                        let at = base + code;
+                        let (_, outcome) = &self.outcomes[at as usize];
+                        tally.add(policy, i, at, outcome, &mut own_edits);
                     }
                 }
                 continue;
@@ -439,33 +471,42 @@ impl Decider for WasmChain {
                 let outcome = self.run_one(i, &mut data, &mut own_edits);
                 self.batch[t] = data;
                 match outcome {
-                    Some(outcome) => tally.add(&self.set.policies[i], &outcome, &mut own_edits),
+                    Some(outcome) => {
+                        let at = self.outcomes.len() as u32;
+                        self.outcomes.push((i, outcome));
+                        let (_, outcome) = &self.outcomes[at as usize];
+                        tally.add(&self.set.policies[i], i, at, outcome, &mut own_edits);
+                    }
                     None => own_edits.clear(),
                 }
             }
         }
-        for (t, tally) in tallies.drain(..).enumerate() {
-            let mut decision = if let Some((policy, reason)) = tally.dropped_by {
+        for (t, tally) in tallies.iter_mut().enumerate() {
+            let edits = std::mem::take(&mut tally.edits);
+            let named = |at: u32| {
+                let (p, outcome) = &self.outcomes[at as usize];
+                (self.set.policies[*p].name.clone(), outcome.reason.clone())
+            };
+            let mut decision = if tally.dropped_by != NONE {
+                let (policy, reason) = named(tally.dropped_by);
                 Decision {
                     keep: false,
                     policy,
                     reason,
                     ..Decision::default()
                 }
-            } else if let Some((policy, reason)) = tally.kept_by {
+            } else if tally.kept_by != NONE {
+                let (policy, reason) = named(tally.kept_by);
                 Decision {
                     keep: true,
                     policy,
                     reason,
-                    probability: if tally.certain_keep {
-                        None
-                    } else {
-                        tally.probability
-                    },
-                    edits: tally.edits,
+                    probability: (!tally.certain_keep && tally.probability > 0.0)
+                        .then_some(tally.probability),
+                    edits,
                 }
             } else {
-                self.default_decision(tally.edits)
+                self.default_decision(edits)
             };
             if decision.keep {
                 // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
@@ -477,16 +518,18 @@ impl Decider for WasmChain {
                     }
                 }
             }
-            for (name, verdict) in tally.shadows {
+            for (p, verdict) in tally.shadows.drain(..) {
                 let agrees = match verdict {
                     WitDecision::Keep => decision.keep,
                     WitDecision::Drop => !decision.keep,
                     WitDecision::Abstain => true,
                 };
-                self.metrics.shadow_agreement(&name, agrees);
+                self.metrics
+                    .shadow_agreement(&self.set.policies[p as usize].name, agrees);
             }
             out.push(decision);
         }
+        tallies.clear();
         self.tallies = tallies;
         for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
             if let Some(data) = slot {
