@@ -109,6 +109,7 @@ fn trace(seed: u8) -> Vec<BufferedSpan> {
                 end_unix_nano: span.end_time_unix_nano,
                 status_code: 0,
                 kind: 1,
+                has_trace_state: false,
             }
         })
         .collect()
@@ -192,6 +193,13 @@ plugin = "probabilistic"
 rate = 0.1
 "#;
 
+/// The summary-only policy that does least: read the summary's error count, abstain.
+const KEEP_ERRORS: &str = r#"
+[[policies]]
+name = "errors"
+plugin = "keep-errors"
+"#;
+
 /// `n` traces with distinct ids, cycling through `traces`' spans (each trace its own copy,
 /// as in a worker's batch).
 fn batch_of(
@@ -269,6 +277,7 @@ fn bench(c: &mut Criterion) {
         }
     }
     cases.push(("wasm_errors_latency_probabilistic".into(), THREE.into()));
+    cases.push(("fixed_summary_only/1".into(), KEEP_ERRORS.into()));
     for (name, policies) in &cases {
         let mut decider = chain(policies);
         let mut traces = traces.clone();
@@ -278,29 +287,33 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    // The three summary-only policies deciding batches of traces that came due together.
-    for n in [16usize, 64, 256] {
-        let mut decider = chain(THREE);
+    // The three summary-only policies deciding batches of traces that came due together,
+    // and keep-errors alone (the fixed cost of a summary-only decision in a batch).
+    let batches = [
+        ("wasm_errors_latency_probabilistic_batch", THREE, 16usize),
+        ("wasm_errors_latency_probabilistic_batch", THREE, 64),
+        ("wasm_errors_latency_probabilistic_batch", THREE, 256),
+        ("fixed_summary_only", KEEP_ERRORS, 256),
+    ];
+    for (name, policies, n) in batches {
+        let mut decider = chain(policies);
         let mut batch = batch_of(n, &traces);
         let mut out = Vec::with_capacity(n);
         group.throughput(criterion::Throughput::Elements(n as u64));
-        group.bench_function(
-            format!("wasm_errors_latency_probabilistic_batch/{n}"),
-            |b| {
-                b.iter(|| {
-                    let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
-                        .map(|(id, spans)| TraceView {
-                            trace_id: id,
-                            spans,
-                            trigger: Trigger::RootGrace,
-                        })
-                        .collect();
-                    out.clear();
-                    decider.decide_batch(&mut views, &mut out);
-                    out.iter().filter(|d| d.keep).count()
-                })
-            },
-        );
+        group.bench_function(format!("{name}/{n}"), |b| {
+            b.iter(|| {
+                let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
+                    .map(|(id, spans)| TraceView {
+                        trace_id: id,
+                        spans,
+                        trigger: Trigger::RootGrace,
+                    })
+                    .collect();
+                out.clear();
+                decider.decide_batch(&mut views, &mut out);
+                out.iter().filter(|d| d.keep).count()
+            })
+        });
     }
 
     // The same three crates natively, from what the host computes for the Wasm ones, on the

@@ -57,6 +57,9 @@ pub struct BufferedSpan {
     pub end_unix_nano: u64,
     pub status_code: u8,
     pub kind: u8,
+    /// Whether the span has a `trace_state`, so finding a trace's OTel randomness reads the
+    /// span's bytes only when it may hold an `rv` (it fits in the struct's padding).
+    pub has_trace_state: bool,
 }
 
 impl BufferedSpan {
@@ -427,6 +430,7 @@ mod tests {
             end_unix_nano: 0,
             status_code: 0,
             kind: 0,
+            has_trace_state: false,
         }
     }
 

@@ -83,6 +83,8 @@ pub struct SpanRef<'a> {
     pub status_code: i32,
     pub kind: i32,
     pub name: &'a str,
+    /// Whether the span carries a non-empty `trace_state` (its last occurrence).
+    pub has_trace_state: bool,
 }
 
 /// Validates a whole `ExportTraceServiceRequest` and splits it into blocks and spans.
@@ -246,6 +248,7 @@ fn parse_span(mut r: Reader<'_>) -> Result<Result<SpanRef<'_>, IdFault>, WireErr
         status_code: 0,
         kind: 0,
         name: "",
+        has_trace_state: false,
     };
     // Ids are checked only once the last occurrence of each is known.
     let (mut trace_id, mut span_id, mut parent): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
@@ -255,6 +258,7 @@ fn parse_span(mut r: Reader<'_>) -> Result<Result<SpanRef<'_>, IdFault>, WireErr
             2 => span_id = r.bytes(&f, "span_id")?,
             3 => {
                 r.utf8(&f, "trace_state")?;
+                span.has_trace_state = !r.bytes(&f, "trace_state")?.is_empty();
             }
             4 => parent = r.bytes(&f, "parent_span_id")?,
             5 => span.name = r.string(&f, "name")?,
@@ -1700,6 +1704,7 @@ mod tests {
             assert_eq!(got.status_code, want.status.as_ref().map_or(0, |s| s.code));
             assert_eq!(got.kind, want.kind);
             assert_eq!(got.name, want.name);
+            assert_eq!(got.has_trace_state, !want.trace_state.is_empty());
             assert_eq!(Span::decode(got.bytes).expect("span decodes"), **want);
         }
         assert_eq!(parsed_spans(&parsed)[0].status_code, 2);
@@ -1712,6 +1717,7 @@ mod tests {
             span_id: sid(1),
             name: "first".into(),
             kind: 1,
+            trace_state: "ot=rv:0123456789abcd".into(),
             start_time_unix_nano: 5,
             status: Some(Status {
                 message: "boom".into(),
@@ -1739,6 +1745,8 @@ mod tests {
         assert_eq!(got.trace_id.to_vec(), merged.trace_id);
         assert_eq!(got.span_id.to_vec(), merged.span_id);
         assert_eq!(got.name, merged.name);
+        // The second occurrence has no trace_state on the wire, so the first one stands.
+        assert!(got.has_trace_state && !merged.trace_state.is_empty());
         assert_eq!(got.kind, merged.kind);
         assert_eq!(got.start_time_unix_nano, merged.start_time_unix_nano);
         assert_eq!(got.status_code, merged.status.map_or(-1, |s| s.code));

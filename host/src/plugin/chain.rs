@@ -8,10 +8,11 @@
 //! failures quarantines the policy. Edits are kept only from calls that returned normally and
 //! passed validation.
 //!
-//! Traces that come due together are decided as a batch, policy by policy: a summary-only
-//! policy answers the whole batch in one `decide-summaries` call, any other is called once per
-//! trace (and so is every policy for a trace decided alone, where `decide` is cheaper). Every policy still sees every trace in the same order, and each trace's verdicts are
-//! combined in chain order, so a batch decides exactly as one trace at a time would.
+//! Traces that come due together are decided as a batch. Each summary-only policy answers the
+//! whole batch first, in one `decide-summaries` call; then, trace by trace, every other policy
+//! is called once (and so is every policy for a trace decided alone, where `decide` is
+//! cheaper), and the trace's verdicts are combined in chain order. Every policy sees every
+//! trace in the same order, so a batch decides exactly as one trace at a time would.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -40,9 +41,10 @@ impl DeciderFactory for WasmChainFactory {
             instances: Vec::new(),
             handles: Vec::new(),
             cpu_read: None,
-            batch: Vec::new(),
+            scratch: None,
             facts: Vec::new(),
-            tallies: Vec::new(),
+            answers: Vec::new(),
+            tally: Tally::default(),
             outcomes: Vec::new(),
             single: Vec::with_capacity(1),
             clock: Instant::now(),
@@ -61,13 +63,16 @@ pub struct WasmChain {
     handles: Vec<PolicyMetrics>,
     /// When this thread's CPU clock was last read, and its value.
     cpu_read: Option<(Instant, Option<Duration>)>,
-    /// The traces being decided with their indexes, boxed so each moves into a store and back
-    /// as a pointer; kept between batches so the indexes' buffers are reused.
-    batch: Vec<Option<Box<TraceData>>>,
+    /// The trace being decided with its index, boxed so it moves into a store and back as a
+    /// pointer; kept between decisions so the index's buffers are reused.
+    scratch: Option<Box<TraceData>>,
     /// The batch's facts for summary-only policies (`decide-summaries`), built once per batch.
     facts: Vec<u64>,
-    /// Each trace's verdicts during a batch; kept so its allocation is reused.
-    tallies: Vec<Tally>,
+    /// Each summary-only policy's answer for the batch: (policy, first outcome and one code
+    /// per trace), `None` while it is quarantined.
+    answers: Vec<(usize, Option<(u32, Vec<u32>)>)>,
+    /// The verdicts of the trace being decided; kept so its allocations are reused.
+    tally: Tally,
     /// Every outcome of the batch's calls, with the policy that answered it: a summary-only
     /// call's distinct outcomes, one per trace of any other call. Tallies index into it.
     outcomes: Vec<(usize, Outcome)>,
@@ -421,56 +426,74 @@ impl Decider for WasmChain {
             out.extend(traces.iter().map(|_| self.default_decision(Vec::new())));
             return;
         }
-        // The worker lends us the spans; they travel into each store and back.
-        let n = traces.len();
-        if self.batch.len() < n {
-            self.batch.resize_with(n, || Some(Box::default()));
-        }
         // A batch of one costs more through `decide-summaries` (the list in, the answer
         // record out) than through `decide`, which a summary-only policy answers the same way:
         // batch only from two traces on.
-        let batched = n > 1;
+        let batched = traces.len() > 1;
         let summaries = batched && (self.set.policies.iter()).any(|p| p.summary_only);
+        // Whether any policy reads the trace itself, so each trace needs its index in a store.
+        let per_trace = (self.set.policies.iter())
+            .any(|p| p.spec.mode != PolicyMode::Enrich && !(batched && p.summary_only));
+        let enrich = (self.set.policies.iter()).any(|p| p.spec.mode == PolicyMode::Enrich);
+        let mut data = self.scratch.take().unwrap_or_default();
+
+        // 1. Summary-only policies answer the whole batch, policy by policy, from facts built
+        //    with one index reused trace after trace (so it stays in cache).
         self.facts.clear();
-        for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
-            let data = slot.get_or_insert_with(Box::default);
-            data.trace_id = *trace.trace_id;
-            data.spans = std::mem::take(trace.spans);
-            let TraceData { spans, index, .. } = &mut **data;
-            index.rebuild(spans);
-            if summaries {
-                index.push_facts(trace.trace_id, spans, &mut self.facts);
+        self.outcomes.clear();
+        self.answers.clear();
+        if summaries {
+            for trace in traces.iter() {
+                data.index.rebuild(trace.spans);
+                data.index
+                    .push_facts(trace.trace_id, trace.spans, &mut self.facts);
+            }
+            self.clock = Instant::now();
+            for i in 0..self.set.policies.len() {
+                let p = &self.set.policies[i];
+                if p.summary_only && p.spec.mode != PolicyMode::Enrich {
+                    let answer = self.run_summaries(i);
+                    self.answers.push((i, answer));
+                }
             }
         }
-        self.clock = Instant::now();
-        let mut tallies = std::mem::take(&mut self.tallies);
-        tallies.resize_with(n, Tally::default);
-        self.outcomes.clear();
+
+        // 2. Trace by trace: the other policies, then every verdict combined in chain order.
+        let mut tally = std::mem::take(&mut self.tally);
         let mut own_edits = Vec::new();
-        for i in 0..self.set.policies.len() {
-            let (mode, summary_only) = {
-                let p = &self.set.policies[i];
-                (p.spec.mode, p.summary_only)
-            };
-            if mode == PolicyMode::Enrich {
-                continue;
+        for (t, trace) in traces.iter_mut().enumerate() {
+            // The trace's spans travel into each store and back.
+            data.trace_id = *trace.trace_id;
+            data.spans = std::mem::take(trace.spans);
+            let mut indexed = false;
+            if per_trace {
+                data.index.rebuild(&data.spans);
+                indexed = true;
+                // Building the index is not a call: start the next call's clock afresh.
+                self.clock = Instant::now();
             }
-            if summary_only && batched {
-                if let Some((base, codes)) = self.run_summaries(i) {
-                    let policy = &self.set.policies[i];
-                    for (tally, code) in tallies.iter_mut().zip(codes) {
-                        let at = base + code;
-                        let (_, outcome) = &self.outcomes[at as usize];
-                        tally.add(policy, i, at, outcome, &mut own_edits);
-                    }
+            let mut slot = Some(data);
+            let mut next_answer = 0;
+            for i in 0..self.set.policies.len() {
+                let (mode, summary_only) = {
+                    let p = &self.set.policies[i];
+                    (p.spec.mode, p.summary_only)
+                };
+                if mode == PolicyMode::Enrich {
+                    continue;
                 }
-                continue;
-            }
-            for (t, tally) in tallies.iter_mut().enumerate() {
-                let mut data = self.batch[t].take();
-                let outcome = self.run_one(i, &mut data, &mut own_edits);
-                self.batch[t] = data;
-                match outcome {
+                if summary_only && batched {
+                    // The batch call's answer for this trace (none while quarantined).
+                    let answer = &self.answers[next_answer].1;
+                    next_answer += 1;
+                    if let Some((base, codes)) = answer {
+                        let at = base + codes[t];
+                        let (_, outcome) = &self.outcomes[at as usize];
+                        tally.add(&self.set.policies[i], i, at, outcome, &mut own_edits);
+                    }
+                    continue;
+                }
+                match self.run_one(i, &mut slot, &mut own_edits) {
                     Some(outcome) => {
                         let at = self.outcomes.len() as u32;
                         self.outcomes.push((i, outcome));
@@ -480,41 +503,16 @@ impl Decider for WasmChain {
                     None => own_edits.clear(),
                 }
             }
-        }
-        for (t, tally) in tallies.iter_mut().enumerate() {
-            let edits = std::mem::take(&mut tally.edits);
-            let named = |at: u32| {
-                let (p, outcome) = &self.outcomes[at as usize];
-                (self.set.policies[*p].name.clone(), outcome.reason.clone())
-            };
-            let mut decision = if tally.dropped_by != NONE {
-                let (policy, reason) = named(tally.dropped_by);
-                Decision {
-                    keep: false,
-                    policy,
-                    reason,
-                    ..Decision::default()
-                }
-            } else if tally.kept_by != NONE {
-                let (policy, reason) = named(tally.kept_by);
-                Decision {
-                    keep: true,
-                    policy,
-                    reason,
-                    probability: (!tally.certain_keep && tally.probability > 0.0)
-                        .then_some(tally.probability),
-                    edits,
-                }
-            } else {
-                self.default_decision(edits)
-            };
-            if decision.keep {
+            let mut decision = self.decision(&mut tally);
+            if decision.keep && enrich {
                 // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
+                if let Some(d) = slot.as_mut().filter(|_| !indexed) {
+                    d.index.rebuild(&d.spans);
+                    self.clock = Instant::now();
+                }
                 for i in 0..self.set.policies.len() {
                     if self.set.policies[i].spec.mode == PolicyMode::Enrich {
-                        let mut data = self.batch[t].take();
-                        self.run_one(i, &mut data, &mut decision.edits);
-                        self.batch[t] = data;
+                        self.run_one(i, &mut slot, &mut decision.edits);
                     }
                 }
             }
@@ -528,30 +526,50 @@ impl Decider for WasmChain {
                     .shadow_agreement(&self.set.policies[p as usize].name, agrees);
             }
             out.push(decision);
+            data = slot.unwrap_or_default();
+            *trace.spans = std::mem::take(&mut data.spans);
         }
-        tallies.clear();
-        self.tallies = tallies;
-        for (trace, slot) in traces.iter_mut().zip(&mut self.batch) {
-            if let Some(data) = slot {
-                *trace.spans = std::mem::take(&mut data.spans);
-            }
-        }
-        // The first slot's index keeps its buffers whatever the trace's size, as a worker
-        // deciding one trace at a time always did; the others keep theirs only for ordinary
-        // traces, so a batch of huge traces does not pin their indexes for good.
-        for slot in self.batch.iter_mut().skip(1) {
-            if slot
-                .as_ref()
-                .is_some_and(|d| d.index.span_count as usize > RETAINED_INDEX_SPANS)
-            {
-                *slot = None;
-            }
-        }
+        self.tally = tally;
+        self.scratch = Some(data);
     }
 }
 
-/// Largest trace (in spans) whose index buffers a batch slot other than the first keeps.
-const RETAINED_INDEX_SPANS: usize = 1024;
+impl WasmChain {
+    /// The decision a trace's verdicts add up to; resets `tally` for the next trace.
+    fn decision(&self, tally: &mut Tally) -> Decision {
+        let edits = std::mem::take(&mut tally.edits);
+        let named = |at: u32| {
+            let (p, outcome) = &self.outcomes[at as usize];
+            (self.set.policies[*p].name.clone(), outcome.reason.clone())
+        };
+        let decision = if tally.dropped_by != NONE {
+            let (policy, reason) = named(tally.dropped_by);
+            Decision {
+                keep: false,
+                policy,
+                reason,
+                ..Decision::default()
+            }
+        } else if tally.kept_by != NONE {
+            let (policy, reason) = named(tally.kept_by);
+            Decision {
+                keep: true,
+                policy,
+                reason,
+                probability: (!tally.certain_keep && tally.probability > 0.0)
+                    .then_some(tally.probability),
+                edits,
+            }
+        } else {
+            self.default_decision(edits)
+        };
+        tally.dropped_by = NONE;
+        tally.kept_by = NONE;
+        tally.probability = 0.0;
+        tally.certain_keep = false;
+        decision
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -681,6 +699,7 @@ min_spans = 3
                     end_unix_nano: end,
                     status_code: if error { 2 } else { 0 },
                     kind: 0,
+                    has_trace_state: !span.trace_state.is_empty(),
                 }
             })
             .collect();

@@ -298,6 +298,7 @@ pub fn sample_traces() -> Vec<Vec<BufferedSpan>> {
             end_unix_nano: s.end_time_unix_nano,
             status_code: if error { 2 } else { 0 },
             kind: 2,
+            has_trace_state: false,
         }
     };
     let int = any_value::Value::IntValue;

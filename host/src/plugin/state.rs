@@ -311,6 +311,7 @@ impl TraceIndex {
         let probe = self.root.map(|r| r as usize).unwrap_or(0);
         let randomness = spans
             .get(probe)
+            .filter(|s| s.has_trace_state)
             .map(|s| wire::span_trace_state(&s.bytes))
             .and_then(tailgate_plugin_sdk::explicit_randomness)
             .unwrap_or_else(|| tailgate_plugin_sdk::trace_id_randomness(trace_id));
@@ -787,6 +788,7 @@ mod tests {
             end_unix_nano: start + 10,
             status_code: 0,
             kind: 1,
+            has_trace_state: false,
         }
     }
 

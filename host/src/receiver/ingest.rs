@@ -112,6 +112,7 @@ impl Ingest {
                         end_unix_nano: s.end_time_unix_nano,
                         status_code: u8::try_from(s.status_code).unwrap_or(0),
                         kind: u8::try_from(s.kind).unwrap_or(0),
+                        has_trace_state: s.has_trace_state,
                     };
                     let cost = span.cost() + SPAN_SLACK + std::mem::take(&mut header_cost);
                     total_cost += cost;
