@@ -68,9 +68,8 @@ pub struct WasmChain {
     scratch: Option<Box<TraceData>>,
     /// The batch's facts for summary-only policies (`decide-summaries`), built once per batch.
     facts: Vec<u64>,
-    /// Each summary-only policy's answer for the batch: (policy, first outcome and one code
-    /// per trace), `None` while it is quarantined.
-    answers: Vec<(usize, Option<(u32, Vec<u32>)>)>,
+    /// Each summary-only policy's answer for the batch, in chain order.
+    answers: Vec<BatchAnswer>,
     /// The verdicts of the trace being decided; kept so its allocations are reused.
     tally: Tally,
     /// Every outcome of the batch's calls, with the policy that answered it: a summary-only
@@ -83,6 +82,11 @@ pub struct WasmChain {
     clock: Instant,
     default_policy: Arc<str>,
 }
+
+/// A summary-only policy's answer for a batch: the index of its first outcome in
+/// [`WasmChain::outcomes`] and one code per trace relative to it; `None` while it is
+/// quarantined.
+type BatchAnswer = Option<(u32, Vec<u32>)>;
 
 /// One policy's contribution to a decision.
 struct Outcome {
@@ -283,7 +287,7 @@ impl WasmChain {
     /// Runs summary-only policy `i` on the whole batch in one `decide-summaries` call. Its
     /// distinct outcomes are appended to [`Self::outcomes`]; the answer is the index of the
     /// first and one code per trace relative to it, or `None` while the policy is quarantined.
-    fn run_summaries(&mut self, i: usize) -> Option<(u32, Vec<u32>)> {
+    fn run_summaries(&mut self, i: usize) -> BatchAnswer {
         let traces = self.facts.len() / tailgate_plugin_sdk::FACT_WORDS;
         let base = self.outcomes.len() as u32;
         if self.set.policies[i].health.is_quarantined() {
@@ -453,7 +457,7 @@ impl Decider for WasmChain {
                 let p = &self.set.policies[i];
                 if p.summary_only && p.spec.mode != PolicyMode::Enrich {
                     let answer = self.run_summaries(i);
-                    self.answers.push((i, answer));
+                    self.answers.push(answer);
                 }
             }
         }
@@ -484,7 +488,7 @@ impl Decider for WasmChain {
                 }
                 if summary_only && batched {
                     // The batch call's answer for this trace (none while quarantined).
-                    let answer = &self.answers[next_answer].1;
+                    let answer = &self.answers[next_answer];
                     next_answer += 1;
                     if let Some((base, codes)) = answer {
                         let at = base + codes[t];
