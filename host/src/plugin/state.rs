@@ -44,10 +44,11 @@ pub struct TraceIndex {
     /// Spans naming a parent that is not in the trace.
     pub orphan_count: u32,
     pub services: Vec<Arc<str>>,
-    /// Open-addressing table of (span id, span index) by span id (index `u32::MAX` = empty):
-    /// the parent lookup. Ids are random 64-bit numbers, so one multiply spreads them; no
+    /// Open-addressing table of (span id, span index) by span id: the parent lookup. Its
+    /// first `1 << bits` slots serve a trace; slots of older generations are free. Ids are random 64-bit numbers, so one multiply spreads them; no
     /// hasher runs. The id is held in the slot, so a probe reads no span.
     slots: Vec<Slot>,
+    generation: u32,
     /// Every span attribute, found by one pass over the spans on the first attribute lookup
     /// of the trace and shared by every policy after it: a lookup compares key lengths and
     /// bytes in this table instead of parsing each span's protobuf again.
@@ -157,10 +158,13 @@ impl AttrTable {
     }
 }
 
+/// A slot of the span-id table. It is in use only when its `generation` is the index's
+/// current one, so the table is never cleared between traces.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     id: u64,
     index: u32,
+    generation: u32,
 }
 
 /// A `dict-column` code for a span without the attribute.
@@ -168,7 +172,8 @@ const NO_VALUE: u32 = u32::MAX;
 
 const EMPTY: Slot = Slot {
     id: 0,
-    index: u32::MAX,
+    index: 0,
+    generation: 0,
 };
 
 /// The per-process salt that keeps crafted ids from colliding on purpose.
@@ -182,15 +187,15 @@ fn salt() -> u64 {
     })
 }
 
-/// Probes for `id` in a table of `1 << bits` slots from its home slot (an odd fixed
-/// multiplier over the salted id), and returns the slot holding it or the empty slot
-/// where it belongs.
-fn probe(slots: &[Slot], id: u64, salt: u64, bits: u32) -> usize {
+/// Probes for `id` in a table of `1 << bits` slots (those of `generation` in use) from its
+/// home slot (an odd fixed multiplier over the salted id), and returns the slot holding it
+/// or the free slot where it belongs.
+fn probe(slots: &[Slot], id: u64, salt: u64, bits: u32, generation: u32) -> usize {
     let mask = slots.len() - 1;
     let mut at = ((id ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize;
     loop {
         let slot = slots[at];
-        if slot.index == EMPTY.index || slot.id == id {
+        if slot.generation != generation || slot.id == id {
             return at;
         }
         at = (at + 1) & mask;
@@ -213,16 +218,27 @@ impl TraceIndex {
             .trailing_zeros()
             .max(4);
         let salt = salt();
-        self.slots.clear();
-        self.slots.resize(1 << bits, EMPTY);
+        let size = 1usize << bits;
+        if self.slots.len() < size {
+            self.slots.resize(size, EMPTY);
+        }
+        // A new generation frees every slot without writing them.
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.slots.fill(EMPTY);
+            self.generation = 1;
+        }
+        let generation = self.generation;
+        let slots = &mut self.slots[..size];
         for (i, s) in spans.iter().enumerate() {
             let id = u64::from_ne_bytes(s.span_id);
-            let at = probe(&self.slots, id, salt, bits);
+            let at = probe(slots, id, salt, bits, generation);
             // A repeated span id: the first arrival keeps the slot.
-            if self.slots[at].index == EMPTY.index {
-                self.slots[at] = Slot {
+            if slots[at].generation != generation {
+                slots[at] = Slot {
                     id,
                     index: i as u32,
+                    generation,
                 };
             }
         }
@@ -236,7 +252,7 @@ impl TraceIndex {
         self.services.clear();
         // Plain slices from here: the loop then keeps every pointer in a register.
         let (slots, parents, missing, is_leaf) = (
-            &self.slots[..],
+            &self.slots[..size],
             &mut self.parents[..],
             &mut self.missing_parent[..],
             &mut self.is_leaf[..],
@@ -255,15 +271,13 @@ impl TraceIndex {
                 }
             } else {
                 let id = u64::from_ne_bytes(s.parent_span_id);
-                match slots[probe(slots, id, salt, bits)].index {
-                    p if p == EMPTY.index => {
-                        missing[i] = true;
-                        orphan_count += 1;
-                    }
-                    p => {
-                        parents[i] = Some(p);
-                        is_leaf[p as usize] = false;
-                    }
+                let slot = slots[probe(slots, id, salt, bits, generation)];
+                if slot.generation == generation {
+                    parents[i] = Some(slot.index);
+                    is_leaf[slot.index as usize] = false;
+                } else {
+                    missing[i] = true;
+                    orphan_count += 1;
                 }
             }
             min_start = min_start.min(s.start_unix_nano);
