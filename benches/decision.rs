@@ -3,6 +3,10 @@
 //! - `host_only_empty_chain`: the host's own per-trace work with no policy;
 //! - `fixed_export_call`: one policy whose `decide` does nothing (the accessor probe with
 //!   `calls = 0`): the fixed cost of a Wasm decision, index and metrics included;
+//! - `fixed_export_call_1_span`: the same on one-span traces, which leaves out nearly all of
+//!   the host's per-span index work (a few ns a span, see `host_index_rebuild`);
+//! - `fixed_summary_only/1` and `/256`: `keep-errors` alone (a summary-only policy that reads
+//!   the error count and abstains) on a trace decided alone, and per trace in a batch of 256;
 //! - `fixed_plus_summary`: the same reading the summary, which nearly every policy does. Since
 //!   contract 0.2.0 the summary and trace id come with the `decide` call, so this should equal
 //!   `fixed_export_call` (it was a host call of its own, about 0.3 µs, before);
@@ -286,6 +290,17 @@ fn bench(c: &mut Criterion) {
             b.iter(|| run(decider.as_mut(), &mut traces, &mut i))
         });
     }
+
+    // The fixed cost apart from the trace's size: the same do-nothing call on one-span traces
+    // (the host's index costs a few ns a span on top; compare `host_index_rebuild`).
+    let mut one_span: Vec<([u8; 16], Vec<BufferedSpan>)> = (traces.iter())
+        .map(|(id, spans)| (*id, spans[..1].to_vec()))
+        .collect();
+    let mut decider = chain(&probe(&probe_wasm, "summary", 0));
+    let mut i = 0;
+    group.bench_function("fixed_export_call_1_span", |b| {
+        b.iter(|| run(decider.as_mut(), &mut one_span, &mut i))
+    });
 
     // The three summary-only policies deciding batches of traces that came due together,
     // and keep-errors alone (the fixed cost of a summary-only decision in a batch).

@@ -166,9 +166,8 @@ impl Tally {
 impl WasmChain {
     /// Picks up a reloaded set; the old instances are dropped with the old set.
     fn refresh(&mut self) {
-        let live = self.runtime.live.load();
-        if live.generation != self.set.generation {
-            self.set = live.clone();
+        if self.runtime.generation() != self.set.generation {
+            self.set = self.runtime.live.load_full();
             self.instances.clear();
         }
         if self.instances.len() != self.set.policies.len() {

@@ -522,6 +522,9 @@ pub struct PolicySet {
 pub struct PolicyRuntime {
     pub engine: Arc<PluginEngine>,
     pub live: ArcSwap<PolicySet>,
+    /// The live set's generation, so a worker checks for a reload with one atomic load
+    /// before it touches `live`. Set by [`PolicyRuntime::publish`] after the set.
+    generation: AtomicU64,
 }
 
 impl PolicyRuntime {
@@ -535,8 +538,21 @@ impl PolicyRuntime {
         release_freed_heap();
         Ok(Arc::new(Self {
             engine,
+            generation: AtomicU64::new(set.generation),
             live: ArcSwap::from_pointee(set),
         }))
+    }
+
+    /// Makes `set` the live one.
+    pub fn publish(&self, set: PolicySet) {
+        let generation = set.generation;
+        self.live.store(Arc::new(set));
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// The live set's generation (see [`PolicySet::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 

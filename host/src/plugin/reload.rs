@@ -123,7 +123,7 @@ impl Reloader {
             .map_err(|e| e.to_string())?;
         self.try_on_samples(&set)?;
         self.publish_info(&set);
-        self.runtime.live.store(Arc::new(set));
+        self.runtime.publish(set);
         Ok(generation)
     }
 

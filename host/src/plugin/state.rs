@@ -419,6 +419,8 @@ pub struct PolicyState {
     pub trace: Option<Box<TraceData>>,
     pub meta: Arc<PolicyMeta>,
     rng: tailgate_plugin_sdk::TraceStream,
+    /// The trace whose stream `rng` becomes on the first draw: most policies never draw.
+    unseeded: Option<TraceId>,
     last_now: u64,
     log_second: u64,
     logged_this_second: u32,
@@ -434,6 +436,7 @@ impl PolicyState {
             trace: None,
             meta,
             rng,
+            unseeded: None,
             last_now: 0,
             log_second: 0,
             logged_this_second: 0,
@@ -444,7 +447,7 @@ impl PolicyState {
     /// Seeds the per-trace random stream from the trace id and the policy's seed, so the same
     /// trace through the same policy sees the same numbers on any replica.
     pub fn seed_for(&mut self, trace_id: &TraceId) {
-        self.rng = tailgate_plugin_sdk::TraceStream::new(self.meta.seed, trace_id);
+        self.unseeded = Some(*trace_id);
     }
 
     fn trace(&self) -> wasmtime::Result<&TraceData> {
@@ -755,6 +758,9 @@ impl host::Host for PolicyState {
     }
 
     fn random(&mut self) -> wasmtime::Result<u64> {
+        if let Some(id) = self.unseeded.take() {
+            self.rng = tailgate_plugin_sdk::TraceStream::new(self.meta.seed, &id);
+        }
         Ok(self.rng.next_u64())
     }
 
@@ -803,6 +809,26 @@ mod tests {
             status_code: 0,
             kind: 1,
             has_trace_state: false,
+        }
+    }
+
+    #[test]
+    fn random_draws_the_traces_stream_under_the_policys_seed() {
+        use host::Host;
+        let meta = Arc::new(PolicyMeta {
+            name: Arc::from("dice"),
+            seed: 42,
+            log_per_second: 1,
+            counters: Arc::new(PolicyCounters::new(10)),
+        });
+        let mut state = PolicyState::new(meta, StoreLimits::default());
+        for id in [[1u8; 16], [2; 16], [1; 16]] {
+            state.seed_for(&id);
+            // The same numbers the SDK draws for a summary-only policy, on any replica.
+            let mut want = tailgate_plugin_sdk::TraceStream::new(42, &id);
+            for _ in 0..3 {
+                assert_eq!(state.random().unwrap(), want.next_u64());
+            }
         }
     }
 
