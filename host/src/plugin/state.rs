@@ -261,6 +261,7 @@ impl TraceIndex {
         let (mut min_start, mut max_end) = (u64::MAX, 0u64);
         let mut error_count = 0;
         let mut orphan_count = 0;
+        let mut last_parent: Option<(u64, Slot)> = None;
         let mut last_scope: Option<&Arc<ScopeHeader>> = None;
         for (i, s) in spans.iter().enumerate() {
             if s.is_root() {
@@ -271,7 +272,16 @@ impl TraceIndex {
                 }
             } else {
                 let id = u64::from_ne_bytes(s.parent_span_id);
-                let slot = slots[probe(slots, id, salt, bits, generation)];
+                // Siblings come in runs (a parent's calls are sent together): the previous
+                // span's answer serves the next one with the same parent.
+                let slot = match last_parent {
+                    Some((last, slot)) if last == id => slot,
+                    _ => {
+                        let slot = slots[probe(slots, id, salt, bits, generation)];
+                        last_parent = Some((id, slot));
+                        slot
+                    }
+                };
                 if slot.generation == generation {
                     parents[i] = Some(slot.index);
                     is_leaf[slot.index as usize] = false;
@@ -858,6 +868,33 @@ mod tests {
         assert_eq!(i.duration_ns, 50 - 5);
         let services: Vec<&str> = i.services.iter().map(|s| &**s).collect();
         assert_eq!(services, ["a", "b"]);
+    }
+
+    #[test]
+    fn runs_of_siblings_and_ids_of_an_earlier_trace_resolve_correctly() {
+        let r = resource("svc");
+        let mut index = TraceIndex::default();
+        // Trace A holds span 9; trace B's spans name 9 as their parent, but it is not in B:
+        // the table's slot for 9 from trace A must not answer for B.
+        index.rebuild(&[span(9, 0, 0, &r), span(3, 9, 1, &r)]);
+        let spans = vec![
+            span(1, 0, 0, &r),
+            span(2, 1, 1, &r), // a run of siblings under the root
+            span(3, 1, 2, &r),
+            span(4, 9, 3, &r), // a run of orphans under a parent of trace A
+            span(5, 9, 4, &r),
+            span(6, 1, 5, &r), // the root again after the run
+            span(7, 2, 6, &r),
+        ];
+        index.rebuild(&spans);
+        let want = [None, Some(0), Some(0), None, None, Some(0), Some(1)];
+        assert_eq!(index.parents, want);
+        assert_eq!(index.orphan_count, 2);
+        assert_eq!(
+            index.missing_parent,
+            [false, false, false, true, true, false, false]
+        );
+        assert_eq!(index.is_leaf, [false, false, true, true, true, true, true]);
     }
 
     #[test]
