@@ -197,6 +197,19 @@ plugin = "probabilistic"
 rate = 0.1
 "#;
 
+/// `THREE`'s policies compiled natively, configured as in `THREE`.
+fn native_three() -> (
+    keep_errors::KeepErrors,
+    latency::Latency,
+    probabilistic::Probabilistic,
+) {
+    (
+        testing::init("{}").unwrap(),
+        testing::init(r#"{"threshold_ms": 500}"#).unwrap(),
+        testing::init(r#"{"rate": 0.1}"#).unwrap(),
+    )
+}
+
 /// The summary-only policy that does least: read the summary's error count, abstain.
 const KEEP_ERRORS: &str = r#"
 [[policies]]
@@ -333,9 +346,7 @@ fn bench(c: &mut Criterion) {
 
     // The same three crates natively, from what the host computes for the Wasm ones, on the
     // same 256 traces as the largest batch (so both read the same spans from memory).
-    let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
-    let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
-    let mut sample = testing::init::<probabilistic::Probabilistic>(r#"{"rate": 0.1}"#).unwrap();
+    let (mut errors, mut slow, mut sample) = native_three();
     let mut idx = tailgate::plugin::TraceIndex::default();
     let mut facts = Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS);
     let batch = batch_of(256, &traces);
@@ -360,9 +371,7 @@ fn bench(c: &mut Criterion) {
     // The same three crates, compiled natively, through the SDK's in-memory trace: the
     // policies' own `decide`, called directly.
     let sdk_traces: Vec<_> = (1..=16u8).map(sdk_trace).collect();
-    let mut errors = testing::init::<keep_errors::KeepErrors>("{}").unwrap();
-    let mut slow = testing::init::<latency::Latency>(r#"{"threshold_ms": 500}"#).unwrap();
-    let mut sample = testing::init::<probabilistic::Probabilistic>(r#"{"rate": 0.1}"#).unwrap();
+    let (mut errors, mut slow, mut sample) = native_three();
     let mut i = 0;
     group.bench_function("native_sdk_errors_latency_probabilistic", |b| {
         b.iter(|| {

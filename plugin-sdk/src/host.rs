@@ -86,17 +86,14 @@ impl TraceStream {
     }
 }
 
-/// Makes [`random_u64`] draw from trace `trace_id`'s stream under `seed`
-/// (seeded lazily, on the first draw) until [`draw_from_host`].
+/// Runs `f` with [`random_u64`] drawing from trace `trace_id`'s stream under
+/// `seed` (seeded lazily, on the first draw) instead of from the host.
 #[inline]
-pub(crate) fn draw_from_trace(seed: u64, trace_id: [u8; 16]) {
+pub(crate) fn with_trace_stream<R>(seed: u64, trace_id: [u8; 16], f: impl FnOnce() -> R) -> R {
     LOCAL_STREAM.with(|s| s.set(Local::Seed { seed, trace_id }));
-}
-
-/// Makes [`random_u64`] draw from the host again.
-#[inline]
-pub(crate) fn draw_from_host() {
+    let r = f();
     LOCAL_STREAM.with(|s| s.set(Local::Host));
+    r
 }
 
 /// A deterministic pseudo-random float in `[0, 1)`, from [`random_u64`]'s

@@ -312,10 +312,7 @@ pub mod __private {
                 let verdict = match slot.as_mut() {
                     Some(policy) => {
                         trace.set_facts(summary, id, randomness);
-                        crate::host::draw_from_trace(seed, id);
-                        let verdict = policy.decide(&trace);
-                        crate::host::draw_from_host();
-                        verdict
+                        crate::host::with_trace_stream(seed, id, || policy.decide(&trace))
                     }
                     None => Verdict::abstain().with_reason("policy not initialised"),
                 };

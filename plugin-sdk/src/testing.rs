@@ -318,9 +318,9 @@ pub fn decide<P: Policy>(policy: &mut P, trace: &Trace) -> Verdict {
         let facts = facts_trace(*trace.summary(), trace.trace_id(), trace.randomness());
         // As `decide-summaries` runs it: random numbers come from the SDK's own
         // copy of the trace's stream, not from the host.
-        crate::host::draw_from_trace(state::seed(), trace.trace_id());
-        let verdict = policy.decide(&facts);
-        crate::host::draw_from_host();
+        let verdict = crate::host::with_trace_stream(state::seed(), trace.trace_id(), || {
+            policy.decide(&facts)
+        });
         assert!(
             verdict.patches.is_empty() && verdict.remove_spans.is_empty(),
             "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
@@ -455,12 +455,13 @@ pub(crate) mod state {
         STATE.with(|s| f(&mut s.borrow_mut()))
     }
 
-    /// The host's own stream (see [`TraceStream`]), so a policy sees the same
-    /// numbers natively as in Wasm.
+    /// The policy seed set by [`set_seed`](super::set_seed).
     pub(crate) fn seed() -> u64 {
         with(|s| s.seed)
     }
 
+    /// The host's own stream (see [`TraceStream`]), so a policy sees the same
+    /// numbers natively as in Wasm.
     pub(crate) fn begin_trace(trace_id: &[u8; 16]) {
         with(|s| s.rng = TraceStream::new(s.seed, trace_id))
     }

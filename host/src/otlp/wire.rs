@@ -256,10 +256,7 @@ fn parse_span(mut r: Reader<'_>) -> Result<Result<SpanRef<'_>, IdFault>, WireErr
         match f.number {
             1 => trace_id = r.bytes(&f, "trace_id")?,
             2 => span_id = r.bytes(&f, "span_id")?,
-            3 => {
-                r.utf8(&f, "trace_state")?;
-                span.has_trace_state = !r.bytes(&f, "trace_state")?.is_empty();
-            }
+            3 => span.has_trace_state = !r.utf8(&f, "trace_state")?.is_empty(),
             4 => parent = r.bytes(&f, "parent_span_id")?,
             5 => span.name = r.string(&f, "name")?,
             // prost truncates enum varints to i32 the same way.
@@ -1169,15 +1166,15 @@ impl<'a> Reader<'a> {
         str::from_utf8(bytes).map_err(|e| self.bad_utf8(f, name, bytes, e))
     }
 
-    /// Validates a string field whose text is not needed.
+    /// Validates a string field whose text is not needed, and returns its bytes.
     #[inline(always)]
-    fn utf8(&self, f: &Field<'a>, name: &str) -> Result<(), WireError> {
+    fn utf8(&self, f: &Field<'a>, name: &str) -> Result<&'a [u8], WireError> {
         let bytes = self.bytes(f, name)?;
         if is_ascii(bytes) {
-            return Ok(());
+            return Ok(bytes);
         }
         match str::from_utf8(bytes) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(bytes),
             Err(e) => Err(self.bad_utf8(f, name, bytes, e)),
         }
     }

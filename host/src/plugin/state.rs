@@ -45,8 +45,9 @@ pub struct TraceIndex {
     pub orphan_count: u32,
     pub services: Vec<Arc<str>>,
     /// Open-addressing table of (span id, span index) by span id: the parent lookup. Its
-    /// first `1 << bits` slots serve a trace; slots of older generations are free. Ids are random 64-bit numbers, so one multiply spreads them; no
-    /// hasher runs. The id is held in the slot, so a probe reads no span.
+    /// first `1 << bits` slots serve a trace; slots of older generations are free. Ids are
+    /// random 64-bit numbers, so one multiply spreads them; no hasher runs. The id is held in
+    /// the slot, so a probe reads no span.
     slots: Vec<Slot>,
     generation: u32,
     /// Every span attribute, found by one pass over the spans on the first attribute lookup
