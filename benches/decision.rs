@@ -210,12 +210,130 @@ fn native_three() -> (
     )
 }
 
+/// `THREE` as a native chain: the same three crates compiled into the host, given what the
+/// host gives the Wasm ones (its index and each trace's facts), their verdicts combined as
+/// the Wasm chain combines them (the first keep decides, a probabilistic keep's probability
+/// is stamped unless another policy keeps for certain, else the default), and one
+/// [`tailgate::decide::Decision`] out per trace. Everything the Wasm chain does but the
+/// sandbox.
+struct NativeChain {
+    index: tailgate::plugin::TraceIndex,
+    facts: Vec<u64>,
+    policies: (
+        keep_errors::KeepErrors,
+        latency::Latency,
+        probabilistic::Probabilistic,
+    ),
+    /// Policy names, and each policy's last reason (shared while it repeats, as in the chain).
+    names: [Arc<str>; 3],
+    reasons: [Option<Arc<str>>; 3],
+    default: tailgate::config::DefaultVerdict,
+    default_policy: Arc<str>,
+    default_reason: Arc<str>,
+}
+
+impl NativeChain {
+    fn new() -> Self {
+        let config = Config::parse(THREE, "bench.toml").expect("bench config");
+        let default = config.decide.default;
+        NativeChain {
+            index: Default::default(),
+            facts: Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS),
+            policies: native_three(),
+            names: ["errors", "slow", "sample"].map(Arc::from),
+            reasons: Default::default(),
+            default,
+            default_policy: Arc::from("default"),
+            default_reason: Arc::from(tailgate::decide::default_reason(default)),
+        }
+    }
+}
+
+impl Decider for NativeChain {
+    fn decide(&mut self, trace: &mut TraceView<'_>) -> tailgate::decide::Decision {
+        self.index.rebuild(trace.spans);
+        self.facts.clear();
+        (self.index).push_facts(trace.trace_id, trace.spans, &mut self.facts);
+        let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&self.facts);
+        let t = testing::facts_trace(summary, id, r);
+        let (errors, slow, sample) = &mut self.policies;
+        let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
+        let mut kept_by = None;
+        let (mut probability, mut certain) = (0.0f64, false);
+        for (i, v) in verdicts.iter().enumerate() {
+            if v.is_keep() {
+                match v.probability {
+                    Some(p) => probability = probability.max(p),
+                    None => certain = true,
+                }
+                kept_by.get_or_insert(i);
+            }
+        }
+        match kept_by {
+            Some(i) => {
+                let reason = match &self.reasons[i] {
+                    Some(last) if **last == *verdicts[i].reason => last.clone(),
+                    _ => (self.reasons[i].insert(Arc::from(verdicts[i].reason.as_str()))).clone(),
+                };
+                tailgate::decide::Decision {
+                    keep: true,
+                    policy: self.names[i].clone(),
+                    reason,
+                    probability: (!certain && probability > 0.0).then_some(probability),
+                    edits: Vec::new(),
+                }
+            }
+            None => tailgate::decide::Decision {
+                keep: self.default == tailgate::config::DefaultVerdict::Keep,
+                policy: self.default_policy.clone(),
+                reason: self.default_reason.clone(),
+                probability: None,
+                edits: Vec::new(),
+            },
+        }
+    }
+}
+
 /// The summary-only policy that does least: read the summary's error count, abstain.
 const KEEP_ERRORS: &str = r#"
 [[policies]]
 name = "errors"
 plugin = "keep-errors"
 "#;
+
+/// Checks that the Wasm chain and [`NativeChain`] decide a batch of 256 alike (keep, policy,
+/// reason, probability), so the ratio compares the same work.
+fn same_decisions(
+    wasm: &mut dyn Decider,
+    native: &mut NativeChain,
+    traces: &[([u8; 16], Vec<BufferedSpan>)],
+) {
+    let mut outs = [Vec::new(), Vec::new()];
+    for (decider, out) in [wasm, native as &mut dyn Decider].into_iter().zip(&mut outs) {
+        let mut batch = batch_of(256, traces);
+        let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
+            .map(|(id, spans)| TraceView {
+                trace_id: id,
+                spans,
+                trigger: Trigger::RootGrace,
+            })
+            .collect();
+        decider.decide_batch(&mut views, out);
+    }
+    let key = |d: &tailgate::decide::Decision| {
+        (d.keep, d.policy.to_string(), d.reason.to_string(), d.probability)
+    };
+    let [wasm, native] = outs;
+    assert_eq!(wasm.len(), 256);
+    // Both ways of deciding occur: a policy's keep and the default.
+    let by = |name: &str| wasm.iter().any(|d| &*d.policy == name);
+    assert!(by("sample") && by("default"));
+    assert_eq!(
+        wasm.iter().map(key).collect::<Vec<_>>(),
+        native.iter().map(key).collect::<Vec<_>>(),
+        "the native chain must decide as the Wasm chain"
+    );
+}
 
 /// `n` traces with distinct ids, cycling through `traces`' spans (each trace its own copy,
 /// as in a worker's batch).
@@ -317,14 +435,24 @@ fn bench(c: &mut Criterion) {
 
     // The three summary-only policies deciding batches of traces that came due together,
     // and keep-errors alone (the fixed cost of a summary-only decision in a batch).
-    let batches = [
-        ("wasm_errors_latency_probabilistic_batch", THREE, 16usize),
-        ("wasm_errors_latency_probabilistic_batch", THREE, 64),
-        ("wasm_errors_latency_probabilistic_batch", THREE, 256),
-        ("fixed_summary_only", KEEP_ERRORS, 256),
+    // Last, the same three natively as a chain (`NativeChain`), through the same batch
+    // interface: the ratio's baseline.
+    // (Each decider is built just before its case and dropped after it, so only one engine
+    // and its epoch thread are alive at a time, as in the host.)
+    let batches: [(&str, fn() -> Box<dyn Decider>, usize); 5] = [
+        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 16),
+        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 64),
+        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 256),
+        ("fixed_summary_only", || chain(KEEP_ERRORS), 256),
+        (
+            "native_chain_errors_latency_probabilistic",
+            || Box::new(NativeChain::new()),
+            256,
+        ),
     ];
-    for (name, policies, n) in batches {
-        let mut decider = chain(policies);
+    same_decisions(chain(THREE).as_mut(), &mut NativeChain::new(), &traces);
+    for (name, decider, n) in batches {
+        let mut decider = decider();
         let mut batch = batch_of(n, &traces);
         let mut out = Vec::with_capacity(n);
         group.throughput(criterion::Throughput::Elements(n as u64));

@@ -279,7 +279,7 @@ impl Worker {
                 Decision {
                     keep: true,
                     policy: std::sync::Arc::from("default"),
-                    reason: std::borrow::Cow::Borrowed("no decision"),
+                    reason: std::sync::Arc::from("no decision"),
                     ..Decision::default()
                 }
             });

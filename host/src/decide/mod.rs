@@ -6,7 +6,6 @@
 
 mod apply;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::buffer::{BufferedSpan, TraceId, Trigger};
@@ -37,8 +36,9 @@ pub struct Decision {
     pub keep: bool,
     /// The policy whose verdict decided (or `default`).
     pub policy: Arc<str>,
-    /// A policy's own words, or one of the host's fixed texts (which cost no allocation).
-    pub reason: Cow<'static, str>,
+    /// A policy's own words, or one of the host's fixed texts. Shared, so handing a reason
+    /// from a policy's answer to the decision and on to the export stamp copies no text.
+    pub reason: Arc<str>,
     /// The probability with which traces like this one are kept, when below 1; stamped as the
     /// OTel `th` threshold so backends can re-weight counts.
     pub probability: Option<f64>,
@@ -66,7 +66,7 @@ pub enum TraceEdit {
 #[derive(Debug)]
 pub struct Stamp {
     pub policy: Arc<str>,
-    pub reason: Cow<'static, str>,
+    pub reason: Arc<str>,
     /// `sampling.trigger`, `sampling.policy`, `sampling.reason` as encoded Span attributes.
     pub encoded: Box<[u8]>,
 }
@@ -134,6 +134,7 @@ pub trait DeciderFactory: Send + Sync {
 pub struct PolicyChain {
     default: DefaultVerdict,
     default_policy: Arc<str>,
+    default_reason: Arc<str>,
 }
 
 impl PolicyChain {
@@ -141,6 +142,7 @@ impl PolicyChain {
         Self {
             default: config.default,
             default_policy: Arc::from("default"),
+            default_reason: Arc::from(default_reason(config.default)),
         }
     }
 }
@@ -158,8 +160,9 @@ impl Decider for PolicyChain {
         Decision {
             keep: self.default == DefaultVerdict::Keep,
             policy: self.default_policy.clone(),
-            reason: Cow::Borrowed(default_reason(self.default)),
-            ..Decision::default()
+            reason: self.default_reason.clone(),
+            probability: None,
+            edits: Vec::new(),
         }
     }
 }

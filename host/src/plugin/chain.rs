@@ -14,7 +14,6 @@
 //! cheaper), and the trace's verdicts are combined in chain order. Every policy sees every
 //! trace in the same order, so a batch decides exactly as one trace at a time would.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +48,8 @@ impl DeciderFactory for WasmChainFactory {
             single: Vec::with_capacity(1),
             clock: Instant::now(),
             default_policy: Arc::from("default"),
+            default_reason: None,
+            reasons: Vec::new(),
         })
     }
 }
@@ -81,6 +82,11 @@ pub struct WasmChain {
     /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
     clock: Instant,
     default_policy: Arc<str>,
+    /// The live set's default verdict and its reason, made once per set.
+    default_reason: Option<(DefaultVerdict, Arc<str>)>,
+    /// Each policy's last reason from `decide`: a policy mostly repeats a few reasons, and a
+    /// repeat is shared instead of copied.
+    reasons: Vec<Option<Arc<str>>>,
 }
 
 /// A summary-only policy's answer for a batch: the index of its first outcome in
@@ -91,7 +97,7 @@ type BatchAnswer = Option<(u32, Vec<u32>)>;
 /// One policy's contribution to a decision.
 struct Outcome {
     verdict: WitDecision,
-    reason: Cow<'static, str>,
+    reason: Arc<str>,
     probability: Option<f64>,
 }
 
@@ -169,9 +175,15 @@ impl WasmChain {
         if self.runtime.generation() != self.set.generation {
             self.set = self.runtime.live.load_full();
             self.instances.clear();
+            self.reasons.clear();
         }
         if self.instances.len() != self.set.policies.len() {
             self.instances.resize_with(self.set.policies.len(), || None);
+            self.reasons.resize(self.set.policies.len(), None);
+        }
+        if self.default_reason.as_ref().map(|(d, _)| *d) != Some(self.set.default) {
+            let reason = Arc::from(default_reason(self.set.default));
+            self.default_reason = Some((self.set.default, reason));
         }
         if self.handles.len() != self.set.policies.len() {
             self.handles = (self.set.policies.iter())
@@ -275,7 +287,7 @@ impl WasmChain {
                 count(handles, verdict.decision, 1);
                 Some(Outcome {
                     verdict: verdict.decision,
-                    reason: Cow::Owned(truncated(verdict.reason, 256)),
+                    reason: shared_reason(&mut self.reasons[i], verdict.reason),
                     probability: verdict.probability.filter(|p| *p > 0.0 && *p < 1.0),
                 })
             }
@@ -315,7 +327,7 @@ impl WasmChain {
                         i,
                         Outcome {
                             verdict: o.decision,
-                            reason: Cow::Owned(truncated(o.reason, 256)),
+                            reason: Arc::from(truncated(o.reason, 256)),
                             probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
                         },
                     ));
@@ -337,7 +349,10 @@ impl WasmChain {
         Decision {
             keep,
             policy: self.default_policy.clone(),
-            reason: Cow::Borrowed(default_reason(self.set.default)),
+            reason: match &self.default_reason {
+                Some((_, reason)) => reason.clone(),
+                None => Arc::from(default_reason(self.set.default)),
+            },
             probability: None,
             edits: if keep { edits } else { Vec::new() },
         }
@@ -364,7 +379,7 @@ impl WasmChain {
         };
         Outcome {
             verdict,
-            reason: Cow::Owned(format!("policy failed ({kind}); on_error")),
+            reason: Arc::from(format!("policy failed ({kind}); on_error")),
             probability: None,
         }
     }
@@ -377,6 +392,16 @@ fn count(handles: &PolicyMetrics, decision: WitDecision, n: u64) {
         WitDecision::Drop => handles.drop.inc_by(n),
         WitDecision::Abstain => handles.abstain.inc_by(n),
     };
+}
+
+/// A policy's reason as the chain keeps it: cut to 256 bytes, and shared with the policy's
+/// previous reason when it is the same text.
+fn shared_reason(last: &mut Option<Arc<str>>, reason: String) -> Arc<str> {
+    let reason = truncated(reason, 256);
+    match last {
+        Some(l) if **l == *reason => l.clone(),
+        _ => last.insert(Arc::from(reason)).clone(),
+    }
 }
 
 /// `s` cut to at most `max` bytes on a character boundary, without copying it.
@@ -551,7 +576,8 @@ impl WasmChain {
                 keep: false,
                 policy,
                 reason,
-                ..Decision::default()
+                probability: None,
+                edits: Vec::new(),
             }
         } else if tally.kept_by != NONE {
             let (policy, reason) = named(tally.kept_by);
