@@ -309,7 +309,10 @@ fn same_decisions(
     traces: &[([u8; 16], Vec<BufferedSpan>)],
 ) {
     let mut outs = [Vec::new(), Vec::new()];
-    for (decider, out) in [wasm, native as &mut dyn Decider].into_iter().zip(&mut outs) {
+    for (decider, out) in [wasm, native as &mut dyn Decider]
+        .into_iter()
+        .zip(&mut outs)
+    {
         let mut batch = batch_of(256, traces);
         let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
             .map(|(id, spans)| TraceView {
@@ -321,7 +324,12 @@ fn same_decisions(
         decider.decide_batch(&mut views, out);
     }
     let key = |d: &tailgate::decide::Decision| {
-        (d.keep, d.policy.to_string(), d.reason.to_string(), d.probability)
+        (
+            d.keep,
+            d.policy.to_string(),
+            d.reason.to_string(),
+            d.probability,
+        )
     };
     let [wasm, native] = outs;
     assert_eq!(wasm.len(), 256);
@@ -439,10 +447,23 @@ fn bench(c: &mut Criterion) {
     // interface: the ratio's baseline.
     // (Each decider is built just before its case and dropped after it, so only one engine
     // and its epoch thread are alive at a time, as in the host.)
-    let batches: [(&str, fn() -> Box<dyn Decider>, usize); 5] = [
-        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 16),
-        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 64),
-        ("wasm_errors_latency_probabilistic_batch", || chain(THREE), 256),
+    type Build = fn() -> Box<dyn Decider>;
+    let batches: [(&str, Build, usize); 5] = [
+        (
+            "wasm_errors_latency_probabilistic_batch",
+            || chain(THREE),
+            16,
+        ),
+        (
+            "wasm_errors_latency_probabilistic_batch",
+            || chain(THREE),
+            64,
+        ),
+        (
+            "wasm_errors_latency_probabilistic_batch",
+            || chain(THREE),
+            256,
+        ),
         ("fixed_summary_only", || chain(KEEP_ERRORS), 256),
         (
             "native_chain_errors_latency_probabilistic",

@@ -1,7 +1,7 @@
 //! # tailgate-plugin-sdk
 //!
 //! Everything a Rust author needs to write a tailgate sampling policy: the WIT
-//! contract (`wit/policy.wit`, package `tailgate:policy@0.3.0`), an ergonomic
+//! contract (`wit/policy.wit`, package `tailgate:policy@0.4.0`), an ergonomic
 //! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
 //! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
 //! [`export_policy!`]. [`stats`] holds state that several policies share:
@@ -28,8 +28,8 @@
 //! ```
 //!
 //! The same code runs in two places. Built for `wasm32-unknown-unknown`, the
-//! trace is the host's `trace` resource and the macro emits the component's
-//! exports. Built natively (`cargo test`), the trace is an in-memory one from
+//! trace is read through the host's `trace` interface and the macro emits the
+//! component's exports. Built natively (`cargo test`), the trace is an in-memory one from
 //! `testing::TraceBuilder` (native only) and the host imports are in-process stand-ins,
 //! so a policy's logic is unit-tested with no Wasm tooling at all.
 
@@ -56,7 +56,7 @@ pub use types::{
 };
 
 /// The WIT package this SDK implements.
-pub const WIT_PACKAGE: &str = "tailgate:policy@0.3.0";
+pub const WIT_PACKAGE: &str = "tailgate:policy@0.4.0";
 
 /// The contract's WIT text, for hosts and tools that want the exact file the
 /// SDK was built with.
@@ -200,11 +200,10 @@ macro_rules! export_policy {
                     $crate::__private::decide_summaries::<$policy>(&__TAILGATE_POLICY, seed, facts)
                 }
                 fn decide(
-                    t: &$crate::__private::RawTrace,
                     summary: $crate::__private::RawSummary,
                     trace_id: (u64, u64),
                 ) -> $crate::__private::RawVerdict {
-                    $crate::__private::decide::<$policy>(&__TAILGATE_POLICY, t, summary, trace_id)
+                    $crate::__private::decide::<$policy>(&__TAILGATE_POLICY, summary, trace_id)
                 }
             }
     $crate::__private::export_world!(__TailgatePolicyExport with_types_in $crate::bindings);
@@ -221,6 +220,7 @@ macro_rules! export_policy {
 /// SDK's API: use [`Trace`], [`Verdict`] and [`host`] instead.
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
@@ -248,8 +248,7 @@ pub mod __private {
     pub use crate::bindings::__export_world as export_world;
     pub use crate::bindings::Guest;
     pub use crate::bindings::tailgate::policy::types::{
-        Capabilities, Summary as RawSummary, SummaryVerdicts, Trace as RawTrace,
-        Verdict as RawVerdict,
+        Capabilities, Summary as RawSummary, SummaryVerdicts, Verdict as RawVerdict,
     };
     pub use std::string::String;
     pub use std::vec::Vec;
@@ -259,6 +258,32 @@ pub mod __private {
     use crate::{Decision, Level, PatchTarget, Policy, Summary, Trace, Verdict};
 
     pub type Slot<P> = LocalKey<RefCell<Option<P>>>;
+
+    /// Reason ids this instance got from the host, by text: most policies have a handful of
+    /// reasons, so each is registered once and then found here.
+    const CACHED_REASONS: usize = 64;
+    std::thread_local! {
+        static REASONS: RefCell<Vec<(String, u32)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The id of `text` as a verdict's reason (see `host.reason` in the WIT).
+    fn reason_id(text: &str) -> u32 {
+        if text.is_empty() {
+            return 0;
+        }
+        REASONS.with(|r| {
+            let mut r = r.borrow_mut();
+            if let Some((_, id)) = r.iter().find(|(t, _)| t == text) {
+                return *id;
+            }
+            let id = crate::bindings::tailgate::policy::host::reason(text);
+            // The overflow id stands for the latest text only: never cache it.
+            if id != u32::MAX && r.len() < CACHED_REASONS {
+                r.push((text.to_owned(), id));
+            }
+            id
+        })
+    }
 
     /// Route panic messages to the host log before the trap that follows
     /// (on wasm32-unknown-unknown a panic aborts and its message is lost).
@@ -321,10 +346,11 @@ pub mod __private {
                     "a SUMMARY_ONLY policy returned edits; it cannot edit traces"
                 );
                 let decision = decision_to_wit(verdict.decision);
+                let reason = reason_id(&verdict.reason);
                 let same = |o: &wit::Outcome| {
                     o.decision == decision
+                        && o.reason == reason
                         && o.probability.map(f64::to_bits) == verdict.probability.map(f64::to_bits)
-                        && o.reason == verdict.reason
                 };
                 let code = if outcomes.get(last).is_some_and(same) {
                     last
@@ -333,7 +359,7 @@ pub mod __private {
                 } else {
                     outcomes.push(wit::Outcome {
                         decision,
-                        reason: verdict.reason,
+                        reason,
                         probability: verdict.probability,
                     });
                     outcomes.len() - 1
@@ -355,7 +381,6 @@ pub mod __private {
 
     pub fn decide<P: Policy>(
         slot: &'static Slot<P>,
-        raw: &RawTrace,
         summary: RawSummary,
         (hi, lo): (u64, u64),
     ) -> RawVerdict {
@@ -363,10 +388,9 @@ pub mod __private {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&hi.to_be_bytes());
         id[8..].copy_from_slice(&lo.to_be_bytes());
-        // SAFETY: `trace` lives only until the end of this function, inside
-        // the export call that lent `raw`; the policy only sees `&trace`.
-        let backend = unsafe { Backend::borrowed(raw) };
-        let trace = Trace::with_facts(backend, crate::backend::summary_from_wit(summary), id);
+        // The host's trace functions read the trace of this call; the policy only sees
+        // `&trace`, which ends with it.
+        let trace = Trace::with_facts(Backend, crate::backend::summary_from_wit(summary), id);
         let verdict = slot.with(|s| match s.borrow_mut().as_mut() {
             Some(policy) => policy.decide(&trace),
             None => Verdict::abstain().with_reason("policy not initialised"),
@@ -374,25 +398,24 @@ pub mod __private {
         to_wit(verdict)
     }
 
+    /// The verdict as `decide` returns it; its edits go to the host first, as calls.
     fn to_wit(v: Verdict) -> RawVerdict {
         use crate::backend::attr_to_wit;
+        use crate::bindings::tailgate::policy::trace;
+        for p in v.patches {
+            let target = match p.target {
+                PatchTarget::Span(i) => wit::PatchTarget::Span(i),
+                PatchTarget::ResourceOf(i) => wit::PatchTarget::ResourceOf(i),
+            };
+            trace::patch(target, &p.key, &attr_to_wit(p.value));
+        }
+        for i in v.remove_spans {
+            trace::remove_span(i);
+        }
         RawVerdict {
             decision: decision_to_wit(v.decision),
-            reason: v.reason,
+            reason: reason_id(&v.reason),
             probability: v.probability,
-            patches: v
-                .patches
-                .into_iter()
-                .map(|p| wit::Patch {
-                    target: match p.target {
-                        PatchTarget::Span(i) => wit::PatchTarget::Span(i),
-                        PatchTarget::ResourceOf(i) => wit::PatchTarget::ResourceOf(i),
-                    },
-                    key: p.key,
-                    value: attr_to_wit(p.value),
-                })
-                .collect(),
-            remove_spans: v.remove_spans,
         }
     }
 }

@@ -516,8 +516,8 @@ fn a_component_importing_outside_the_contract_is_refused_at_load() {
 
 #[test]
 fn a_component_built_for_the_previous_contract_is_refused_naming_its_version() {
-    // 0.2.0's `init` returned no capabilities, and it had no `decide-summaries`.
-    let stderr = refused_at_load(component_importing("tailgate:policy/host@0.2.0"));
-    assert!(stderr.contains("tailgate:policy@0.2.0"), "{stderr}");
-    assert!(stderr.contains("accepts 0.3.0"), "{stderr}");
+    // 0.3.0 passed the trace as a resource and returned reasons and edits in the verdict.
+    let stderr = refused_at_load(component_importing("tailgate:policy/host@0.3.0"));
+    assert!(stderr.contains("tailgate:policy@0.3.0"), "{stderr}");
+    assert!(stderr.contains("accepts 0.4.0"), "{stderr}");
 }

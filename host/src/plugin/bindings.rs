@@ -3,9 +3,6 @@
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit",
     world: "policy",
-    with: {
-        "tailgate:policy/types.trace": super::state::TraceHandle,
-    },
     // Span-index checks trap the guest, so host calls may return traps.
     imports: { default: trappable },
 });

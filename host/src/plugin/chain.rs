@@ -49,7 +49,6 @@ impl DeciderFactory for WasmChainFactory {
             clock: Instant::now(),
             default_policy: Arc::from("default"),
             default_reason: None,
-            reasons: Vec::new(),
         })
     }
 }
@@ -84,9 +83,6 @@ pub struct WasmChain {
     default_policy: Arc<str>,
     /// The live set's default verdict and its reason, made once per set.
     default_reason: Option<(DefaultVerdict, Arc<str>)>,
-    /// Each policy's last reason from `decide`: a policy mostly repeats a few reasons, and a
-    /// repeat is shared instead of copied.
-    reasons: Vec<Option<Arc<str>>>,
 }
 
 /// A summary-only policy's answer for a batch: the index of its first outcome in
@@ -175,11 +171,9 @@ impl WasmChain {
         if self.runtime.generation() != self.set.generation {
             self.set = self.runtime.live.load_full();
             self.instances.clear();
-            self.reasons.clear();
         }
         if self.instances.len() != self.set.policies.len() {
             self.instances.resize_with(self.set.policies.len(), || None);
-            self.reasons.resize(self.set.policies.len(), None);
         }
         if self.default_reason.as_ref().map(|(d, _)| *d) != Some(self.set.default) {
             let reason = Arc::from(default_reason(self.set.default));
@@ -273,22 +267,24 @@ impl WasmChain {
         let policy: &LoadedPolicy = &self.set.policies[i];
         let handles = &self.handles[i];
         match result {
-            Ok(verdict) => {
+            Ok(answer) => {
                 policy.health.succeeded();
-                let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
-                let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
-                match edits::validate(&verdict, spans, is_leaf, &policy.spec) {
-                    Ok(mut edits) => edits_out.append(&mut edits),
-                    Err(why) => {
-                        handles.invalid_edits.inc();
-                        tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
+                if !answer.edits.is_empty() {
+                    let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
+                    let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
+                    match edits::validate(&answer.edits, spans, is_leaf, &policy.spec) {
+                        Ok(mut edits) => edits_out.append(&mut edits),
+                        Err(why) => {
+                            handles.invalid_edits.inc();
+                            tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
+                        }
                     }
                 }
-                count(handles, verdict.decision, 1);
+                count(handles, answer.decision, 1);
                 Some(Outcome {
-                    verdict: verdict.decision,
-                    reason: shared_reason(&mut self.reasons[i], verdict.reason),
-                    probability: verdict.probability.filter(|p| *p > 0.0 && *p < 1.0),
+                    verdict: answer.decision,
+                    reason: answer.reason,
+                    probability: answer.probability.filter(|p| *p > 0.0 && *p < 1.0),
                 })
             }
             Err(trap) => Some(self.call_failed(i, &trap)),
@@ -327,7 +323,7 @@ impl WasmChain {
                         i,
                         Outcome {
                             verdict: o.decision,
-                            reason: Arc::from(truncated(o.reason, 256)),
+                            reason: o.reason,
                             probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
                         },
                     ));
@@ -392,28 +388,6 @@ fn count(handles: &PolicyMetrics, decision: WitDecision, n: u64) {
         WitDecision::Drop => handles.drop.inc_by(n),
         WitDecision::Abstain => handles.abstain.inc_by(n),
     };
-}
-
-/// A policy's reason as the chain keeps it: cut to 256 bytes, and shared with the policy's
-/// previous reason when it is the same text.
-fn shared_reason(last: &mut Option<Arc<str>>, reason: String) -> Arc<str> {
-    let reason = truncated(reason, 256);
-    match last {
-        Some(l) if **l == *reason => l.clone(),
-        _ => last.insert(Arc::from(reason)).clone(),
-    }
-}
-
-/// `s` cut to at most `max` bytes on a character boundary, without copying it.
-fn truncated(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 /// Names what stopped a call, for metrics and logs.

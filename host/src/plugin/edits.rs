@@ -1,4 +1,8 @@
-//! Checking a verdict's edits before any of them touches a trace.
+//! Holding and checking a verdict's edits before any of them touches a trace.
+//!
+//! A policy asks for edits during `decide` (`trace.patch`, `trace.remove-span`); the host
+//! holds them in [`PendingEdits`], within the policy's caps, and checks them with the verdict
+//! once the call has returned normally.
 //!
 //! All or nothing: one bad patch or removal (index out of range, empty key, a removal of a
 //! span that has children, too many patches or bytes, a `json` value that is not an array or
@@ -9,7 +13,7 @@ use opentelemetry_proto::tonic::common::v1::{
 };
 use prost::Message;
 
-use super::bindings::tailgate::policy::types::{AttrValue, PatchTarget, Verdict};
+use super::bindings::tailgate::policy::types::{AttrValue, PatchTarget};
 use crate::buffer::BufferedSpan;
 use crate::config::PolicyConfig;
 use crate::decide::TraceEdit;
@@ -17,24 +21,91 @@ use crate::decide::TraceEdit;
 /// Longest attribute key a policy may write.
 const MAX_KEY_BYTES: usize = 256;
 
+/// One attribute write a policy asked for.
+pub struct Patch {
+    pub target: PatchTarget,
+    pub key: String,
+    pub value: AttrValue,
+}
+
+/// The edits of the `decide` call under way.
+#[derive(Default)]
+pub struct PendingEdits {
+    pub patches: Vec<Patch>,
+    pub removals: Vec<u32>,
+    /// Why the call's edits are already known to be invalid: it asked for more than the caps
+    /// allow. Nothing past that point is held.
+    pub refused: Option<String>,
+    /// The patches' keys and values so far, in bytes (a bound on their encoded size).
+    bytes: usize,
+}
+
+impl PendingEdits {
+    pub fn push_patch(&mut self, patch: Patch, max_patches: usize, max_bytes: usize) {
+        if self.refused.is_some() {
+            return;
+        }
+        if self.patches.len() >= max_patches {
+            return self.refuse(format!("more than max_patches = {max_patches} patches"));
+        }
+        self.bytes += patch.key.len() + value_bytes(&patch.value);
+        if self.bytes > max_bytes {
+            return self.refuse(format!(
+                "patches take more than max_patch_bytes = {max_bytes} bytes"
+            ));
+        }
+        self.patches.push(patch);
+    }
+
+    pub fn push_removal(&mut self, span: u32, span_count: usize) {
+        if self.refused.is_some() {
+            return;
+        }
+        if self.removals.len() >= span_count {
+            return self.refuse(format!(
+                "more span removals than the trace's {span_count} spans"
+            ));
+        }
+        self.removals.push(span);
+    }
+
+    fn refuse(&mut self, why: String) {
+        self.refused = Some(why);
+        self.patches = Vec::new();
+        self.removals = Vec::new();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patches.is_empty() && self.removals.is_empty() && self.refused.is_none()
+    }
+}
+
+/// A value's payload in bytes: what the guest made the host hold.
+fn value_bytes(v: &AttrValue) -> usize {
+    match v {
+        AttrValue::Str(s) | AttrValue::Json(s) => s.len(),
+        AttrValue::Bytes(b) => b.len(),
+        AttrValue::Int(_) | AttrValue::Double(_) | AttrValue::Boolean(_) => 8,
+    }
+}
+
+/// The trace edits `pending` stands for, or why none of them may be applied.
 pub fn validate(
-    verdict: &Verdict,
+    pending: &PendingEdits,
     spans: &[BufferedSpan],
     is_leaf: &[bool],
     spec: &PolicyConfig,
 ) -> Result<Vec<TraceEdit>, String> {
-    if verdict.patches.is_empty() && verdict.remove_spans.is_empty() {
+    if let Some(why) = &pending.refused {
+        return Err(why.clone());
+    }
+    if pending.patches.is_empty() && pending.removals.is_empty() {
         return Ok(Vec::new());
     }
-    if let Some(p) = verdict.probability
-        && !(p > 0.0 && p <= 1.0)
-    {
-        return Err(format!("probability {p} is not in (0, 1]"));
-    }
-    if verdict.patches.len() > spec.max_patches {
+    if pending.patches.len() > spec.max_patches {
         return Err(format!(
             "{} patches, more than max_patches = {}",
-            verdict.patches.len(),
+            pending.patches.len(),
             spec.max_patches
         ));
     }
@@ -49,8 +120,8 @@ pub fn validate(
         }
     };
     let mut bytes = 0usize;
-    let mut edits = Vec::with_capacity(verdict.patches.len() + verdict.remove_spans.len());
-    for patch in &verdict.patches {
+    let mut edits = Vec::with_capacity(pending.patches.len() + pending.removals.len());
+    for patch in &pending.patches {
         if patch.key.is_empty() || patch.key.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "patch key of {} bytes (must be 1..={MAX_KEY_BYTES})",
@@ -91,7 +162,7 @@ pub fn validate(
             }
         }
     }
-    for &i in &verdict.remove_spans {
+    for &i in &pending.removals {
         in_range(i)?;
         if !is_leaf.get(i as usize).copied().unwrap_or(false) {
             return Err(format!(
@@ -154,4 +225,53 @@ fn json_to_any(json: &serde_json::Value, depth: u32) -> AnyValue {
         })),
     };
     AnyValue { value }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(span: u32, key: &str, value: &str) -> Patch {
+        Patch {
+            target: PatchTarget::Span(span),
+            key: key.into(),
+            value: AttrValue::Str(value.into()),
+        }
+    }
+
+    #[test]
+    fn pending_edits_past_a_cap_are_refused_whole_and_not_held() {
+        let mut count = PendingEdits::default();
+        for i in 0..3 {
+            count.push_patch(patch(i, "k", "v"), 2, 1 << 20);
+        }
+        assert!(count.patches.is_empty() && !count.is_empty());
+        let why = count.refused.clone().unwrap();
+        assert!(why.contains("max_patches = 2"), "{why}");
+        // Nothing more is held once refused.
+        count.push_patch(patch(0, "k", "v"), 2, 1 << 20);
+        count.push_removal(0, 10);
+        assert!(count.patches.is_empty() && count.removals.is_empty());
+
+        let mut bytes = PendingEdits::default();
+        bytes.push_patch(patch(0, "k", &"v".repeat(600)), 8, 1000);
+        assert_eq!(bytes.patches.len(), 1);
+        bytes.push_patch(patch(1, "k", &"v".repeat(600)), 8, 1000);
+        assert!(bytes.patches.is_empty());
+        assert!(bytes.refused.unwrap().contains("max_patch_bytes = 1000"));
+
+        let mut removals = PendingEdits::default();
+        for i in 0..4 {
+            removals.push_removal(i, 3);
+        }
+        assert!(removals.removals.is_empty());
+        assert!(removals.refused.unwrap().contains("3 spans"));
+
+        let mut fine = PendingEdits::default();
+        assert!(fine.is_empty());
+        fine.push_patch(patch(0, "k", "v"), 2, 1 << 20);
+        fine.push_removal(1, 3);
+        assert_eq!((fine.patches.len(), fine.removals.len()), (1, 1));
+        assert!(fine.refused.is_none());
+    }
 }

@@ -37,7 +37,7 @@ use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
 /// The WIT package versions this host implements. A component built against another
 /// version is refused at load, naming the version it asked for.
 pub const CONTRACT_PACKAGE: &str = "tailgate:policy";
-pub const CONTRACT_VERSIONS: &[&str] = &["0.3.0"];
+pub const CONTRACT_VERSIONS: &[&str] = &["0.4.0"];
 
 /// Epoch ticks drive call deadlines: a stuck call is stopped within its timeout plus one tick.
 /// Each tick wakes a thread, which on a VM costs some 25 µs of CPU: at 1 ms that was 2.7% of a
@@ -298,6 +298,8 @@ impl PluginEngine {
                 seed: spec.seed,
                 log_per_second: spec.log_per_second,
                 counters: self.counters.clone(),
+                max_patches: spec.max_patches,
+                max_patch_bytes: spec.max_patch_bytes.bytes(),
             }),
             health: PolicyHealth::default(),
             summary_only: false,
@@ -452,10 +454,7 @@ impl PolicyInstance {
         policy: &LoadedPolicy,
         trace: Box<state::TraceData>,
         clock: state::CallClock,
-    ) -> (
-        wasmtime::Result<bindings::tailgate::policy::types::Verdict>,
-        Option<Box<state::TraceData>>,
-    ) {
+    ) -> (wasmtime::Result<Answer>, Option<Box<state::TraceData>>) {
         self.store.set_epoch_deadline(policy.deadline_ticks());
         if let Some(fuel) = policy.spec.fuel {
             let _ = self.store.set_fuel(fuel);
@@ -466,10 +465,20 @@ impl PolicyInstance {
         state.call = clock;
         state.seed_for(&trace.trace_id);
         state.trace = Some(trace);
-        let result =
-            self.bindings
-                .call_decide(&mut self.store, state::TraceHandle::borrowed(), summary, id);
-        (result, self.store.data_mut().trace.take())
+        let result = self.bindings.call_decide(&mut self.store, summary, id);
+        let state = self.store.data_mut();
+        let back = state.trace.take();
+        // The edits leave the store with the answer, so the next call starts with none.
+        let edits = std::mem::take(&mut state.edits);
+        let answer = result.and_then(|v| {
+            Ok(Answer {
+                decision: v.decision,
+                reason: state.reasons.get(v.reason)?.clone(),
+                probability: v.probability,
+                edits,
+            })
+        });
+        (answer, back)
     }
 
     /// One `decide-summaries` call over a batch: `facts` holds
@@ -480,7 +489,7 @@ impl PolicyInstance {
         policy: &LoadedPolicy,
         facts: &[u64],
         clock: state::CallClock,
-    ) -> wasmtime::Result<bindings::tailgate::policy::types::SummaryVerdicts> {
+    ) -> wasmtime::Result<BatchAnswer> {
         self.store.set_epoch_deadline(policy.deadline_ticks());
         if let Some(fuel) = policy.spec.fuel {
             let _ = self.store.set_fuel(fuel);
@@ -506,8 +515,37 @@ impl PolicyInstance {
                 answer.outcomes.len()
             );
         }
-        Ok(answer)
+        let reasons = &self.store.data().reasons;
+        let outcomes = (answer.outcomes.into_iter())
+            .map(|o| {
+                Ok(Answer {
+                    decision: o.decision,
+                    reason: reasons.get(o.reason)?.clone(),
+                    probability: o.probability,
+                    edits: edits::PendingEdits::default(),
+                })
+            })
+            .collect::<wasmtime::Result<_>>()?;
+        Ok(BatchAnswer {
+            outcomes,
+            codes: answer.codes,
+        })
     }
+}
+
+/// A policy's answer for a trace, with its reason's text and the edits it asked for.
+pub struct Answer {
+    pub decision: bindings::tailgate::policy::types::Decision,
+    pub reason: Arc<str>,
+    pub probability: Option<f64>,
+    pub edits: edits::PendingEdits,
+}
+
+/// A `decide-summaries` answer: its distinct answers (with no edits) and one index into them
+/// per trace, both checked.
+pub struct BatchAnswer {
+    pub outcomes: Vec<Answer>,
+    pub codes: Vec<u32>,
 }
 
 /// The policies live right now, in chain order, and what applies when they all abstain.

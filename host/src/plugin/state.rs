@@ -1,5 +1,6 @@
-//! What a policy's store holds, and the host side of the contract: the `trace` resource's
-//! methods and the `host` interface (log, random, clock, counters).
+//! What a policy's store holds, and the host side of the contract: the `trace` interface
+//! (the trace being decided, and the edits a verdict asks for) and the `host` interface
+//! (reasons, log, random, clock, counters).
 //!
 //! This is the sandbox boundary. Every index and string that comes from a guest is checked
 //! here before it touches host data: an out-of-range span index traps the guest (as a Rust
@@ -7,28 +8,17 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::Resource;
 use wasmtime::{StoreLimits, bail};
 
 use super::bindings::tailgate::policy::host::{self, Level};
+use super::bindings::tailgate::policy::trace;
 use super::bindings::tailgate::policy::types::{
-    self, AttrValue, DictColumn, SpanKind, StatusCode, Summary,
+    self, AttrValue, DictColumn, PatchTarget, SpanKind, StatusCode, Summary,
 };
 use super::counters::PolicyCounters;
+use super::edits::{Patch, PendingEdits};
 use crate::buffer::{BufferedSpan, ScopeHeader, TraceId};
 use crate::otlp::wire::{self, AnyValueRef};
-
-/// The guest's handle on the trace being decided. The data lives in [`PolicyState::trace`];
-/// the handle only proves the guest was given it.
-pub struct TraceHandle;
-
-impl TraceHandle {
-    /// The handle lent to `decide`. The guest only ever borrows the trace, and there is one
-    /// trace per call, so no table entry is needed: the borrow ends with the call.
-    pub fn borrowed() -> Resource<TraceHandle> {
-        Resource::new_borrow(0)
-    }
-}
 
 /// Facts about a trace computed once and shared by every policy of the chain. A chain keeps
 /// one and rebuilds it in place for each trace, so its buffers are allocated once per worker.
@@ -379,6 +369,9 @@ pub struct PolicyMeta {
     pub seed: u64,
     pub log_per_second: u32,
     pub counters: Arc<PolicyCounters>,
+    /// Caps on one verdict's patches: how many, and their encoded bytes.
+    pub max_patches: usize,
+    pub max_patch_bytes: usize,
 }
 
 /// A policy instance's store data.
@@ -429,6 +422,9 @@ pub struct PolicyState {
     pub call: CallClock,
     pub trace: Option<Box<TraceData>>,
     pub meta: Arc<PolicyMeta>,
+    /// The edits the current `decide` has asked for.
+    pub edits: PendingEdits,
+    pub reasons: Reasons,
     rng: tailgate_plugin_sdk::TraceStream,
     /// The trace whose stream `rng` becomes on the first draw: most policies never draw.
     unseeded: Option<TraceId>,
@@ -446,6 +442,8 @@ impl PolicyState {
             call: CallClock::now(),
             trace: None,
             meta,
+            edits: PendingEdits::default(),
+            reasons: Reasons::default(),
             rng,
             unseeded: None,
             last_now: 0,
@@ -536,12 +534,12 @@ fn duration(s: &BufferedSpan) -> u64 {
     s.end_unix_nano.saturating_sub(s.start_unix_nano)
 }
 
-impl types::HostTrace for PolicyState {
-    fn summary(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Summary> {
+impl trace::Host for PolicyState {
+    fn summary(&mut self) -> wasmtime::Result<Summary> {
         Ok(self.trace()?.index.summary())
     }
 
-    fn services(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<String>> {
+    fn services(&mut self) -> wasmtime::Result<Vec<String>> {
         Ok(self
             .trace()?
             .index
@@ -551,71 +549,62 @@ impl types::HostTrace for PolicyState {
             .collect())
     }
 
-    fn trace_id(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<(u64, u64)> {
+    fn trace_id(&mut self) -> wasmtime::Result<(u64, u64)> {
         Ok(trace_id_words(&self.trace()?.trace_id))
     }
 
-    fn name(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+    fn name(&mut self, span: u32) -> wasmtime::Result<String> {
         Ok(span_name(self.span(span)?).to_owned())
     }
 
-    fn kind(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<SpanKind> {
+    fn kind(&mut self, span: u32) -> wasmtime::Result<SpanKind> {
         Ok(kind_of(self.span(span)?.kind))
     }
 
-    fn status(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<StatusCode> {
+    fn status(&mut self, span: u32) -> wasmtime::Result<StatusCode> {
         Ok(status_of(self.span(span)?.status_code))
     }
 
-    fn status_message(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+    fn status_message(&mut self, span: u32) -> wasmtime::Result<String> {
         Ok(wire::span_status_message(&self.span(span)?.bytes).to_owned())
     }
 
-    fn start_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+    fn start_ns(&mut self, span: u32) -> wasmtime::Result<u64> {
         Ok(self.span(span)?.start_unix_nano)
     }
 
-    fn end_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+    fn end_ns(&mut self, span: u32) -> wasmtime::Result<u64> {
         Ok(self.span(span)?.end_unix_nano)
     }
 
-    fn duration_ns(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+    fn duration_ns(&mut self, span: u32) -> wasmtime::Result<u64> {
         Ok(duration(self.span(span)?))
     }
 
-    fn parent(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<Option<u32>> {
+    fn parent(&mut self, span: u32) -> wasmtime::Result<Option<u32>> {
         self.span(span)?;
         Ok(self.trace()?.index.parents[span as usize])
     }
 
-    fn missing_parent(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<bool> {
+    fn missing_parent(&mut self, span: u32) -> wasmtime::Result<bool> {
         self.span(span)?;
         Ok(self.trace()?.index.missing_parent[span as usize])
     }
 
-    fn span_id(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<u64> {
+    fn span_id(&mut self, span: u32) -> wasmtime::Result<u64> {
         Ok(u64::from_be_bytes(self.span(span)?.span_id))
     }
 
-    fn trace_state(
-        &mut self,
-        _: Resource<TraceHandle>,
-        span: u32,
-    ) -> wasmtime::Result<Option<String>> {
+    fn trace_state(&mut self, span: u32) -> wasmtime::Result<Option<String>> {
         let state = wire::span_trace_state(&self.span(span)?.bytes);
         Ok((!state.is_empty()).then(|| state.to_owned()))
     }
 
-    fn service(&mut self, _: Resource<TraceHandle>, span: u32) -> wasmtime::Result<String> {
+    fn service(&mut self, span: u32) -> wasmtime::Result<String> {
         Ok(self.span(span)?.scope.resource.service.to_string())
     }
 
-    fn attr(
-        &mut self,
-        _: Resource<TraceHandle>,
-        span: u32,
-        key: String,
-    ) -> wasmtime::Result<Option<AttrValue>> {
+    fn attr(&mut self, span: u32, key: String) -> wasmtime::Result<Option<AttrValue>> {
         self.span(span)?; // the range check
         let (spans, attrs) = self.attributed()?;
         Ok(attrs
@@ -623,21 +612,16 @@ impl types::HostTrace for PolicyState {
             .and_then(to_attr_value))
     }
 
-    fn resource_attr(
-        &mut self,
-        _: Resource<TraceHandle>,
-        span: u32,
-        key: String,
-    ) -> wasmtime::Result<Option<AttrValue>> {
+    fn resource_attr(&mut self, span: u32, key: String) -> wasmtime::Result<Option<AttrValue>> {
         let s = self.span(span)?;
         Ok(wire::resource_attribute(&s.scope.resource.resource, &key).and_then(to_attr_value))
     }
 
-    fn durations(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<u64>> {
+    fn durations(&mut self) -> wasmtime::Result<Vec<u64>> {
         Ok(self.trace()?.spans.iter().map(duration).collect())
     }
 
-    fn statuses(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<StatusCode>> {
+    fn statuses(&mut self) -> wasmtime::Result<Vec<StatusCode>> {
         Ok(self
             .trace()?
             .spans
@@ -646,43 +630,35 @@ impl types::HostTrace for PolicyState {
             .collect())
     }
 
-    fn parents(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<Option<u32>>> {
+    fn parents(&mut self) -> wasmtime::Result<Vec<Option<u32>>> {
         Ok(self.trace()?.index.parents.clone())
     }
 
-    fn attr_column(
-        &mut self,
-        _: Resource<TraceHandle>,
-        key: String,
-    ) -> wasmtime::Result<Vec<Option<AttrValue>>> {
+    fn attr_column(&mut self, key: String) -> wasmtime::Result<Vec<Option<AttrValue>>> {
         let (spans, attrs) = self.attributed()?;
         Ok((0..spans.len())
             .map(|i| attrs.get(spans, i, &key).and_then(to_attr_value))
             .collect())
     }
 
-    fn attr_column_dict(
-        &mut self,
-        _: Resource<TraceHandle>,
-        key: String,
-    ) -> wasmtime::Result<DictColumn> {
+    fn attr_column_dict(&mut self, key: String) -> wasmtime::Result<DictColumn> {
         let (spans, attrs) = self.attributed()?;
         Ok(attrs.dict_column(spans, &key))
     }
 
-    fn sum(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<f64> {
+    fn sum(&mut self, key: String) -> wasmtime::Result<f64> {
         Ok(self.numeric_values(&key)?.sum())
     }
 
-    fn max(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<Option<f64>> {
+    fn max(&mut self, key: String) -> wasmtime::Result<Option<f64>> {
         Ok(self.numeric_values(&key)?.reduce(f64::max))
     }
 
-    fn count(&mut self, _: Resource<TraceHandle>, key: String) -> wasmtime::Result<u32> {
+    fn count(&mut self, key: String) -> wasmtime::Result<u32> {
         Ok(self.numeric_values(&key)?.count() as u32)
     }
 
-    fn count_name(&mut self, _: Resource<TraceHandle>, name: String) -> wasmtime::Result<u32> {
+    fn count_name(&mut self, name: String) -> wasmtime::Result<u32> {
         Ok(self
             .trace()?
             .spans
@@ -691,11 +667,7 @@ impl types::HostTrace for PolicyState {
             .count() as u32)
     }
 
-    fn string_attrs(
-        &mut self,
-        _: Resource<TraceHandle>,
-        min_len: u32,
-    ) -> wasmtime::Result<Vec<(u32, String, String)>> {
+    fn string_attrs(&mut self, min_len: u32) -> wasmtime::Result<Vec<(u32, String, String)>> {
         let mut out = Vec::new();
         let (spans, attrs) = self.attributed()?;
         for i in 0..spans.len() {
@@ -711,14 +683,99 @@ impl types::HostTrace for PolicyState {
         Ok(out)
     }
 
-    fn otlp_bytes(&mut self, _: Resource<TraceHandle>) -> wasmtime::Result<Vec<u8>> {
+    fn otlp_bytes(&mut self) -> wasmtime::Result<Vec<u8>> {
         Ok(crate::export::encode_spans(&self.trace()?.spans))
     }
 
-    fn drop(&mut self, _rep: Resource<TraceHandle>) -> wasmtime::Result<()> {
-        // Only borrows are ever lent; there is nothing to free.
+    fn patch(
+        &mut self,
+        target: PatchTarget,
+        key: String,
+        value: AttrValue,
+    ) -> wasmtime::Result<()> {
+        // Checked against the trace when the call returns (see `edits::validate`); here only
+        // held, within the caps, so a guest cannot make the host hold more than they allow.
+        self.trace()?;
+        let (max, max_bytes) = (self.meta.max_patches, self.meta.max_patch_bytes);
+        (self.edits).push_patch(Patch { target, key, value }, max, max_bytes);
         Ok(())
     }
+
+    fn remove_span(&mut self, span: u32) -> wasmtime::Result<()> {
+        let spans = self.trace()?.spans.len();
+        self.edits.push_removal(span, spans);
+        Ok(())
+    }
+}
+
+/// The reasons an instance has registered through `host.reason`: id `n` is `texts[n]`.
+pub struct Reasons {
+    texts: Vec<Arc<str>>,
+    ids: std::collections::HashMap<Arc<str>, u32>,
+    /// The text of the latest registration past the cap ([`Reasons::OVERFLOW`]).
+    overflow: Arc<str>,
+}
+
+impl Default for Reasons {
+    fn default() -> Self {
+        let empty: Arc<str> = Arc::from("");
+        Self {
+            texts: vec![empty.clone()],
+            ids: [(empty.clone(), 0)].into_iter().collect(),
+            overflow: empty,
+        }
+    }
+}
+
+impl Reasons {
+    /// Distinct reasons an instance may hold.
+    pub const CAP: usize = 1024;
+    /// The id that stands for the latest text registered past the cap.
+    pub const OVERFLOW: u32 = u32::MAX;
+    /// Longest reason kept, in bytes.
+    pub const MAX_BYTES: usize = 256;
+
+    pub fn register(&mut self, text: String) -> u32 {
+        let text = truncated(text, Self::MAX_BYTES);
+        if let Some(&id) = self.ids.get(text.as_str()) {
+            return id;
+        }
+        let text: Arc<str> = Arc::from(text);
+        if self.texts.len() >= Self::CAP {
+            self.overflow = text;
+            return Self::OVERFLOW;
+        }
+        let id = self.texts.len() as u32;
+        self.texts.push(text.clone());
+        self.ids.insert(text, id);
+        id
+    }
+
+    /// The text of a reason id the guest returned; an id it was never given fails the call.
+    pub fn get(&self, id: u32) -> wasmtime::Result<&Arc<str>> {
+        if id == Self::OVERFLOW {
+            return Ok(&self.overflow);
+        }
+        match self.texts.get(id as usize) {
+            Some(text) => Ok(text),
+            None => bail!(
+                "the verdict names reason {id}, but the instance registered only {}",
+                self.texts.len()
+            ),
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, without copying it.
+pub fn truncated(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 impl PolicyState {
@@ -737,6 +794,10 @@ impl types::Host for PolicyState {}
 const MAX_LOG_BYTES: usize = 1024;
 
 impl host::Host for PolicyState {
+    fn reason(&mut self, text: String) -> wasmtime::Result<u32> {
+        Ok(self.reasons.register(text))
+    }
+
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let second = unix_nanos() / 1_000_000_000;
         if second != self.log_second {
@@ -831,6 +892,8 @@ mod tests {
             seed: 42,
             log_per_second: 1,
             counters: Arc::new(PolicyCounters::new(10)),
+            max_patches: 4,
+            max_patch_bytes: 1024,
         });
         let mut state = PolicyState::new(meta, StoreLimits::default());
         for id in [[1u8; 16], [2; 16], [1; 16]] {
@@ -1031,5 +1094,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn reasons_get_one_id_per_text_and_past_the_cap_the_latest_text() {
+        let mut r = Reasons::default();
+        assert_eq!(r.register(String::new()), 0);
+        let error = r.register("error".into());
+        assert_eq!(r.register("slow".into()), error + 1);
+        assert_eq!(r.register("error".into()), error);
+        assert_eq!(&**r.get(error).unwrap(), "error");
+        assert_eq!(&**r.get(0).unwrap(), "");
+        // An id never handed out fails the call instead of reading as some other reason.
+        let unknown = r.get(error + 2).unwrap_err().to_string();
+        assert!(unknown.contains("reason 3"), "{unknown}");
+        // Reasons are cut to 256 bytes on a character boundary.
+        let long = r.register("é".repeat(200));
+        assert_eq!(r.get(long).unwrap().len(), 256);
+        // Fill the table; every later new text is the overflow id, standing for itself.
+        let mut n = 0;
+        while r.register(format!("r{n}")) != Reasons::OVERFLOW {
+            n += 1;
+        }
+        assert_eq!(n + 4, Reasons::CAP, "ids 0..CAP were handed out");
+        assert_eq!(&**r.get(Reasons::OVERFLOW).unwrap(), format!("r{n}"));
+        assert_eq!(r.register("late".into()), Reasons::OVERFLOW);
+        assert_eq!(&**r.get(Reasons::OVERFLOW).unwrap(), "late");
+        // Registered texts keep their ids.
+        assert_eq!(r.register("slow".into()), error + 1);
     }
 }

@@ -1,7 +1,7 @@
 //! Where a [`Trace`](crate::Trace)'s data comes from: the host's `trace`
-//! resource on Wasm, an in-memory trace natively. Both backends expose the
-//! same inherent methods, mirroring the WIT resource one to one, so `trace.rs`
-//! is written once.
+//! interface on Wasm, an in-memory trace natively. Both backends expose the
+//! same inherent methods, mirroring the WIT interface one to one, so
+//! `trace.rs` is written once.
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

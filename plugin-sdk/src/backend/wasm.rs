@@ -1,17 +1,14 @@
 //! The Wasm backend: every method is one call into the host's `trace`
-//! resource, with the generated binding types converted to the SDK's.
+//! interface (the trace being decided), with the generated binding types
+//! converted to the SDK's.
 
-use std::mem::ManuallyDrop;
-
+use crate::bindings::tailgate::policy::trace as imp;
 use crate::bindings::tailgate::policy::types as wit;
 use crate::types::{AttrValue, DictColumn, SpanKind, StatusCode, Summary};
 
-pub(crate) struct Backend {
-    // A second handle object for the *borrowed* resource that `decide`
-    // received. Never dropped: dropping would end the borrow a second time
-    // (wit-bindgen's generated code ends it when `decide` returns).
-    raw: ManuallyDrop<wit::Trace>,
-}
+/// The trace the host is deciding. The host's functions read it only during
+/// `decide`; the SDK creates a `Backend` only there (see `__private::decide`).
+pub(crate) struct Backend;
 
 /// The SDK's summary from the binding's record.
 pub(crate) fn summary_from_wit(s: wit::Summary) -> Summary {
@@ -26,34 +23,24 @@ pub(crate) fn summary_from_wit(s: wit::Summary) -> Summary {
 }
 
 impl Backend {
-    /// # Safety
-    /// The returned backend must not outlive the `decide` call that lent `t`.
-    /// The SDK guarantees this by creating the `Trace` inside its export shim
-    /// and only handing out `&Trace`.
-    pub(crate) unsafe fn borrowed(t: &wit::Trace) -> Self {
-        Backend {
-            raw: ManuallyDrop::new(unsafe { wit::Trace::from_handle(t.handle()) }),
-        }
-    }
-
     pub(crate) fn summary(&self) -> Summary {
-        summary_from_wit(self.raw.summary())
+        summary_from_wit(imp::summary())
     }
 
     pub(crate) fn services(&self) -> Vec<String> {
-        self.raw.services()
+        imp::services()
     }
 
     pub(crate) fn trace_id(&self) -> (u64, u64) {
-        self.raw.trace_id()
+        imp::trace_id()
     }
 
     pub(crate) fn name(&self, i: u32) -> String {
-        self.raw.name(i)
+        imp::name(i)
     }
 
     pub(crate) fn kind(&self, i: u32) -> SpanKind {
-        match self.raw.kind(i) {
+        match imp::kind(i) {
             wit::SpanKind::Unspecified => SpanKind::Unspecified,
             wit::SpanKind::Internal => SpanKind::Internal,
             wit::SpanKind::Server => SpanKind::Server,
@@ -64,100 +51,99 @@ impl Backend {
     }
 
     pub(crate) fn status(&self, i: u32) -> StatusCode {
-        status(self.raw.status(i))
+        status(imp::status(i))
     }
 
     pub(crate) fn status_message(&self, i: u32) -> String {
-        self.raw.status_message(i)
+        imp::status_message(i)
     }
 
     pub(crate) fn start_ns(&self, i: u32) -> u64 {
-        self.raw.start_ns(i)
+        imp::start_ns(i)
     }
 
     pub(crate) fn end_ns(&self, i: u32) -> u64 {
-        self.raw.end_ns(i)
+        imp::end_ns(i)
     }
 
     pub(crate) fn duration_ns(&self, i: u32) -> u64 {
-        self.raw.duration_ns(i)
+        imp::duration_ns(i)
     }
 
     pub(crate) fn parent(&self, i: u32) -> Option<u32> {
-        self.raw.parent(i)
+        imp::parent(i)
     }
 
     pub(crate) fn missing_parent(&self, i: u32) -> bool {
-        self.raw.missing_parent(i)
+        imp::missing_parent(i)
     }
 
     pub(crate) fn span_id(&self, i: u32) -> u64 {
-        self.raw.span_id(i)
+        imp::span_id(i)
     }
 
     pub(crate) fn trace_state(&self, i: u32) -> Option<String> {
-        self.raw.trace_state(i)
+        imp::trace_state(i)
     }
 
     pub(crate) fn service(&self, i: u32) -> String {
-        self.raw.service(i)
+        imp::service(i)
     }
 
     pub(crate) fn attr(&self, i: u32, key: &str) -> Option<AttrValue> {
-        self.raw.attr(i, key).map(attr_from_wit)
+        imp::attr(i, key).map(attr_from_wit)
     }
 
     pub(crate) fn resource_attr(&self, i: u32, key: &str) -> Option<AttrValue> {
-        self.raw.resource_attr(i, key).map(attr_from_wit)
+        imp::resource_attr(i, key).map(attr_from_wit)
     }
 
     pub(crate) fn durations(&self) -> Vec<u64> {
-        self.raw.durations()
+        imp::durations()
     }
 
     pub(crate) fn statuses(&self) -> Vec<StatusCode> {
-        self.raw.statuses().into_iter().map(status).collect()
+        imp::statuses().into_iter().map(status).collect()
     }
 
     pub(crate) fn parents(&self) -> Vec<Option<u32>> {
-        self.raw.parents()
+        imp::parents()
     }
 
     pub(crate) fn attr_column(&self, key: &str) -> Vec<Option<AttrValue>> {
-        self.raw
-            .attr_column(key)
+        imp::attr_column(key)
             .into_iter()
             .map(|v| v.map(attr_from_wit))
             .collect()
     }
 
     pub(crate) fn attr_column_dict(&self, key: &str) -> DictColumn {
-        let wit::DictColumn { values, codes } = self.raw.attr_column_dict(key);
+        let wit::DictColumn { values, codes } = imp::attr_column_dict(key);
         DictColumn::new(values.into_iter().map(attr_from_wit).collect(), codes)
     }
 
     pub(crate) fn string_attrs(&self, min_len: u32) -> Vec<(u32, String, String)> {
-        self.raw.string_attrs(min_len)
+        imp::string_attrs(min_len)
     }
 
     pub(crate) fn sum(&self, key: &str) -> f64 {
-        self.raw.sum(key)
+        imp::sum(key)
     }
 
     pub(crate) fn max(&self, key: &str) -> Option<f64> {
-        self.raw.max(key)
+        imp::max(key)
     }
 
     pub(crate) fn count(&self, key: &str) -> u32 {
-        self.raw.count(key)
+        imp::count(key)
     }
 
     pub(crate) fn count_name(&self, name: &str) -> u32 {
-        self.raw.count_name(name)
+        imp::count_name(name)
     }
 
     pub(crate) fn otlp_bytes(&self) -> Vec<u8> {
-        self.raw.otlp_bytes()
+        imp::otlp_bytes()
     }
 }
 

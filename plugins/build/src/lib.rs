@@ -38,7 +38,7 @@ pub const TARGET: &str = "wasm32-unknown-unknown";
 pub const POLICY_PACKAGE: &str = "tailgate:policy";
 
 /// The contract version this build step produces components for.
-pub const POLICY_VERSION: &str = "0.3.0";
+pub const POLICY_VERSION: &str = "0.4.0";
 
 /// A policy crate found by [`discover`].
 #[derive(Clone, Debug)]
@@ -67,7 +67,7 @@ pub struct BuiltPlugin {
     /// The core module Cargo produced (inside the nested target directory).
     pub core_module: PathBuf,
     pub core_size: u64,
-    /// The component's imports, e.g. `tailgate:policy/host@0.3.0`.
+    /// The component's imports, e.g. `tailgate:policy/host@0.4.0`.
     pub imports: Vec<String>,
     /// The component's exports: `init`, `decide`.
     pub exports: Vec<String>,
@@ -507,7 +507,7 @@ pub fn encode_component(core_module: &[u8]) -> Result<Vec<u8>> {
 /// A component's interface as WIT names, plus the full WIT text.
 #[derive(Clone, Debug)]
 pub struct ComponentWorld {
-    /// Imported interfaces (`tailgate:policy/host@0.3.0`) and functions.
+    /// Imported interfaces (`tailgate:policy/host@0.4.0`) and functions.
     pub imports: Vec<String>,
     /// Exported interfaces and functions (`init`, `decide`).
     pub exports: Vec<String>,
@@ -552,7 +552,7 @@ pub fn inspect_component(component: &[u8]) -> Result<ComponentWorld> {
 }
 
 /// Checks that a component is a policy for this contract version: every
-/// import from `tailgate:policy@0.3.0`, and `init`, `decide` and
+/// import from `tailgate:policy@0.4.0`, and `init`, `decide` and
 /// `decide-summaries` exported.
 pub fn check_policy_world(world: &ComponentWorld) -> Result<()> {
     let prefix = format!("{POLICY_PACKAGE}/");
@@ -662,7 +662,7 @@ mod tests {
     #[test]
     fn foreign_imports_and_missing_exports_are_refused() {
         let ok = ComponentWorld {
-            imports: vec!["tailgate:policy/host@0.3.0".into()],
+            imports: vec!["tailgate:policy/host@0.4.0".into()],
             exports: vec!["init".into(), "decide".into(), "decide-summaries".into()],
             wit: String::new(),
         };
@@ -673,9 +673,9 @@ mod tests {
         };
         let err = check_policy_world(&wasi).unwrap_err().to_string();
         assert!(err.contains("wasi:filesystem/types@0.2.0"), "{err}");
-        // A component built for the previous contract, without `decide-summaries`.
+        // A component built for the previous contract (0.3.0: the trace a resource, reasons strings).
         let other_version = ComponentWorld {
-            imports: vec!["tailgate:policy/host@0.2.0".into()],
+            imports: vec!["tailgate:policy/host@0.3.0".into()],
             ..ok.clone()
         };
         assert!(check_policy_world(&other_version).is_err());
