@@ -17,9 +17,12 @@
 //!   over the buffered spans. The three are summary-only, so the host enters each once per
 //!   batch of traces that come due together: `wasm_errors_latency_probabilistic` is a batch
 //!   of one (a trace decided alone), `..._batch/N` a batch of N (criterion's throughput is
-//!   per trace). `native_host_errors_latency_probabilistic` is the same three crates natively
-//!   on exactly the inputs the host gives the Wasm ones: the host's index and facts of each
-//!   trace, then the SDK deciding from them;
+//!   per trace). `native_chain_errors_latency_probabilistic/256` is the ratio's baseline: the
+//!   same three crates compiled into the host as a chain ([`NativeChain`]), through the same
+//!   batch interface, from the host's index and facts of each trace, their verdicts combined
+//!   as the Wasm chain combines them, one `Decision` out per trace; it is checked to decide
+//!   exactly as the Wasm chain. `native_host_errors_latency_probabilistic/256` is the same
+//!   minus the combination and the `Decision`s (index, facts and the three `decide`s only);
 //! - `host_index_rebuild`: the host's per-trace index (parents, leaves, summary) alone, which
 //!   every Wasm case includes;
 //! - `floor_*`: the least any sandboxed per-trace call can cost here (see [`floor`]).
@@ -555,7 +558,7 @@ fn bench(c: &mut Criterion) {
 }
 
 /// The floor of any sandboxed per-trace call on this engine (fuel and epochs on, as for the
-/// policies): bare core-Wasm functions, no component model, no trace resource, no verdict
+/// policies): bare core-Wasm functions, no component model, no host calls, no verdict
 /// record, inputs as arguments and the answer as one integer.
 /// - `floor_empty_core_call`: one call of `() -> ()`;
 /// - `floor_three_rules_core_calls`: keep-errors, latency and probabilistic as three

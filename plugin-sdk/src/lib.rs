@@ -260,11 +260,15 @@ pub mod __private {
     pub type Slot<P> = LocalKey<RefCell<Option<P>>>;
 
     /// Reason ids this instance got from the host, by text: most policies have a handful of
-    /// reasons, so each is registered once and then found here.
+    /// reasons, so each is registered once and then found here. Full, the oldest entry makes
+    /// room, so a policy whose reasons change keeps its recent ones at hand.
     const CACHED_REASONS: usize = 64;
     std::thread_local! {
-        static REASONS: RefCell<Vec<(String, u32)>> = const { RefCell::new(Vec::new()) };
+        static REASONS: RefCell<(Vec<(String, u32)>, usize)> =
+            const { RefCell::new((Vec::new(), 0)) };
     }
+    /// Ids from here up are good for the current call only (see `host.reason`).
+    const CALL_IDS: u32 = 0x8000_0000;
 
     /// The id of `text` as a verdict's reason (see `host.reason` in the WIT).
     fn reason_id(text: &str) -> u32 {
@@ -272,14 +276,18 @@ pub mod __private {
             return 0;
         }
         REASONS.with(|r| {
-            let mut r = r.borrow_mut();
-            if let Some((_, id)) = r.iter().find(|(t, _)| t == text) {
+            let (cache, oldest) = &mut *r.borrow_mut();
+            if let Some((_, id)) = cache.iter().find(|(t, _)| t == text) {
                 return *id;
             }
             let id = crate::bindings::tailgate::policy::host::reason(text);
-            // The overflow id stands for the latest text only: never cache it.
-            if id != u32::MAX && r.len() < CACHED_REASONS {
-                r.push((text.to_owned(), id));
+            if id < CALL_IDS {
+                if cache.len() < CACHED_REASONS {
+                    cache.push((text.to_owned(), id));
+                } else {
+                    cache[*oldest] = (text.to_owned(), id);
+                    *oldest = (*oldest + 1) % CACHED_REASONS;
+                }
             }
             id
         })

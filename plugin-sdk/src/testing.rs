@@ -366,9 +366,9 @@ pub fn check_verdict(trace: &Trace, verdict: &Verdict) -> Result<(), String> {
     }
     for &i in &verdict.remove_spans {
         match trace.span(i) {
-            None => return Err(format!("remove-spans: index {i} out of range ({n} spans)")),
+            None => return Err(format!("span removal: index {i} out of range ({n} spans)")),
             Some(s) if !s.is_leaf() => {
-                return Err(format!("remove-spans: span {i} is not a leaf"));
+                return Err(format!("span removal: span {i} is not a leaf"));
             }
             Some(_) => {}
         }

@@ -1,7 +1,7 @@
 //! The ergonomic view of a trace that a policy's `decide` receives.
 //!
 //! [`Trace`] is one type on every target; only its backend differs: on Wasm it
-//! forwards to the host's `trace` resource (each call crosses into the host),
+//! forwards to the host's `trace` interface (each call crosses into the host),
 //! natively it reads an in-memory trace built with
 //! `testing::TraceBuilder`. The summary and the trace id arrive with the
 //! `decide` call itself, so reading them costs no host call. Other values the

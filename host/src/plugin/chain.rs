@@ -272,7 +272,9 @@ impl WasmChain {
                 if !answer.edits.is_empty() {
                     let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
                     let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
-                    match edits::validate(&answer.edits, spans, is_leaf, &policy.spec) {
+                    let probability = answer.probability;
+                    match edits::validate(&answer.edits, probability, spans, is_leaf, &policy.spec)
+                    {
                         Ok(mut edits) => edits_out.append(&mut edits),
                         Err(why) => {
                             handles.invalid_edits.inc();
@@ -313,9 +315,21 @@ impl WasmChain {
         match result {
             Ok(answer) => {
                 self.set.policies[i].health.succeeded();
+                // Counted by runs: consecutive traces mostly share an outcome, and adding one
+                // to the same counter trace after trace waits on its own store every time.
                 let mut counts = vec![0u64; answer.outcomes.len()];
-                for &c in &answer.codes {
-                    counts[c as usize] += 1;
+                let mut codes = answer.codes.iter();
+                if let Some(&first) = codes.next() {
+                    let (mut code, mut run) = (first, 1u64);
+                    for &c in codes {
+                        if c == code {
+                            run += 1;
+                        } else {
+                            counts[code as usize] += run;
+                            (code, run) = (c, 1);
+                        }
+                    }
+                    counts[code as usize] += run;
                 }
                 for (o, n) in answer.outcomes.into_iter().zip(counts) {
                     count(&self.handles[i], o.decision, n);

@@ -36,7 +36,9 @@ pub struct PendingEdits {
     /// Why the call's edits are already known to be invalid: it asked for more than the caps
     /// allow. Nothing past that point is held.
     pub refused: Option<String>,
-    /// The patches' keys and values so far, in bytes (a bound on their encoded size).
+    /// The patches' keys and text values so far, in bytes: what the host holds. The exact
+    /// encoded size is checked against `max_patch_bytes` by [`validate`]; holding stops at
+    /// twice that, since raw JSON text may shrink when encoded.
     bytes: usize,
 }
 
@@ -49,7 +51,7 @@ impl PendingEdits {
             return self.refuse(format!("more than max_patches = {max_patches} patches"));
         }
         self.bytes += patch.key.len() + value_bytes(&patch.value);
-        if self.bytes > max_bytes {
+        if self.bytes > max_bytes.saturating_mul(2) {
             return self.refuse(format!(
                 "patches take more than max_patch_bytes = {max_bytes} bytes"
             ));
@@ -80,18 +82,20 @@ impl PendingEdits {
     }
 }
 
-/// A value's payload in bytes: what the guest made the host hold.
+/// A value's variable-size payload in bytes (scalars are bounded by the patch count).
 fn value_bytes(v: &AttrValue) -> usize {
     match v {
         AttrValue::Str(s) | AttrValue::Json(s) => s.len(),
         AttrValue::Bytes(b) => b.len(),
-        AttrValue::Int(_) | AttrValue::Double(_) | AttrValue::Boolean(_) => 8,
+        AttrValue::Int(_) | AttrValue::Double(_) | AttrValue::Boolean(_) => 0,
     }
 }
 
-/// The trace edits `pending` stands for, or why none of them may be applied.
+/// The trace edits `pending` stands for, or why none of them may be applied. A verdict whose
+/// `probability` is out of (0, 1] gets none either.
 pub fn validate(
     pending: &PendingEdits,
+    probability: Option<f64>,
     spans: &[BufferedSpan],
     is_leaf: &[bool],
     spec: &PolicyConfig,
@@ -101,6 +105,11 @@ pub fn validate(
     }
     if pending.patches.is_empty() && pending.removals.is_empty() {
         return Ok(Vec::new());
+    }
+    if let Some(p) = probability
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(format!("probability {p} is not in (0, 1]"));
     }
     if pending.patches.len() > spec.max_patches {
         return Err(format!(
@@ -253,10 +262,11 @@ mod tests {
         count.push_removal(0, 10);
         assert!(count.patches.is_empty() && count.removals.is_empty());
 
+        // Held up to twice the cap (JSON text may encode smaller); `validate` checks the cap.
         let mut bytes = PendingEdits::default();
-        bytes.push_patch(patch(0, "k", &"v".repeat(600)), 8, 1000);
+        bytes.push_patch(patch(0, "k", &"v".repeat(1200)), 8, 1000);
         assert_eq!(bytes.patches.len(), 1);
-        bytes.push_patch(patch(1, "k", &"v".repeat(600)), 8, 1000);
+        bytes.push_patch(patch(1, "k", &"v".repeat(900)), 8, 1000);
         assert!(bytes.patches.is_empty());
         assert!(bytes.refused.unwrap().contains("max_patch_bytes = 1000"));
 
@@ -273,5 +283,44 @@ mod tests {
         fine.push_removal(1, 3);
         assert_eq!((fine.patches.len(), fine.removals.len()), (1, 1));
         assert!(fine.refused.is_none());
+    }
+
+    #[test]
+    fn edits_are_refused_whole_with_an_invalid_probability_or_any_bad_edit() {
+        let spec: PolicyConfig = toml::from_str("name = \"p\"\nplugin = \"keep-errors\"").unwrap();
+        let header = std::sync::Arc::new(crate::buffer::ScopeHeader {
+            resource: std::sync::Arc::new(crate::buffer::ResourceHeader {
+                fields: Box::new([]),
+                resource: Box::new([]),
+                service: std::sync::Arc::from("svc"),
+            }),
+            fields: Box::new([]),
+        });
+        let span = BufferedSpan {
+            bytes: Box::new([]),
+            scope: header,
+            span_id: [1; 8],
+            parent_span_id: [0; 8],
+            start_unix_nano: 0,
+            end_unix_nano: 1,
+            status_code: 0,
+            kind: 1,
+            has_trace_state: false,
+        };
+        let spans = [span.clone(), span];
+        let is_leaf = [false, true];
+        let mut pending = PendingEdits::default();
+        pending.push_patch(patch(0, "k", "v"), 8, 1 << 20);
+        pending.push_removal(1, 2);
+        let ok = validate(&pending, Some(0.5), &spans, &is_leaf, &spec).unwrap();
+        assert_eq!(ok.len(), 2);
+        for p in [0.0, 1.5, f64::NAN] {
+            let why = validate(&pending, Some(p), &spans, &is_leaf, &spec).unwrap_err();
+            assert!(why.contains("probability"), "{why}");
+        }
+        // One bad edit (a removal of a span with children) and none apply.
+        pending.push_removal(0, 2);
+        let why = validate(&pending, None, &spans, &is_leaf, &spec).unwrap_err();
+        assert!(why.contains("span 0 has children"), "{why}");
     }
 }

@@ -464,6 +464,7 @@ impl PolicyInstance {
         let state = self.store.data_mut();
         state.call = clock;
         state.seed_for(&trace.trace_id);
+        state.reasons.new_call();
         state.trace = Some(trace);
         let result = self.bindings.call_decide(&mut self.store, summary, id);
         let state = self.store.data_mut();
@@ -499,6 +500,7 @@ impl PolicyInstance {
         // No per-trace stream here: the guest draws each trace's numbers itself (see the WIT
         // docs of `decide-summaries`); a stray `random` continues the seed's own stream.
         state.seed_for(&[0; 16]);
+        state.reasons.new_call();
         let answer =
             self.bindings
                 .call_decide_summaries(&mut self.store, policy.spec.seed, facts)?;

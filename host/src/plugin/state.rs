@@ -709,11 +709,13 @@ impl trace::Host for PolicyState {
 }
 
 /// The reasons an instance has registered through `host.reason`: id `n` is `texts[n]`.
+/// Past [`Reasons::CAP`] distinct texts, a new text gets a call id instead
+/// ([`Reasons::CALL_BASE`] and up), good for the current call only.
 pub struct Reasons {
     texts: Vec<Arc<str>>,
     ids: std::collections::HashMap<Arc<str>, u32>,
-    /// The text of the latest registration past the cap ([`Reasons::OVERFLOW`]).
-    overflow: Arc<str>,
+    /// This call's texts past the cap, by call id - [`Reasons::CALL_BASE`].
+    call: Vec<Arc<str>>,
 }
 
 impl Default for Reasons {
@@ -721,8 +723,8 @@ impl Default for Reasons {
         let empty: Arc<str> = Arc::from("");
         Self {
             texts: vec![empty.clone()],
-            ids: [(empty.clone(), 0)].into_iter().collect(),
-            overflow: empty,
+            ids: [(empty, 0)].into_iter().collect(),
+            call: Vec::new(),
         }
     }
 }
@@ -730,37 +732,53 @@ impl Default for Reasons {
 impl Reasons {
     /// Distinct reasons an instance may hold.
     pub const CAP: usize = 1024;
-    /// The id that stands for the latest text registered past the cap.
-    pub const OVERFLOW: u32 = u32::MAX;
+    /// The first id of a reason registered past the cap, valid until the call returns.
+    pub const CALL_BASE: u32 = 0x8000_0000;
+    /// Texts past the cap that one call may register; later ones share the last id, which
+    /// stands for the latest of them.
+    pub const CALL_CAP: usize = 1024;
     /// Longest reason kept, in bytes.
     pub const MAX_BYTES: usize = 256;
+
+    /// Forgets the previous call's ids; called before each call into the guest.
+    pub fn new_call(&mut self) {
+        self.call.clear();
+    }
 
     pub fn register(&mut self, text: String) -> u32 {
         let text = truncated(text, Self::MAX_BYTES);
         if let Some(&id) = self.ids.get(text.as_str()) {
             return id;
         }
-        let text: Arc<str> = Arc::from(text);
-        if self.texts.len() >= Self::CAP {
-            self.overflow = text;
-            return Self::OVERFLOW;
+        if self.texts.len() < Self::CAP {
+            let text: Arc<str> = Arc::from(text);
+            let id = self.texts.len() as u32;
+            self.texts.push(text.clone());
+            self.ids.insert(text, id);
+            return id;
         }
-        let id = self.texts.len() as u32;
-        self.texts.push(text.clone());
-        self.ids.insert(text, id);
-        id
+        if let Some(k) = self.call.iter().position(|t| **t == *text) {
+            return Self::CALL_BASE + k as u32;
+        }
+        if self.call.len() == Self::CALL_CAP {
+            self.call.pop();
+        }
+        self.call.push(Arc::from(text));
+        Self::CALL_BASE + (self.call.len() - 1) as u32
     }
 
     /// The text of a reason id the guest returned; an id it was never given fails the call.
     pub fn get(&self, id: u32) -> wasmtime::Result<&Arc<str>> {
-        if id == Self::OVERFLOW {
-            return Ok(&self.overflow);
-        }
-        match self.texts.get(id as usize) {
+        let text = match id.checked_sub(Self::CALL_BASE) {
+            Some(k) => self.call.get(k as usize),
+            None => self.texts.get(id as usize),
+        };
+        match text {
             Some(text) => Ok(text),
             None => bail!(
-                "the verdict names reason {id}, but the instance registered only {}",
-                self.texts.len()
+                "the verdict names reason {id:#x}, which this instance was not given (it holds {} reasons, and {} for this call)",
+                self.texts.len(),
+                self.call.len()
             ),
         }
     }
@@ -1097,7 +1115,7 @@ mod tests {
     }
 
     #[test]
-    fn reasons_get_one_id_per_text_and_past_the_cap_the_latest_text() {
+    fn reasons_get_one_id_per_text_and_past_the_cap_one_per_call() {
         let mut r = Reasons::default();
         assert_eq!(r.register(String::new()), 0);
         let error = r.register("error".into());
@@ -1107,20 +1125,36 @@ mod tests {
         assert_eq!(&**r.get(0).unwrap(), "");
         // An id never handed out fails the call instead of reading as some other reason.
         let unknown = r.get(error + 2).unwrap_err().to_string();
-        assert!(unknown.contains("reason 3"), "{unknown}");
+        assert!(unknown.contains("reason 0x3"), "{unknown}");
         // Reasons are cut to 256 bytes on a character boundary.
         let long = r.register("é".repeat(200));
         assert_eq!(r.get(long).unwrap().len(), 256);
-        // Fill the table; every later new text is the overflow id, standing for itself.
+        // Fill the table; past it, each new text gets an id of its own for this call.
         let mut n = 0;
-        while r.register(format!("r{n}")) != Reasons::OVERFLOW {
+        while r.register(format!("r{n}")) < Reasons::CALL_BASE {
             n += 1;
         }
         assert_eq!(n + 4, Reasons::CAP, "ids 0..CAP were handed out");
-        assert_eq!(&**r.get(Reasons::OVERFLOW).unwrap(), format!("r{n}"));
-        assert_eq!(r.register("late".into()), Reasons::OVERFLOW);
-        assert_eq!(&**r.get(Reasons::OVERFLOW).unwrap(), "late");
+        let (a, b) = (r.register("late a".into()), r.register("late b".into()));
+        assert_eq!((a, b), (Reasons::CALL_BASE + 1, Reasons::CALL_BASE + 2));
+        assert_eq!(r.register("late a".into()), a);
+        assert_eq!(&**r.get(a).unwrap(), "late a");
+        assert_eq!(&**r.get(b).unwrap(), "late b");
         // Registered texts keep their ids.
         assert_eq!(r.register("slow".into()), error + 1);
+        // A call's ids end with the call.
+        r.new_call();
+        assert!(r.get(a).is_err());
+        assert_eq!(r.register("late b".into()), Reasons::CALL_BASE);
+        // A call registering more than CALL_CAP such texts: the last id is the latest text.
+        for k in 0..Reasons::CALL_CAP + 5 {
+            r.register(format!("burst {k}"));
+        }
+        let last = Reasons::CALL_BASE + Reasons::CALL_CAP as u32 - 1;
+        assert_eq!(
+            &**r.get(last).unwrap(),
+            format!("burst {}", Reasons::CALL_CAP + 4)
+        );
+        assert!(r.get(last + 1).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! `noise-trim`: an enrichment that trims noise from kept traces: leaf spans
 //! shorter than `min_ms` that did not fail (cache hits, tiny internal steps).
 //! It never keeps or drops anything itself: its decision is always abstain,
-//! with the trims in `remove-spans`, which the host applies only if the trace
+//! with the trims as span removals, which the host applies only if the trace
 //! is kept.
 //!
 //! A span is trimmed when all of these hold:
@@ -30,7 +30,7 @@
 //!
 //! Counter: `noise_trimmed_spans` (no labels; `/metrics`:
 //! `tailgate_policy_noise_trimmed_spans_total`), the number of spans put in
-//! `remove-spans`. Meant for the host's `mode = "enrich"`, which runs the
+//! span removals. Meant for the host's `mode = "enrich"`, which runs the
 //! policy only on traces the chain keeps, so the counter is what was trimmed.
 //! In another mode it counts proposed trims, including on traces then
 //! dropped.
