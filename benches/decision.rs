@@ -222,6 +222,8 @@ fn native_three() -> (
 struct NativeChain {
     index: tailgate::plugin::TraceIndex,
     facts: Vec<u64>,
+    /// One facts trace for every decision, as the SDK reuses one for a Wasm batch.
+    trace: tailgate_plugin_sdk::Trace,
     policies: (
         keep_errors::KeepErrors,
         latency::Latency,
@@ -242,6 +244,7 @@ impl NativeChain {
         NativeChain {
             index: Default::default(),
             facts: Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS),
+            trace: testing::facts_trace(Default::default(), [0; 16], 0),
             policies: native_three(),
             names: ["errors", "slow", "sample"].map(Arc::from),
             reasons: Default::default(),
@@ -258,9 +261,10 @@ impl Decider for NativeChain {
         self.facts.clear();
         (self.index).push_facts(trace.trace_id, trace.spans, &mut self.facts);
         let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&self.facts);
-        let t = testing::facts_trace(summary, id, r);
+        testing::set_facts(&mut self.trace, summary, id, r);
+        let t = &self.trace;
         let (errors, slow, sample) = &mut self.policies;
-        let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
+        let verdicts = [errors.decide(t), slow.decide(t), sample.decide(t)];
         let mut kept_by = None;
         let (mut probability, mut certain) = (0.0f64, false);
         for (i, v) in verdicts.iter().enumerate() {
@@ -501,6 +505,7 @@ fn bench(c: &mut Criterion) {
     let (mut errors, mut slow, mut sample) = native_three();
     let mut idx = tailgate::plugin::TraceIndex::default();
     let mut facts = Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS);
+    let mut t = testing::facts_trace(Default::default(), [0; 16], 0);
     let batch = batch_of(256, &traces);
     group.throughput(criterion::Throughput::Elements(batch.len() as u64));
     group.bench_function("native_host_errors_latency_probabilistic/256", |b| {
@@ -511,7 +516,7 @@ fn bench(c: &mut Criterion) {
                 facts.clear();
                 idx.push_facts(id, spans, &mut facts);
                 let (summary, id, r) = tailgate_plugin_sdk::facts_from_words(&facts);
-                let t = testing::facts_trace(summary, id, r);
+                testing::set_facts(&mut t, summary, id, r);
                 let verdicts = [errors.decide(&t), slow.decide(&t), sample.decide(&t)];
                 kept += usize::from(verdicts.iter().any(|v| v.is_keep()));
             }

@@ -270,11 +270,19 @@ pub mod __private {
     /// Ids from here up are good for the current call only (see `host.reason`).
     const CALL_IDS: u32 = 0x8000_0000;
 
-    /// The id of `text` as a verdict's reason (see `host.reason` in the WIT).
+    /// The id of `text` as a verdict's reason (see `host.reason` in the WIT). Inlined for the
+    /// empty reason of most abstains, which needs no lookup.
+    #[inline]
     fn reason_id(text: &str) -> u32 {
         if text.is_empty() {
-            return 0;
+            0
+        } else {
+            registered_reason_id(text)
         }
+    }
+
+    #[inline(never)]
+    fn registered_reason_id(text: &str) -> u32 {
         REASONS.with(|r| {
             let (cache, oldest) = &mut *r.borrow_mut();
             if let Some((_, id)) = cache.iter().find(|(t, _)| t == text) {

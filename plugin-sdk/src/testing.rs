@@ -336,6 +336,16 @@ pub fn facts_trace(summary: crate::Summary, trace_id: [u8; 16], randomness: u64)
     Trace::summary_only(summary, trace_id, randomness)
 }
 
+/// Makes a [`facts_trace`] the next trace of a batch, as `decide-summaries`
+/// reuses one trace for a whole batch (so deciding one builds nothing).
+///
+/// # Panics
+/// If `trace` is not a [`facts_trace`].
+pub fn set_facts(trace: &mut Trace, summary: crate::Summary, trace_id: [u8; 16], randomness: u64) {
+    assert!(trace.is_facts_only(), "set_facts takes a facts_trace");
+    trace.set_facts(summary, trace_id, randomness);
+}
+
 /// Check `verdict` against `trace` with the contract's validation rules (as
 /// the host applies them, minus its configurable size caps): probability in
 /// (0, 1], patch targets and removals in range, keys non-empty, JSON patch

@@ -135,3 +135,29 @@ fn a_summary_only_policy_reads_the_summary_and_draws_the_hosts_stream() {
         assert_eq!(v.is_keep(), draw.is_multiple_of(2), "trace {n}");
     }
 }
+
+#[test]
+fn a_reused_facts_trace_reads_each_traces_own_facts() {
+    let summary = |errors| Summary {
+        span_count: 4,
+        error_count: errors,
+        ..Summary::default()
+    };
+    let mut t = testing::facts_trace(summary(1), [1; 16], 7);
+    assert_eq!(
+        (t.error_count(), t.trace_id(), t.randomness()),
+        (1, [1; 16], 7)
+    );
+    testing::set_facts(&mut t, summary(0), [2; 16], 9);
+    assert_eq!(
+        (t.error_count(), t.trace_id(), t.randomness()),
+        (0, [2; 16], 9)
+    );
+}
+
+#[test]
+#[should_panic(expected = "set_facts takes a facts_trace")]
+fn set_facts_refuses_a_trace_with_span_data() {
+    let mut t = TraceBuilder::new().span("root").build();
+    testing::set_facts(&mut t, Summary::default(), [0; 16], 0);
+}
