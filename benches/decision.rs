@@ -321,14 +321,7 @@ fn same_decisions(
         .zip(&mut outs)
     {
         let mut batch = batch_of(256, traces);
-        let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
-            .map(|(id, spans)| TraceView {
-                trace_id: id,
-                spans,
-                trigger: Trigger::RootGrace,
-            })
-            .collect();
-        decider.decide_batch(&mut views, out);
+        decider.decide_batch(&mut views(&mut batch), out);
     }
     let key = |d: &tailgate::decide::Decision| {
         (
@@ -348,6 +341,17 @@ fn same_decisions(
         native.iter().map(key).collect::<Vec<_>>(),
         "the native chain must decide as the Wasm chain"
     );
+}
+
+/// A worker's views of `batch`, as it hands them to a decider.
+fn views(batch: &mut [([u8; 16], Vec<BufferedSpan>)]) -> Vec<TraceView<'_>> {
+    (batch.iter_mut())
+        .map(|(id, spans)| TraceView {
+            trace_id: id,
+            spans,
+            trigger: Trigger::RootGrace,
+        })
+        .collect()
 }
 
 /// `n` traces with distinct ids, cycling through `traces`' spans (each trace its own copy,
@@ -486,15 +490,8 @@ fn bench(c: &mut Criterion) {
         group.throughput(criterion::Throughput::Elements(n as u64));
         group.bench_function(format!("{name}/{n}"), |b| {
             b.iter(|| {
-                let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
-                    .map(|(id, spans)| TraceView {
-                        trace_id: id,
-                        spans,
-                        trigger: Trigger::RootGrace,
-                    })
-                    .collect();
                 out.clear();
-                decider.decide_batch(&mut views, &mut out);
+                decider.decide_batch(&mut views(&mut batch), &mut out);
                 out.iter().filter(|d| d.keep).count()
             })
         });
