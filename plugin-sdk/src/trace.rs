@@ -75,16 +75,15 @@ impl Trace {
         }
     }
 
-    /// Makes this summary-only trace the next one of a batch: a batch reuses
-    /// one `Trace`, so deciding a trace builds and drops nothing.
-    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-    #[inline]
     /// Whether this is a summary-only trace (facts without span data).
     #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn is_facts_only(&self) -> bool {
         self.backend.is_none()
     }
 
+    /// Makes this summary-only trace the next one of a batch: a batch reuses
+    /// one `Trace`, so deciding a trace builds and drops nothing.
+    #[inline]
     pub(crate) fn set_facts(&mut self, summary: Summary, trace_id: [u8; 16], randomness: u64) {
         debug_assert!(
             self.backend.is_none(),

@@ -48,7 +48,10 @@ impl DeciderFactory for WasmChainFactory {
             single: Vec::with_capacity(1),
             clock: Instant::now(),
             default_policy: Arc::from("default"),
-            default_reason: None,
+            default_reason: (
+                DefaultVerdict::Keep,
+                Arc::from(default_reason(DefaultVerdict::Keep)),
+            ),
         })
     }
 }
@@ -81,8 +84,9 @@ pub struct WasmChain {
     /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
     clock: Instant,
     default_policy: Arc<str>,
-    /// The live set's default verdict and its reason, made once per set.
-    default_reason: Option<(DefaultVerdict, Arc<str>)>,
+    /// A default verdict and its reason, made again only when a reload changes the verdict
+    /// (see `refresh`).
+    default_reason: (DefaultVerdict, Arc<str>),
 }
 
 /// A summary-only policy's answer for a batch: the index of its first outcome in
@@ -175,9 +179,9 @@ impl WasmChain {
         if self.instances.len() != self.set.policies.len() {
             self.instances.resize_with(self.set.policies.len(), || None);
         }
-        if self.default_reason.as_ref().map(|(d, _)| *d) != Some(self.set.default) {
+        if self.default_reason.0 != self.set.default {
             let reason = Arc::from(default_reason(self.set.default));
-            self.default_reason = Some((self.set.default, reason));
+            self.default_reason = (self.set.default, reason);
         }
         if self.handles.len() != self.set.policies.len() {
             self.handles = (self.set.policies.iter())
@@ -269,17 +273,14 @@ impl WasmChain {
         match result {
             Ok(answer) => {
                 policy.health.succeeded();
-                if !answer.edits.is_empty() {
-                    let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
-                    let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
-                    let probability = answer.probability;
-                    match edits::validate(&answer.edits, probability, spans, is_leaf, &policy.spec)
-                    {
-                        Ok(mut edits) => edits_out.append(&mut edits),
-                        Err(why) => {
-                            handles.invalid_edits.inc();
-                            tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
-                        }
+                let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
+                let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
+                let probability = answer.probability;
+                match edits::validate(&answer.edits, probability, spans, is_leaf, &policy.spec) {
+                    Ok(mut edits) => edits_out.append(&mut edits),
+                    Err(why) => {
+                        handles.invalid_edits.inc();
+                        tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
                     }
                 }
                 count(handles, answer.decision, 1);
@@ -359,10 +360,7 @@ impl WasmChain {
         Decision {
             keep,
             policy: self.default_policy.clone(),
-            reason: match &self.default_reason {
-                Some((_, reason)) => reason.clone(),
-                None => Arc::from(default_reason(self.set.default)),
-            },
+            reason: self.default_reason.1.clone(),
             probability: None,
             edits: if keep { edits } else { Vec::new() },
         }

@@ -87,13 +87,7 @@ impl PolicyCounters {
         let mut labels: Labels = labels
             .into_iter()
             .map(|(k, mut v)| {
-                if v.len() > MAX_LABEL_VALUE {
-                    let mut cut = MAX_LABEL_VALUE;
-                    while !v.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    v.truncate(cut);
-                }
+                super::state::truncate(&mut v, MAX_LABEL_VALUE);
                 if !counter.seen.contains_key(&k) {
                     counter.seen.insert(k.clone(), HashSet::default());
                 }

@@ -77,6 +77,7 @@ impl PendingEdits {
         self.removals = Vec::new();
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.patches.is_empty() && self.removals.is_empty() && self.refused.is_none()
     }

@@ -786,14 +786,21 @@ impl Reasons {
 
 /// `s` cut to at most `max` bytes on a character boundary, without copying it.
 pub fn truncated(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
+    truncate(&mut s, max);
     s
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary; true if it was longer.
+pub fn truncate(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    true
 }
 
 impl PolicyState {
@@ -828,12 +835,7 @@ impl host::Host for PolicyState {
         }
         self.logged_this_second += 1;
         let mut message = message;
-        if message.len() > MAX_LOG_BYTES {
-            let mut cut = MAX_LOG_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
+        if truncate(&mut message, MAX_LOG_BYTES) {
             message.push('…');
         }
         let policy = &*self.meta.name;
