@@ -44,12 +44,12 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use prost::Message;
-use tailgate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
-use tailgate::config::Config;
-use tailgate::decide::{Decider, DeciderFactory, TraceView};
-use tailgate::plugin::PolicyRuntime;
-use tailgate::plugin::chain::WasmChainFactory;
-use tailgate::telemetry::Metrics;
+use tailgate::bench::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+use tailgate::bench::Config;
+use tailgate::bench::{Decider, DeciderFactory, DefaultDecision, Role, Tally, TraceView, Verdict};
+use tailgate::bench::PolicyRuntime;
+use tailgate::bench::WasmChainFactory;
+use tailgate::bench::{PluginMetrics, Registry};
 use tailgate_plugin_sdk::Policy;
 use tailgate_plugin_sdk::testing::{self, TraceBuilder};
 
@@ -179,7 +179,7 @@ fn chain(policies: &str) -> Box<dyn Decider> {
     let runtime = PolicyRuntime::start(&config, Path::new(".")).expect("policies load");
     WasmChainFactory {
         runtime,
-        metrics: Metrics::new(),
+        metrics: PluginMetrics::new(&Registry::new()),
     }
     .build()
 }
@@ -215,12 +215,12 @@ fn native_three() -> (
 
 /// `THREE` as a native chain: the same three crates compiled into the host, given what the
 /// host gives the Wasm ones (its index and each trace's facts), their verdicts combined as
-/// the Wasm chain combines them (the first keep decides, a probabilistic keep's probability
-/// is stamped unless another policy keeps for certain, else the default), and one
-/// [`tailgate::decide::Decision`] out per trace. Everything the Wasm chain does but the
+/// the Wasm chain combines them (the host's own [`Tally`], the one copy of the combination),
+/// and one
+/// [`tailgate::bench::Decision`] out per trace. Everything the Wasm chain does but the
 /// sandbox.
 struct NativeChain {
-    index: tailgate::plugin::TraceIndex,
+    index: tailgate::bench::TraceIndex,
     facts: Vec<u64>,
     /// One facts trace for every decision, as the SDK reuses one for a Wasm batch.
     trace: tailgate_plugin_sdk::Trace,
@@ -232,9 +232,9 @@ struct NativeChain {
     /// Policy names, and each policy's last reason (shared while it repeats, as in the chain).
     names: [Arc<str>; 3],
     reasons: [Option<Arc<str>>; 3],
-    default: tailgate::config::DefaultVerdict,
-    default_policy: Arc<str>,
-    default_reason: Arc<str>,
+    /// The host's combination of verdicts, the one the Wasm chain uses.
+    tally: Tally,
+    default: DefaultDecision,
 }
 
 impl NativeChain {
@@ -248,15 +248,14 @@ impl NativeChain {
             policies: native_three(),
             names: ["errors", "slow", "sample"].map(Arc::from),
             reasons: Default::default(),
-            default,
-            default_policy: Arc::from("default"),
-            default_reason: Arc::from(tailgate::decide::default_reason(default)),
+            tally: Tally::default(),
+            default: DefaultDecision::new(default),
         }
     }
 }
 
 impl Decider for NativeChain {
-    fn decide(&mut self, trace: &mut TraceView<'_>) -> tailgate::decide::Decision {
+    fn decide(&mut self, trace: &mut TraceView<'_>) -> tailgate::bench::Decision {
         self.index.rebuild(trace.spans);
         self.facts.clear();
         (self.index).push_facts(trace.trace_id, trace.spans, &mut self.facts);
@@ -265,39 +264,28 @@ impl Decider for NativeChain {
         let t = &self.trace;
         let (errors, slow, sample) = &mut self.policies;
         let verdicts = [errors.decide(t), slow.decide(t), sample.decide(t)];
-        let mut kept_by = None;
-        let (mut probability, mut certain) = (0.0f64, false);
         for (i, v) in verdicts.iter().enumerate() {
-            if v.is_keep() {
-                match v.probability {
-                    Some(p) => probability = probability.max(p),
-                    None => certain = true,
-                }
-                kept_by.get_or_insert(i);
-            }
+            let verdict = match v.decision {
+                tailgate_plugin_sdk::Decision::Keep => Verdict::Keep,
+                tailgate_plugin_sdk::Decision::Drop => Verdict::Drop,
+                tailgate_plugin_sdk::Decision::Abstain => Verdict::Abstain,
+            };
+            let probability = v.probability.filter(|p| *p > 0.0 && *p < 1.0);
+            (self.tally).add(Role::Enforce, i as u32, i as u32, verdict, probability, &mut Vec::new());
         }
-        match kept_by {
-            Some(i) => {
-                let reason = match &self.reasons[i] {
+        // The chain's own combination; reasons shared while they repeat, as in the chain.
+        let (names, reasons) = (&self.names, &mut self.reasons);
+        self.tally.decision(
+            |i| {
+                let i = i as usize;
+                let reason = match &reasons[i] {
                     Some(last) if **last == *verdicts[i].reason => last.clone(),
-                    _ => (self.reasons[i].insert(Arc::from(verdicts[i].reason.as_str()))).clone(),
+                    _ => (reasons[i].insert(Arc::from(verdicts[i].reason.as_str()))).clone(),
                 };
-                tailgate::decide::Decision {
-                    keep: true,
-                    policy: self.names[i].clone(),
-                    reason,
-                    probability: (!certain && probability > 0.0).then_some(probability),
-                    edits: Vec::new(),
-                }
-            }
-            None => tailgate::decide::Decision {
-                keep: self.default == tailgate::config::DefaultVerdict::Keep,
-                policy: self.default_policy.clone(),
-                reason: self.default_reason.clone(),
-                probability: None,
-                edits: Vec::new(),
+                (names[i].clone(), reason)
             },
-        }
+            &self.default,
+        )
     }
 }
 
@@ -323,7 +311,7 @@ fn same_decisions(
         let mut batch = batch_of(256, traces);
         decider.decide_batch(&mut views(&mut batch), out);
     }
-    let key = |d: &tailgate::decide::Decision| {
+    let key = |d: &tailgate::bench::Decision| {
         (
             d.keep,
             d.policy.to_string(),
@@ -349,7 +337,6 @@ fn views(batch: &mut [([u8; 16], Vec<BufferedSpan>)]) -> Vec<TraceView<'_>> {
         .map(|(id, spans)| TraceView {
             trace_id: id,
             spans,
-            trigger: Trigger::RootGrace,
         })
         .collect()
 }
@@ -394,7 +381,6 @@ fn run(
         .decide(&mut TraceView {
             trace_id: id,
             spans,
-            trigger: Trigger::RootGrace,
         })
         .keep
 }
@@ -500,7 +486,7 @@ fn bench(c: &mut Criterion) {
     // The same three crates natively, from what the host computes for the Wasm ones, on the
     // same 256 traces as the largest batch (so both read the same spans from memory).
     let (mut errors, mut slow, mut sample) = native_three();
-    let mut idx = tailgate::plugin::TraceIndex::default();
+    let mut idx = tailgate::bench::TraceIndex::default();
     let mut facts = Vec::with_capacity(tailgate_plugin_sdk::FACT_WORDS);
     let mut t = testing::facts_trace(Default::default(), [0; 16], 0);
     let batch = batch_of(256, &traces);
@@ -537,7 +523,7 @@ fn bench(c: &mut Criterion) {
     });
     // The host's per-trace index alone (inside every Wasm case above; the native SDK
     // traces have their summary computed when built, outside the timing).
-    let mut idx = tailgate::plugin::TraceIndex::default();
+    let mut idx = tailgate::bench::TraceIndex::default();
     let mut i = 0;
     group.bench_function("host_index_rebuild", |b| {
         b.iter(|| {
@@ -572,7 +558,7 @@ fn floor(
     traces: &[([u8; 16], Vec<BufferedSpan>)],
 ) {
     use wasmtime::{Instance, Module, Store, TypedFunc};
-    let plugins = tailgate::plugin::PluginEngine::new(None, 1000).expect("engine");
+    let plugins = tailgate::bench::PluginEngine::new(None, 1000).expect("engine");
     let engine = plugins.engine();
     let instance = |wasm: Vec<u8>| {
         let module = Module::new(engine, wasm).expect("core module");
@@ -767,14 +753,14 @@ fn agent_wasm(only: Option<&str>) -> Box<dyn Decider> {
     if let Some(name) = only {
         config.policies.retain(|p| p.name == name);
         for p in &mut config.policies {
-            p.mode = tailgate::config::PolicyMode::Enforce;
+            p.mode = tailgate::bench::PolicyMode::Enforce;
         }
     }
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let runtime = PolicyRuntime::start(&config, &base).expect("agent policies load");
     WasmChainFactory {
         runtime,
-        metrics: Metrics::new(),
+        metrics: PluginMetrics::new(&Registry::new()),
     }
     .build()
 }
@@ -787,7 +773,7 @@ fn agent_wasm(only: Option<&str>) -> Box<dyn Decider> {
 fn policy_load(c: &mut Criterion) {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("bench-plugin-cache-{}", std::process::id()));
-    let engine = tailgate::plugin::PluginEngine::new(Some(cache.clone()), 1000).expect("engine");
+    let engine = tailgate::bench::PluginEngine::new(Some(cache.clone()), 1000).expect("engine");
     let config = Config::parse(
         "[[policies]]\nname = \"errors\"\nplugin = \"keep-errors\"\n\
          [[policies]]\nname = \"hygiene\"\nplugin = \"attribute-hygiene\"\n",

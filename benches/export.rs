@@ -16,9 +16,9 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use tailgate::buffer::Trigger;
-use tailgate::decide::{Decision, Stamp};
-use tailgate::export::{KeptTrace, encode_batch};
+use tailgate::bench::Trigger;
+use tailgate::bench::{Decision, stamp};
+use tailgate::bench::{KeptTrace, encode_batch};
 
 fn kept(traces: usize) -> Vec<KeptTrace> {
     let decision = Decision {
@@ -28,11 +28,10 @@ fn kept(traces: usize) -> Vec<KeptTrace> {
         probability: Some(0.15),
         edits: Vec::new(),
     };
-    let stamp = Arc::new(Stamp::new(&decision, Trigger::RootGrace));
+    let stamp = Arc::new(stamp(&decision, Trigger::RootGrace));
     common::buffered(&common::generated(traces))
         .into_iter()
-        .map(|(trace_id, spans)| KeptTrace {
-            trace_id,
+        .map(|(_, spans)| KeptTrace {
             spans,
             stamp: stamp.clone(),
         })

@@ -14,10 +14,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tailgate::buffer::worker::ShardMsg;
-use tailgate::buffer::{Timings, TraceBuffer, Trigger};
-use tailgate::config::BufferConfig;
-use tailgate::otlp::wire;
+use tailgate::bench::ShardMsg;
+use tailgate::bench::{Timings, TraceBuffer, Trigger};
+use tailgate::bench::BufferConfig;
+use tailgate::bench::wire;
 
 /// Requests inserted before the (untimed) buffer drain, so the buffer holds what a busy shard
 /// holds: a few thousand traces.

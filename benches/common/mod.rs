@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use prost::Message;
-use tailgate::buffer::worker::{ShardMsg, ShardSpan};
-use tailgate::buffer::{BufferedSpan, MemoryBudget};
-use tailgate::loadgen::generate::SERVICES;
-use tailgate::loadgen::{GeneratedTrace, Generator, Shape, request_of};
-use tailgate::receiver::ingest::Ingest;
-use tailgate::telemetry::Metrics;
+use tailgate::bench::{ShardMsg, ShardSpan};
+use tailgate::bench::{BufferedSpan, MemoryBudget};
+use tailgate::bench::SERVICES;
+use tailgate::bench::{GeneratedTrace, Generator, Shape, request_of};
+use tailgate::bench::Ingest;
+use tailgate::bench::{ReceiverMetrics, Registry};
 use tailgate_plugin_sdk::testing::TraceBuilder;
 use tailgate_plugin_sdk::{AttrValue, SpanKind, StatusCode};
 
@@ -41,7 +41,7 @@ pub fn ingest(shards: usize) -> (Ingest, Vec<crossbeam_channel::Receiver<ShardMs
     let ingest = Ingest::new(
         txs,
         Arc::new(MemoryBudget::new(usize::MAX / 2)),
-        Metrics::new(),
+        ReceiverMetrics::new(&Registry::new()),
     );
     (ingest, rxs)
 }
@@ -119,16 +119,16 @@ pub fn agent_policies() -> Vec<(String, String, bool, String)> {
             (
                 p.name.clone(),
                 p.plugin.clone().unwrap_or_default(),
-                matches!(p.mode, tailgate::config::PolicyMode::Enrich),
+                matches!(p.mode, tailgate::bench::PolicyMode::Enrich),
                 serde_json::to_string(&p.config).expect("config as JSON"),
             )
         })
         .collect()
 }
 
-pub fn agent_config() -> tailgate::config::Config {
+pub fn agent_config() -> tailgate::bench::Config {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/agent.toml");
-    let mut config = tailgate::config::Config::load(&path).expect("config/agent.toml loads");
+    let mut config = tailgate::bench::Config::load(&path).expect("config/agent.toml loads");
     config.plugins.cache_dir = Default::default(); // a bench writes no cache
     config
 }

@@ -11,21 +11,28 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::buffer::worker::{WorkerContext, Workers};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
 use crate::buffer::{MemoryBudget, Timings};
 use crate::clock::MonotonicClock;
 use crate::config::Config;
 use crate::export::Exporter;
-use crate::plugin::PolicyRuntime;
+use crate::pipeline::{PipelineMetrics, WorkerContext, Workers};
 use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
-use crate::receiver::{Ingest, Receivers, bind, signalled};
-use crate::telemetry::Metrics;
+use crate::plugin::{PluginMetrics, PolicyRuntime};
+use crate::receiver::{Ingest, ReceiverMetrics, Receivers, bind, signalled};
+use crate::telemetry::Registry;
 use crate::telemetry::admin::{self, Health};
 
 /// Runs until SIGTERM or SIGINT, then shuts down cleanly.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let plugin_metrics = PluginMetrics::new(&registry);
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -33,10 +40,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // stops the start with its reason.
     let base_dir = reload::base_dir_of(config_path.as_deref());
     let runtime = PolicyRuntime::start(&config, &base_dir).context("loading policies")?;
-    metrics.attach_policy_counters(runtime.engine.counters().clone());
+    registry.register_collector(Box::new(runtime.engine.counters().clone()));
     let reloader = Reloader::new(
         runtime.clone(),
-        metrics.clone(),
+        plugin_metrics.clone(),
         config_path.clone(),
         base_dir,
     );
@@ -45,26 +52,24 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
 
     let admin_addr = match config.admin.endpoint {
         Some(addr) => {
-            let admin = admin::AdminState {
-                metrics: metrics.clone(),
-                health: health.clone(),
-                reloader: reloader.clone(),
-                reload_token: config.admin.reload_token.clone(),
-            };
-            Some(start_admin(addr, admin, stop_rx.clone()).await?)
+            let routes = admin::router(registry.clone(), health.clone()).merge(policy_routes(
+                reloader.clone(),
+                config.admin.reload_token.clone(),
+            ));
+            Some(start_admin(addr, routes, stop_rx.clone()).await?)
         }
         None => None,
     };
 
     let exporter =
-        Exporter::start(&config.exporter, metrics.clone()).context("starting the exporter")?;
+        Exporter::start(&config.exporter, &registry).context("starting the exporter")?;
     let memory = Arc::new(MemoryBudget::new(config.buffer.max_buffer_bytes.bytes()));
     let workers = Workers::spawn(
         config.worker_count(),
         WorkerContext {
             timings: Timings::from_config(&config.buffer),
             memory: memory.clone(),
-            metrics: metrics.clone(),
+            metrics: PipelineMetrics::new(&registry),
             export: exporter.queue.clone(),
             clock: Arc::new(MonotonicClock::default()),
             remember_kept: config.buffer.remember_kept,
@@ -72,21 +77,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         },
         &WasmChainFactory {
             runtime,
-            metrics: metrics.clone(),
+            metrics: plugin_metrics,
         },
     )
     .context("starting decision workers")?;
+    let receiver_metrics = ReceiverMetrics::new(&registry);
     let ingest = Arc::new(Ingest::new(
         workers.senders.clone(),
         memory,
-        metrics.clone(),
+        receiver_metrics.clone(),
     ));
 
     let (listen_stop_tx, listen_stop_rx) = watch::channel(false);
     let receivers = Receivers::start(
         &config.receivers,
         ingest.clone(),
-        metrics.clone(),
+        receiver_metrics,
         listen_stop_rx,
     )
     .await
@@ -157,12 +163,11 @@ async fn reload_on_sighup(reloader: Arc<Reloader>) {
 
 async fn start_admin(
     addr: SocketAddr,
-    state: admin::AdminState,
+    app: Router,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr, "admin").await?;
     let local = listener.local_addr()?;
-    let app = admin::router(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(signalled(stop))
@@ -188,4 +193,69 @@ async fn wait_for_signal() -> &'static str {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     }
+}
+
+/// `GET /status` (the live policies and the last reload) and `POST /reload`, on the admin
+/// listener beside telemetry's routes.
+fn policy_routes(reloader: Arc<Reloader>, reload_token: Option<String>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/reload", post(reload))
+        .with_state(PolicyControl {
+            reloader,
+            reload_token,
+        })
+}
+
+#[derive(Clone)]
+struct PolicyControl {
+    reloader: Arc<Reloader>,
+    /// `POST /reload` needs `Authorization: Bearer <token>`; without a token it is disabled.
+    reload_token: Option<String>,
+}
+
+async fn status(State(s): State<PolicyControl>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        s.reloader.status_json(),
+    )
+}
+
+async fn reload(State(s): State<PolicyControl>, headers: HeaderMap) -> impl IntoResponse {
+    let Some(token) = s.reload_token.as_deref().filter(|t| !t.is_empty()) else {
+        return (
+            StatusCode::FORBIDDEN,
+            "POST /reload is disabled: set admin.reload_token\n".to_owned(),
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token\n".to_owned(),
+        );
+    }
+    let reloader = s.reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.reload("POST /reload")).await {
+        Ok(Ok(generation)) => (
+            StatusCode::OK,
+            format!("reloaded: generation {generation}\n"),
+        ),
+        Ok(Err(why)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, previous policies still live: {why}\n"),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {e}\n"),
+        ),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -3,15 +3,15 @@
 
 use std::time::Instant;
 
-use crate::buffer::Nanos;
+use crate::trace::Nanos;
 
-pub trait Clock: Send + Sync {
+pub(crate) trait Clock: Send + Sync {
     /// Nanoseconds since an arbitrary fixed start; never goes backwards.
     fn now(&self) -> Nanos;
 }
 
 /// The real monotonic clock.
-pub struct MonotonicClock {
+pub(crate) struct MonotonicClock {
     start: Instant,
 }
 
@@ -26,5 +26,26 @@ impl Default for MonotonicClock {
 impl Clock for MonotonicClock {
     fn now(&self) -> Nanos {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A clock that moves only when told, for tests of timing logic.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct ManualClock(std::sync::atomic::AtomicU64);
+
+#[cfg(test)]
+impl ManualClock {
+    pub(crate) fn advance(&self, by: std::time::Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.0
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+impl Clock for ManualClock {
+    fn now(&self) -> Nanos {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -16,30 +16,30 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub receivers: ReceiversConfig,
-    pub buffer: BufferConfig,
-    pub decide: DecideConfig,
-    pub exporter: ExporterConfig,
-    pub admin: AdminConfig,
-    pub log: LogConfig,
-    pub shutdown: ShutdownConfig,
-    pub plugins: PluginsConfig,
+    pub(crate) receivers: ReceiversConfig,
+    pub(crate) buffer: BufferConfig,
+    pub(crate) decide: DecideConfig,
+    pub(crate) exporter: ExporterConfig,
+    pub(crate) admin: AdminConfig,
+    pub(crate) log: LogConfig,
+    pub(crate) shutdown: ShutdownConfig,
+    pub(crate) plugins: PluginsConfig,
     /// The policy chain, in order. Empty: every trace gets `decide.default`.
-    pub policies: Vec<PolicyConfig>,
+    pub(crate) policies: Vec<PolicyConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PluginsConfig {
+pub(crate) struct PluginsConfig {
     /// Compiled policies are cached here, keyed by the wasm's sha256 and the engine, so a
     /// restart or reload of an unchanged policy skips compilation. Empty: no cache.
-    pub cache_dir: PathBuf,
+    pub(crate) cache_dir: PathBuf,
     /// Distinct values one label of a policy counter may take before the rest are folded into
     /// `__overflow__`.
-    pub max_label_values: usize,
+    pub(crate) max_label_values: usize,
     /// How often plugin files and the config file are checked for changes (hot swap). Zero
     /// turns watching off; SIGHUP and `POST /reload` still work.
-    pub watch_interval: Seconds,
+    pub(crate) watch_interval: Seconds,
 }
 
 impl Default for PluginsConfig {
@@ -71,7 +71,7 @@ pub enum PolicyMode {
 /// What a failing policy call (trap, timeout, memory cap) counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum OnError {
+pub(crate) enum OnError {
     /// Losing an error trace is worse than keeping a boring one.
     #[default]
     Keep,
@@ -81,50 +81,50 @@ pub enum OnError {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
+pub(crate) struct PolicyConfig {
     /// Names the policy in metrics, logs and `sampling.policy`.
-    pub name: String,
+    pub(crate) name: String,
     /// A bundled policy by name (`keep-errors`, `latency`, …)…
-    pub plugin: Option<String>,
+    pub(crate) plugin: Option<String>,
     /// …or a WebAssembly component file, relative to the config file.
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     /// Refuse the component unless its sha256 (hex) is this.
-    pub sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
     #[serde(default)]
-    pub mode: PolicyMode,
+    pub(crate) mode: PolicyMode,
     /// A `drop` from a drop rule wins over every `keep` (e.g. health checks).
     #[serde(default)]
-    pub drop_rule: bool,
+    pub(crate) drop_rule: bool,
     #[serde(default)]
-    pub on_error: OnError,
+    pub(crate) on_error: OnError,
     /// Linear memory cap of one instance.
     #[serde(default = "default_policy_memory")]
-    pub memory_limit: Size,
+    pub(crate) memory_limit: Size,
     /// Wall-clock budget of one call (epoch interruption).
     #[serde(default = "default_policy_timeout")]
-    pub timeout: Seconds,
+    pub(crate) timeout: Seconds,
     /// Optional deterministic budget per call, in wasmtime fuel units.
-    pub fuel: Option<u64>,
+    pub(crate) fuel: Option<u64>,
     /// Caps on a verdict's attribute writes.
     #[serde(default = "default_max_patches")]
-    pub max_patches: usize,
+    pub(crate) max_patches: usize,
     #[serde(default = "default_max_patch_bytes")]
-    pub max_patch_bytes: Size,
+    pub(crate) max_patch_bytes: Size,
     /// Log lines per second the policy may write; the rest are counted and dropped.
     #[serde(default = "default_log_per_second")]
-    pub log_per_second: u32,
+    pub(crate) log_per_second: u32,
     /// Seeds the policy's deterministic random stream.
     #[serde(default)]
-    pub seed: u64,
+    pub(crate) seed: u64,
     /// Consecutive failures that quarantine the policy…
     #[serde(default = "default_quarantine_after")]
-    pub quarantine_after: u32,
+    pub(crate) quarantine_after: u32,
     /// …for this long, after which it is tried again.
     #[serde(default = "default_quarantine_for")]
-    pub quarantine_for: Seconds,
+    pub(crate) quarantine_for: Seconds,
     /// The policy's own settings, handed to its `init` as JSON.
     #[serde(default)]
-    pub config: toml::Table,
+    pub(crate) config: toml::Table,
 }
 
 fn default_policy_memory() -> Size {
@@ -152,15 +152,15 @@ fn default_quarantine_for() -> Seconds {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ReceiversConfig {
+pub(crate) struct ReceiversConfig {
     /// OTLP/gRPC listen address; the OTLP default port is 4317.
-    pub grpc: Option<SocketAddr>,
+    pub(crate) grpc: Option<SocketAddr>,
     /// OTLP/HTTP listen address; the OTLP default port is 4318.
-    pub http: Option<SocketAddr>,
+    pub(crate) http: Option<SocketAddr>,
     /// Largest request accepted, measured after decompression (OTLP recommends 64 MiB).
-    pub max_request_size: Size,
+    pub(crate) max_request_size: Size,
     /// `Retry-After` sent with HTTP 503 when the buffer is full.
-    pub retry_after: Seconds,
+    pub(crate) retry_after: Seconds,
 }
 
 impl Default for ReceiversConfig {
@@ -178,24 +178,24 @@ impl Default for ReceiversConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BufferConfig {
     /// Quiet period after the root span arrives before the trace is decided (Refinery's default).
-    pub root_grace: Seconds,
+    pub(crate) root_grace: Seconds,
     /// Decide a trace when no span of it has arrived for this long.
-    pub trace_idle: Seconds,
+    pub(crate) trace_idle: Seconds,
     /// Decide a trace at the latest this long after its first span (OTel `tail_sampling` default).
-    pub decision_wait: Seconds,
+    pub(crate) decision_wait: Seconds,
     /// Decide a trace at once when it holds this many spans.
-    pub max_spans_per_trace: usize,
+    pub(crate) max_spans_per_trace: usize,
     /// Decide a trace at once when its spans take this many bytes.
-    pub max_bytes_per_trace: Size,
+    pub(crate) max_bytes_per_trace: Size,
     /// Bound on all buffered traces. Past 90 % the oldest are decided early; at 100 % new data
     /// is refused with a retryable code.
-    pub max_buffer_bytes: Size,
+    pub(crate) max_buffer_bytes: Size,
     /// Decision worker threads (shards); 0 = one per CPU.
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// How many kept trace ids are remembered, so late spans follow the decision.
-    pub remember_kept: usize,
+    pub(crate) remember_kept: usize,
     /// How many dropped trace ids are remembered (as 8-byte fingerprints).
-    pub remember_dropped: usize,
+    pub(crate) remember_dropped: usize,
 }
 
 impl Default for BufferConfig {
@@ -224,9 +224,9 @@ pub enum DefaultVerdict {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DecideConfig {
+pub(crate) struct DecideConfig {
     /// Verdict when every policy abstains (or none is configured).
-    pub default: DefaultVerdict,
+    pub(crate) default: DefaultVerdict,
 }
 
 impl Default for DecideConfig {
@@ -239,7 +239,7 @@ impl Default for DecideConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ExporterKind {
+pub(crate) enum ExporterKind {
     /// OTLP/JSON lines in a local file.
     File,
     /// OTLP over gRPC.
@@ -250,42 +250,42 @@ pub enum ExporterKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Compression {
+pub(crate) enum Compression {
     None,
     Gzip,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ExporterConfig {
+pub(crate) struct ExporterConfig {
     #[serde(rename = "type")]
-    pub kind: ExporterKind,
+    pub(crate) kind: ExporterKind,
     /// File exporter: where kept traces are written, one ExportTraceServiceRequest per line.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// File exporter: rotate the file when it grows past this size.
-    pub max_file_size: Size,
+    pub(crate) max_file_size: Size,
     /// File exporter: rotated files kept beside the live one.
-    pub max_files: usize,
+    pub(crate) max_files: usize,
     /// OTLP exporters: `http://host:4317` for gRPC, `http://host:4318` (or a full URL) for HTTP.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// OTLP exporters: extra headers (gRPC metadata), e.g. API keys.
-    pub headers: std::collections::BTreeMap<String, String>,
-    pub compression: Compression,
+    pub(crate) headers: std::collections::BTreeMap<String, String>,
+    pub(crate) compression: Compression,
     /// Per attempt.
-    pub timeout: Seconds,
+    pub(crate) timeout: Seconds,
     /// A batch is sent when it holds this many spans...
-    pub batch_max_spans: usize,
+    pub(crate) batch_max_spans: usize,
     /// ...or when its oldest trace has waited this long.
-    pub batch_timeout: Seconds,
+    pub(crate) batch_timeout: Seconds,
     /// Kept spans waiting for the exporter; when full, deciding pauses and back-pressure reaches
     /// the receivers.
-    pub queue_max_spans: usize,
+    pub(crate) queue_max_spans: usize,
     /// Batches in flight at once.
-    pub concurrency: usize,
-    pub retry_initial_backoff: Seconds,
-    pub retry_max_backoff: Seconds,
+    pub(crate) concurrency: usize,
+    pub(crate) retry_initial_backoff: Seconds,
+    pub(crate) retry_max_backoff: Seconds,
     /// Give up on a batch (counted as failed) after retrying this long.
-    pub retry_max_elapsed: Seconds,
+    pub(crate) retry_max_elapsed: Seconds,
 }
 
 impl Default for ExporterConfig {
@@ -314,12 +314,12 @@ impl Default for ExporterConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
+pub(crate) struct AdminConfig {
     /// `/metrics`, `/healthz`, `/readyz`; loopback by default since it is unauthenticated.
-    pub endpoint: Option<SocketAddr>,
+    pub(crate) endpoint: Option<SocketAddr>,
     /// Bearer token for `POST /reload`; unset disables the endpoint (SIGHUP and file changes
     /// still reload).
-    pub reload_token: Option<String>,
+    pub(crate) reload_token: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -333,17 +333,17 @@ impl Default for AdminConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// A `tracing` filter such as `info` or `tailgate=debug`; `RUST_LOG` overrides it.
-    pub level: String,
-    pub format: LogFormat,
+    pub(crate) level: String,
+    pub(crate) format: LogFormat,
 }
 
 impl Default for LogConfig {
@@ -357,9 +357,9 @@ impl Default for LogConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ShutdownConfig {
+pub(crate) struct ShutdownConfig {
     /// How long SIGTERM may take to decide every buffered trace and flush the exporter.
-    pub timeout: Seconds,
+    pub(crate) timeout: Seconds,
 }
 
 impl Default for ShutdownConfig {
@@ -372,7 +372,7 @@ impl Default for ShutdownConfig {
 
 /// A duration written as text: `"2s"`, `"500ms"`, `"1m 30s"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
+pub(crate) struct Seconds(pub Duration);
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -389,10 +389,10 @@ impl<'de> Deserialize<'de> for Seconds {
 
 /// A size written as text (`"512MiB"`, `"64 MB"`) or as a plain number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub u64);
 
 impl Size {
-    pub fn bytes(self) -> usize {
+    pub(crate) fn bytes(self) -> usize {
         usize::try_from(self.0).unwrap_or(usize::MAX)
     }
 }
@@ -422,7 +422,7 @@ impl<'de> Deserialize<'de> for Size {
 
 /// A configuration that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -434,13 +434,13 @@ pub enum ConfigError {
 
 /// The config `tailgate run` uses without `--config`: the agent pack, `config/agent.toml`,
 /// embedded in the binary (its policies are the bundled ones, also embedded).
-pub const EMBEDDED: &str = include_str!("../../config/agent.toml");
+pub(crate) const EMBEDDED: &str = include_str!("../../config/agent.toml");
 /// How errors in [`EMBEDDED`] name it.
-pub const EMBEDDED_SOURCE: &str = "<embedded config/agent.toml>";
+pub(crate) const EMBEDDED_SOURCE: &str = "<embedded config/agent.toml>";
 
 impl Config {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -449,7 +449,7 @@ impl Config {
     }
 
     /// Parses and validates config text; `origin` names the file in error messages.
-    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             message,
@@ -551,7 +551,7 @@ impl Config {
     }
 
     /// Worker threads to run, resolving `0` to the number of CPUs.
-    pub fn worker_count(&self) -> usize {
+    pub(crate) fn worker_count(&self) -> usize {
         match self.buffer.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,

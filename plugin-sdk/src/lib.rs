@@ -1,7 +1,7 @@
 //! # tailgate-plugin-sdk
 //!
 //! Everything a Rust author needs to write a tailgate sampling policy: the WIT
-//! contract (`wit/policy.wit`, package `tailgate:policy@0.4.0`), an ergonomic
+//! contract (`wit/policy.wit`, package `tailgate:policy`, see [`WIT_PACKAGE`]), an ergonomic
 //! [`Trace`] view, the [`Verdict`] builder, the host's imports ([`host`],
 //! [`log`]), the [`Policy`] trait and the one macro that exports a policy,
 //! [`export_policy!`]. [`stats`] holds state that several policies share:
@@ -55,12 +55,77 @@ pub use types::{
     Verdict,
 };
 
-/// The WIT package this SDK implements.
-pub const WIT_PACKAGE: &str = "tailgate:policy@0.4.0";
-
 /// The contract's WIT text, for hosts and tools that want the exact file the
 /// SDK was built with.
 pub const WIT: &str = include_str!("../wit/policy.wit");
+
+/// The WIT package this SDK implements, read from the `package` line of
+/// [`WIT`] at compile time: the WIT is the one place the version is written.
+pub const WIT_PACKAGE: &str = package_of(WIT);
+
+/// The contract version alone (`0.4.0`), what the host accepts and the build
+/// step produces components for.
+pub const CONTRACT_VERSION: &str = after_at(WIT_PACKAGE);
+
+/// The package name without its version (`tailgate:policy`).
+pub const CONTRACT_PACKAGE: &str = before_at(WIT_PACKAGE);
+
+/// The text between `package ` and `;` of the line that declares the package.
+const fn package_of(wit: &str) -> &str {
+    let bytes = wit.as_bytes();
+    let needle = b"\npackage ";
+    let mut i = 0;
+    while i + needle.len() <= bytes.len() {
+        let mut j = 0;
+        while j < needle.len() && bytes[i + j] == needle[j] {
+            j += 1;
+        }
+        if j == needle.len() {
+            let start = i + needle.len();
+            let mut end = start;
+            while end < bytes.len() && bytes[end] != b';' {
+                end += 1;
+            }
+            let (_, rest) = bytes.split_at(start);
+            let (package, _) = rest.split_at(end - start);
+            return match core::str::from_utf8(package) {
+                Ok(p) => p,
+                Err(_) => panic!("the WIT package line is not UTF-8"),
+            };
+        }
+        i += 1;
+    }
+    panic!("the WIT has no package line")
+}
+
+/// What precedes the `@` of a versioned package name.
+const fn before_at(package: &str) -> &str {
+    let bytes = package.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() && bytes[i] != b'@' {
+        i += 1;
+    }
+    let (name, _) = bytes.split_at(i);
+    match core::str::from_utf8(name) {
+        Ok(n) => n,
+        Err(_) => panic!("the WIT package name is not UTF-8"),
+    }
+}
+
+/// What follows the `@` of a versioned package name.
+const fn after_at(package: &str) -> &str {
+    let bytes = package.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() && bytes[i] != b'@' {
+        i += 1;
+    }
+    assert!(i < bytes.len(), "the WIT package has no version");
+    let (_, version) = bytes.split_at(i + 1);
+    match core::str::from_utf8(version) {
+        Ok(v) => v,
+        Err(_) => panic!("the WIT package version is not UTF-8"),
+    }
+}
 
 /// A sampling policy.
 ///

@@ -26,7 +26,7 @@ impl MemoryBudget {
     }
 
     /// Reserves `bytes`, or returns false (and reserves nothing) when that would pass the limit.
-    pub fn try_reserve(&self, bytes: usize) -> bool {
+    pub(crate) fn try_reserve(&self, bytes: usize) -> bool {
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let Some(next) = used.checked_add(bytes).filter(|&n| n <= self.limit) else {
@@ -42,20 +42,16 @@ impl MemoryBudget {
         }
     }
 
-    pub fn release(&self, bytes: usize) {
+    pub(crate) fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
     }
 
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// True while the buffer should shed its oldest traces by deciding them.
-    pub fn under_pressure(&self) -> bool {
+    pub(crate) fn under_pressure(&self) -> bool {
         self.used() > self.pressure_at
     }
 }

@@ -11,134 +11,28 @@
 
 mod memory;
 mod remembered;
-pub mod worker;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
+use crate::trace::{BufferedSpan, Nanos, TraceId, Trigger};
+
 pub use memory::MemoryBudget;
-pub use remembered::{DecisionMemory, Remembered};
-
-/// A W3C / OTLP trace id.
-pub type TraceId = [u8; 16];
-
-/// Nanoseconds on the host's monotonic clock.
-pub type Nanos = u64;
-
-/// Fields of a `ResourceSpans` other than its scope spans, shared by every span of the batch.
-#[derive(Debug)]
-pub struct ResourceHeader {
-    /// Encoded fields (resource, schema url) exactly as received.
-    pub fields: Box<[u8]>,
-    /// The `Resource` message alone, for attribute lookups.
-    pub resource: Box<[u8]>,
-    /// `service.name`, or empty when the resource has none.
-    pub service: Arc<str>,
-}
-
-/// Fields of a `ScopeSpans` other than its spans, plus the resource it belongs to.
-#[derive(Debug)]
-pub struct ScopeHeader {
-    pub resource: Arc<ResourceHeader>,
-    pub fields: Box<[u8]>,
-}
-
-/// One buffered span: its protobuf bytes as received plus the index fields the host needs
-/// without decoding. 64 bytes of index beside the bytes themselves.
-#[derive(Debug, Clone)]
-pub struct BufferedSpan {
-    pub bytes: Box<[u8]>,
-    pub scope: Arc<ScopeHeader>,
-    pub span_id: [u8; 8],
-    pub parent_span_id: [u8; 8],
-    pub start_unix_nano: u64,
-    pub end_unix_nano: u64,
-    pub status_code: u8,
-    pub kind: u8,
-    /// Whether the span has a `trace_state`, so finding a trace's OTel randomness reads the
-    /// span's bytes only when it may hold an `rv` (it fits in the struct's padding).
-    pub has_trace_state: bool,
-}
-
-impl BufferedSpan {
-    pub fn is_root(&self) -> bool {
-        self.parent_span_id == [0; 8]
-    }
-
-    /// Bytes this span holds while buffered: its wire bytes plus its index.
-    pub fn cost(&self) -> usize {
-        self.bytes.len() + std::mem::size_of::<Self>()
-    }
-}
-
-/// Fixed cost of one buffered trace beyond its spans: table entry, schedule and arrival entries.
-pub const TRACE_OVERHEAD: usize = 160;
-
-/// Why a trace was decided when it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Trigger {
-    /// The root span arrived and `root_grace` passed with no newer span.
-    RootGrace,
-    /// No span arrived for `trace_idle`.
-    TraceIdle,
-    /// `decision_wait` passed since the first span.
-    DecisionWait,
-    /// The trace reached `max_spans_per_trace`.
-    SpanCap,
-    /// The trace reached `max_bytes_per_trace`.
-    ByteCap,
-    /// The buffer ran short of memory and this was among the oldest traces.
-    Memory,
-    /// The process is shutting down.
-    Shutdown,
-    /// A span that arrived after its trace was decided.
-    Late,
-}
-
-impl Trigger {
-    pub const ALL: [Trigger; 8] = [
-        Trigger::RootGrace,
-        Trigger::TraceIdle,
-        Trigger::DecisionWait,
-        Trigger::SpanCap,
-        Trigger::ByteCap,
-        Trigger::Memory,
-        Trigger::Shutdown,
-        Trigger::Late,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::RootGrace => "root_grace",
-            Trigger::TraceIdle => "trace_idle",
-            Trigger::DecisionWait => "decision_wait",
-            Trigger::SpanCap => "span_cap",
-            Trigger::ByteCap => "byte_cap",
-            Trigger::Memory => "memory",
-            Trigger::Shutdown => "shutdown",
-            Trigger::Late => "late",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+pub(crate) use remembered::{DecisionMemory, Remembered};
 
 /// The timing and cap settings of the buffer, in clock units.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
-    pub root_grace: Nanos,
-    pub trace_idle: Nanos,
-    pub decision_wait: Nanos,
-    pub max_spans_per_trace: usize,
-    pub max_bytes_per_trace: usize,
+    pub(crate) root_grace: Nanos,
+    pub(crate) trace_idle: Nanos,
+    pub(crate) decision_wait: Nanos,
+    pub(crate) max_spans_per_trace: usize,
+    pub(crate) max_bytes_per_trace: usize,
 }
 
 impl Timings {
-    pub fn from_config(b: &crate::config::BufferConfig) -> Self {
+    pub(crate) fn from_config(b: &crate::config::BufferConfig) -> Self {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
             root_grace: nanos(b.root_grace.0),
@@ -152,14 +46,14 @@ impl Timings {
 
 /// A trace still waiting for its decision.
 #[derive(Debug)]
-pub struct PendingTrace {
-    pub spans: Vec<BufferedSpan>,
+pub(crate) struct PendingTrace {
+    pub(crate) spans: Vec<BufferedSpan>,
     /// Bytes accounted to the memory budget for this trace.
-    pub cost: usize,
-    pub first_seen: Nanos,
-    pub last_seen: Nanos,
+    pub(crate) cost: usize,
+    pub(crate) first_seen: Nanos,
+    pub(crate) last_seen: Nanos,
     /// When the root span arrived (spans arrive once ended, so the root has ended by then).
-    pub root_seen: Option<Nanos>,
+    pub(crate) root_seen: Option<Nanos>,
 }
 
 impl PendingTrace {
@@ -183,18 +77,14 @@ impl PendingTrace {
         }
         due
     }
-
-    pub fn span_count(&self) -> usize {
-        self.spans.len()
-    }
 }
 
 /// A trace taken out of the buffer for its decision.
 #[derive(Debug)]
-pub struct DueTrace {
-    pub trace_id: TraceId,
-    pub trace: PendingTrace,
-    pub trigger: Trigger,
+pub(crate) struct DueTrace {
+    pub(crate) trace_id: TraceId,
+    pub(crate) trace: PendingTrace,
+    pub(crate) trigger: Trigger,
 }
 
 type TraceMap = HashMap<TraceId, PendingTrace, foldhash::fast::RandomState>;
@@ -216,7 +106,7 @@ pub struct TraceBuffer {
 
 /// What happened to a span offered to the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
+pub(crate) enum Inserted {
     /// Buffered; the trace waits on.
     Waiting,
     /// Buffered, and the trace reached a cap: take it now with this trigger.
@@ -224,7 +114,7 @@ pub enum Inserted {
 }
 
 impl TraceBuffer {
-    pub fn new(timings: Timings) -> Self {
+    pub(crate) fn new(timings: Timings) -> Self {
         Self {
             traces: TraceMap::default(),
             schedule: BinaryHeap::new(),
@@ -236,7 +126,7 @@ impl TraceBuffer {
     }
 
     /// Adds a span to its trace. `cost` is what the caller reserved for it in the budget.
-    pub fn insert(
+    pub(crate) fn insert(
         &mut self,
         trace_id: TraceId,
         span: BufferedSpan,
@@ -281,7 +171,7 @@ impl TraceBuffer {
     }
 
     /// Takes a trace out (after a cap was reached).
-    pub fn take(&mut self, trace_id: &TraceId, trigger: Trigger) -> Option<DueTrace> {
+    pub(crate) fn take(&mut self, trace_id: &TraceId, trigger: Trigger) -> Option<DueTrace> {
         let trace = self.traces.remove(trace_id)?;
         Some(self.account_removed(*trace_id, trace, trigger))
     }
@@ -302,7 +192,7 @@ impl TraceBuffer {
     }
 
     /// The next trace whose deadline has passed, if any.
-    pub fn pop_due(&mut self, now: Nanos) -> Option<DueTrace> {
+    pub(crate) fn pop_due(&mut self, now: Nanos) -> Option<DueTrace> {
         while let Some(&Reverse((at, trace_id))) = self.schedule.peek() {
             if at > now {
                 return None;
@@ -323,7 +213,7 @@ impl TraceBuffer {
     }
 
     /// The oldest trace, for an early decision under memory pressure.
-    pub fn pop_oldest(&mut self) -> Option<DueTrace> {
+    pub(crate) fn pop_oldest(&mut self) -> Option<DueTrace> {
         while let Some((first_seen, trace_id)) = self.arrivals.pop_front() {
             let current = self.traces.get(&trace_id).map(|t| t.first_seen);
             if current == Some(first_seen) {
@@ -335,7 +225,7 @@ impl TraceBuffer {
     }
 
     /// Every trace still buffered, for shutdown.
-    pub fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
+    pub(crate) fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
         let traces = std::mem::take(&mut self.traces);
         self.schedule.clear();
         self.arrivals.clear();
@@ -365,30 +255,31 @@ impl TraceBuffer {
     }
 
     /// The earliest time at which [`Self::pop_due`] may return a trace.
-    pub fn next_wakeup(&self) -> Option<Nanos> {
+    pub(crate) fn next_wakeup(&self) -> Option<Nanos> {
         self.schedule.peek().map(|Reverse((at, _))| *at)
     }
 
-    pub fn trace_count(&self) -> usize {
+    pub(crate) fn trace_count(&self) -> usize {
         self.traces.len()
     }
 
-    pub fn span_count(&self) -> usize {
+    pub(crate) fn span_count(&self) -> usize {
         self.spans
     }
 
-    pub fn cost(&self) -> usize {
+    pub(crate) fn cost(&self) -> usize {
         self.cost
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.traces.is_empty()
     }
 }
 
 /// Which shard owns a trace. Trace ids are random in their low bytes (W3C level 2 asks for
 /// the rightmost 7 bytes to be random), so they spread evenly without hashing.
-pub fn shard_of(trace_id: &TraceId, shards: usize) -> usize {
+pub(crate) fn shard_of(trace_id: &TraceId, shards: usize) -> usize {
     let mut low = [0u8; 8];
     low.copy_from_slice(&trace_id[8..]);
     // Multiply to mix the bytes before the modulo; shards is tiny.

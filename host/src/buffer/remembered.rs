@@ -9,17 +9,17 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::TraceId;
+use crate::trace::TraceId;
 
 /// What a past decision said about a trace.
 #[derive(Debug, Clone)]
-pub enum Remembered<S> {
+pub(crate) enum Remembered<S> {
     Kept(Arc<S>),
     Dropped,
 }
 
 /// Bounded memory of past decisions, generic over the stamp kept with each kept trace.
-pub struct DecisionMemory<S> {
+pub(crate) struct DecisionMemory<S> {
     kept: HashMap<TraceId, Arc<S>, foldhash::fast::RandomState>,
     kept_order: VecDeque<TraceId>,
     kept_cap: usize,
@@ -30,7 +30,7 @@ pub struct DecisionMemory<S> {
 }
 
 impl<S> DecisionMemory<S> {
-    pub fn new(kept_cap: usize, dropped_cap: usize) -> Self {
+    pub(crate) fn new(kept_cap: usize, dropped_cap: usize) -> Self {
         Self {
             kept: Default::default(),
             kept_order: VecDeque::new(),
@@ -46,7 +46,7 @@ impl<S> DecisionMemory<S> {
         self.hasher.hash_one(trace_id)
     }
 
-    pub fn remember_kept(&mut self, trace_id: TraceId, stamp: Arc<S>) {
+    pub(crate) fn remember_kept(&mut self, trace_id: TraceId, stamp: Arc<S>) {
         if self.kept_cap == 0 {
             return;
         }
@@ -60,7 +60,7 @@ impl<S> DecisionMemory<S> {
         }
     }
 
-    pub fn remember_dropped(&mut self, trace_id: &TraceId) {
+    pub(crate) fn remember_dropped(&mut self, trace_id: &TraceId) {
         if self.dropped_cap == 0 {
             return;
         }
@@ -75,7 +75,7 @@ impl<S> DecisionMemory<S> {
         }
     }
 
-    pub fn recall(&self, trace_id: &TraceId) -> Option<Remembered<S>> {
+    pub(crate) fn recall(&self, trace_id: &TraceId) -> Option<Remembered<S>> {
         if let Some(stamp) = self.kept.get(trace_id) {
             return Some(Remembered::Kept(stamp.clone()));
         }

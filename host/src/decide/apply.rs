@@ -12,11 +12,11 @@ use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
 use super::{Decision, TraceEdit};
-use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader};
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::otlp::wire;
 
 /// Applies the edits and the threshold; returns how many spans were trimmed.
-pub fn apply(decision: &Decision, spans: &mut Vec<BufferedSpan>) -> usize {
+pub(crate) fn apply(decision: &Decision, spans: &mut Vec<BufferedSpan>) -> usize {
     let mut span_patches: HashMap<u32, Vec<(&str, &[u8])>> = HashMap::new();
     let mut resource_patches: HashMap<u32, Vec<&KeyValue>> = HashMap::new();
     let mut removals: Vec<u32> = Vec::new();
@@ -118,7 +118,7 @@ fn patch_resource(spans: &mut [BufferedSpan], i: usize, attributes: &[&KeyValue]
 
 /// The OTel sampling threshold for probability `p`, as the `th` sub-key writes it: 56-bit
 /// hex with trailing zeros removed (OTel pkg/sampling ProbabilityToThreshold).
-pub fn threshold_hex(p: f64) -> String {
+pub(crate) fn threshold_hex(p: f64) -> String {
     const MAX: u64 = 1 << 56;
     // Subtract in integers: near 2^56 an f64 no longer holds every integer.
     let kept = ((p * MAX as f64).round() as u64).min(MAX);
@@ -131,7 +131,7 @@ pub fn threshold_hex(p: f64) -> String {
 }
 
 /// A W3C tracestate with the `ot` entry's `th` sub-key set, other entries kept.
-pub fn with_threshold(state: &str, th: &str) -> String {
+pub(crate) fn with_threshold(state: &str, th: &str) -> String {
     let mut ot_parts: Vec<String> = Vec::new();
     let mut others: Vec<&str> = Vec::new();
     for entry in state.split(',').map(str::trim).filter(|e| !e.is_empty()) {

@@ -14,7 +14,7 @@ use prost::Message;
 
 use crate::otlp::json;
 
-pub struct FileSink {
+pub(crate) struct FileSink {
     state: Mutex<FileState>,
 }
 
@@ -27,7 +27,7 @@ struct FileState {
 }
 
 impl FileSink {
-    pub fn open(path: &Path, max_size: u64, max_files: usize) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path, max_size: u64, max_files: usize) -> io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -45,7 +45,7 @@ impl FileSink {
     }
 
     /// Appends one encoded request as a JSON line, rotating first if the file is full.
-    pub fn write_batch(&self, encoded: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_batch(&self, encoded: &[u8]) -> io::Result<()> {
         let request = ExportTraceServiceRequest::decode(encoded)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut line = json::encode_traces(&request);

@@ -7,9 +7,9 @@
 //! ends up counted as exported or as failed with a reason.
 
 mod file;
-pub mod transport;
+mod metrics;
+pub(crate) mod transport;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,19 +19,17 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::buffer::{BufferedSpan, ScopeHeader, TraceId};
+use crate::trace::{BufferedSpan, Stamp};
 use crate::config::{Compression, ExporterConfig, ExporterKind};
-use crate::decide::Stamp;
-use crate::otlp::wire::{self, EncodeResource, EncodeScope, EncodeSpan};
-use crate::telemetry::Metrics;
+use crate::telemetry::Registry;
 
-pub use file::FileSink;
+pub(crate) use file::FileSink;
+use metrics::ExportMetrics;
 use transport::{Protocol, RetryPolicy, SendError, Transport, TransportConfig};
 
 /// A trace decided keep, on its way out.
 #[derive(Debug)]
 pub struct KeptTrace {
-    pub trace_id: TraceId,
     pub spans: Vec<BufferedSpan>,
     pub stamp: Arc<Stamp>,
 }
@@ -63,23 +61,39 @@ impl SpanBudget {
 
 /// The workers' handle on the export queue.
 #[derive(Clone)]
-pub struct ExportQueue {
+pub(crate) struct ExportQueue {
     tx: mpsc::UnboundedSender<KeptTrace>,
     budget: Arc<SpanBudget>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ExportMetrics>,
 }
 
 impl ExportQueue {
+    /// A queue with no exporter behind it: the test reads what is pushed from the receiver.
+    #[cfg(test)]
+    pub(crate) fn detached(
+        cap: usize,
+        registry: &Registry,
+    ) -> (Self, mpsc::UnboundedReceiver<KeptTrace>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(SpanBudget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            cap,
+        });
+        let metrics = ExportMetrics::new(registry);
+        (Self { tx, budget, metrics }, rx)
+    }
+
     /// Queues a kept trace, blocking the calling worker while the queue is full.
-    pub fn push(&self, trace: KeptTrace) {
+    pub(crate) fn push(&self, trace: KeptTrace) {
         let spans = trace.spans.len();
         self.budget.acquire(spans);
-        self.metrics.export_queue_spans.inc_by(spans as i64);
+        self.metrics.queue_spans.inc_by(spans as i64);
         if self.tx.send(trace).is_err() {
             // Only after the exporter has stopped, which happens after every worker: count it.
             self.budget.release(spans);
-            self.metrics.export_queue_spans.dec_by(spans as i64);
-            self.metrics.export_failed("exporter_stopped", spans as u64);
+            self.metrics.queue_spans.dec_by(spans as i64);
+            self.metrics.failed("exporter_stopped", spans as u64);
         }
     }
 }
@@ -91,14 +105,14 @@ enum Sink {
 }
 
 /// The running exporter: a queue handle for the workers and the task that drains it.
-pub struct Exporter {
-    pub queue: ExportQueue,
+pub(crate) struct Exporter {
+    pub(crate) queue: ExportQueue,
     task: tokio::task::JoinHandle<()>,
     shutdown_deadline: watch::Sender<Option<Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExporterError {
+pub(crate) enum ExporterError {
     #[error("exporter file {path}: {source}")]
     File {
         path: String,
@@ -110,7 +124,8 @@ pub enum ExporterError {
 
 impl Exporter {
     /// Starts the exporter task on the current tokio runtime.
-    pub fn start(config: &ExporterConfig, metrics: Arc<Metrics>) -> Result<Self, ExporterError> {
+    pub(crate) fn start(config: &ExporterConfig, registry: &Registry) -> Result<Self, ExporterError> {
+        let metrics = ExportMetrics::new(registry);
         let sink = match config.kind {
             ExporterKind::File => Sink::File(Arc::new(
                 FileSink::open(&config.path, config.max_file_size.0, config.max_files).map_err(
@@ -180,13 +195,13 @@ impl Exporter {
 
     /// From now on, retries give up at `deadline`: shutdown has begun. Call before stopping the
     /// workers, so a worker waiting on a full queue is not held up by a backend that is down.
-    pub fn begin_shutdown(&self, deadline: Instant) {
+    pub(crate) fn begin_shutdown(&self, deadline: Instant) {
         let _ = self.shutdown_deadline.send(Some(deadline));
     }
 
     /// Flushes what is queued and waits for it to be delivered or to fail. Call after every
     /// worker has stopped and dropped its queue handle.
-    pub async fn finish(self) {
+    pub(crate) async fn finish(self) {
         drop(self.queue);
         let _ = self.task.await;
     }
@@ -195,7 +210,7 @@ impl Exporter {
 struct Batcher {
     sink: Arc<Sink>,
     budget: Arc<SpanBudget>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ExportMetrics>,
     max_spans: usize,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
@@ -262,23 +277,23 @@ impl Batcher {
             let started = std::time::Instant::now();
             let outcome = deliver(&sink, body, &metrics, deadline).await;
             metrics
-                .export_latency
+                .latency
                 .observe(started.elapsed().as_secs_f64());
             match outcome {
                 Ok(rejected) => {
                     let rejected = rejected.min(count as u64);
                     metrics.exported_spans.inc_by(count as u64 - rejected);
                     if rejected > 0 {
-                        metrics.export_failed("rejected_by_backend", rejected);
+                        metrics.failed("rejected_by_backend", rejected);
                     }
-                    metrics.export_batch("sent");
+                    metrics.batch("sent");
                 }
                 Err(reason) => {
-                    metrics.export_failed(reason, count as u64);
-                    metrics.export_batch("failed");
+                    metrics.failed(reason, count as u64);
+                    metrics.batch("failed");
                 }
             }
-            metrics.export_queue_spans.dec_by(count as i64);
+            metrics.queue_spans.dec_by(count as i64);
             budget.release(count);
             drop(permit);
         });
@@ -289,7 +304,7 @@ impl Batcher {
 async fn deliver(
     sink: &Sink,
     body: Bytes,
-    metrics: &Metrics,
+    metrics: &ExportMetrics,
     mut deadline: watch::Receiver<Option<Instant>>,
 ) -> Result<u64, &'static str> {
     match sink {
@@ -308,7 +323,7 @@ async fn deliver(
             // Shutdown may begin while this batch is retrying; the watch cuts retries short.
             let result =
                 transport::send_with_retry_until(transport, body, policy, &mut deadline, |e| {
-                    metrics.export_retries.inc();
+                    metrics.retries.inc();
                     tracing::warn!(error = %e, "export attempt failed; retrying");
                 })
                 .await;
@@ -345,52 +360,9 @@ async fn deliver(
 /// `ResourceSpans` per distinct resource and one `ScopeSpans` per distinct scope, and each
 /// span's decision stamp appended to it.
 pub fn encode_batch(traces: &[KeptTrace]) -> Vec<u8> {
-    encode_grouped(
+    crate::otlp::regroup::encode_grouped(
         traces
             .iter()
             .flat_map(|t| t.spans.iter().map(move |s| (s, &*t.stamp.encoded))),
     )
-}
-
-/// Encodes spans as they were received, regrouped the same way (a policy's `otlp-bytes`).
-pub fn encode_spans(spans: &[BufferedSpan]) -> Vec<u8> {
-    encode_grouped(spans.iter().map(|s| (s, &[][..])))
-}
-
-fn encode_grouped<'a>(spans: impl Iterator<Item = (&'a BufferedSpan, &'a [u8])>) -> Vec<u8> {
-    // Spans of one request share their header by pointer; different requests from the same
-    // service carry equal bytes. Look up by pointer first, by bytes only for a new pointer.
-    let mut by_pointer: HashMap<*const ScopeHeader, (usize, usize)> = HashMap::new();
-    let mut resource_by_bytes: HashMap<&[u8], usize> = HashMap::new();
-    let mut scope_by_bytes: HashMap<(usize, &[u8]), usize> = HashMap::new();
-    let mut resources: Vec<EncodeResource<'_>> = Vec::new();
-    for (span, extra) in spans {
-        let header: &ScopeHeader = &span.scope;
-        let (r, s) = *by_pointer
-            .entry(header as *const ScopeHeader)
-            .or_insert_with(|| {
-                let fields: &[u8] = &header.resource.fields;
-                let r = *resource_by_bytes.entry(fields).or_insert_with(|| {
-                    resources.push(EncodeResource {
-                        fields,
-                        scopes: Vec::new(),
-                    });
-                    resources.len() - 1
-                });
-                let scope_fields: &[u8] = &header.fields;
-                let s = *scope_by_bytes.entry((r, scope_fields)).or_insert_with(|| {
-                    resources[r].scopes.push(EncodeScope {
-                        fields: scope_fields,
-                        spans: Vec::new(),
-                    });
-                    resources[r].scopes.len() - 1
-                });
-                (r, s)
-            });
-        resources[r].scopes[s].spans.push(EncodeSpan {
-            bytes: &span.bytes,
-            extra,
-        });
-    }
-    wire::encode_request(&resources)
 }

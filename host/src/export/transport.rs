@@ -66,24 +66,24 @@ const RANDOMIZATION_FACTOR: f64 = 0.5;
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Grpc,
     HttpProtobuf,
 }
 
 #[derive(Clone)]
-pub struct TransportConfig {
-    pub protocol: Protocol,
+pub(crate) struct TransportConfig {
+    pub(crate) protocol: Protocol,
     /// gRPC: `http(s)://host:4317` (no path: the service path is fixed by OTLP). HTTP: a base
     /// `http(s)://host:4318`, to which `/v1/traces` is appended when the path is empty or `/`,
     /// or a full URL with a path, used as is.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// Extra headers (gRPC: metadata, keys lower-cased), e.g. API keys. The transport's own
     /// headers (content type, encoding) win over these.
-    pub headers: Vec<(String, String)>,
-    pub gzip: bool,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) gzip: bool,
     /// Per attempt, connecting and reading the reply included.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 // Header values are usually API keys: a config dump in a log must not leak them.
@@ -103,7 +103,7 @@ impl fmt::Debug for TransportConfig {
 /// Why a send did not deliver. The message names the endpoint, the status (gRPC code, HTTP
 /// status, or the connection error with its causes) and whatever explanation the server gave.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// Worth retrying (OTLP retryable codes, connection errors, timeouts). `after` = server-requested delay (gRPC RetryInfo / HTTP Retry-After).
     #[error("{message}")]
     Retryable {
@@ -116,18 +116,19 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn is_retryable(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, SendError::Retryable { .. })
     }
 
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         match self {
             SendError::Retryable { message, .. } | SendError::Permanent { message } => message,
         }
     }
 
     /// The delay the server asked for, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             SendError::Retryable { after, .. } => *after,
             SendError::Permanent { .. } => None,
@@ -138,9 +139,9 @@ impl SendError {
 /// A successful export. A non-zero `rejected_spans` is the server's partial success: those
 /// spans are gone for good (the spec forbids retrying them), `message` says why.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delivered {
-    pub rejected_spans: i64,
-    pub message: String,
+pub(crate) struct Delivered {
+    pub(crate) rejected_spans: i64,
+    pub(crate) message: String,
 }
 
 /// A configuration the transport cannot work with. Header errors name the header but never
@@ -163,12 +164,12 @@ pub enum TransportError {
 /// max elapsed 5 min, multiplier 1.5, ±50 % jitter) except the initial backoff: 1 s instead of
 /// 5 s, so that a short blip of a backend costs less queue time (see `config.rs`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
+pub(crate) struct RetryPolicy {
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
     /// No attempt is scheduled later than this after the first one started.
-    pub max_elapsed: Duration,
-    pub multiplier: f64,
+    pub(crate) max_elapsed: Duration,
+    pub(crate) multiplier: f64,
 }
 
 impl Default for RetryPolicy {
@@ -188,7 +189,7 @@ impl Default for RetryPolicy {
 
 /// One downstream endpoint with its connection pool. Cloning is cheap and shares the pool.
 #[derive(Clone)]
-pub struct Transport {
+pub(crate) struct Transport {
     inner: Arc<Inner>,
 }
 
@@ -237,7 +238,7 @@ struct Prepared {
 impl Transport {
     /// Validates the endpoint and headers and builds the connection pool without connecting: a
     /// downstream that is down at startup is a retryable send error later, not a startup failure.
-    pub fn new(cfg: TransportConfig) -> Result<Self, TransportError> {
+    pub(crate) fn new(cfg: TransportConfig) -> Result<Self, TransportError> {
         // The gRPC channel spawns its worker task right here; fail with words, not a panic.
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(TransportError::NoRuntime);
@@ -285,16 +286,13 @@ impl Transport {
     }
 
     /// The URL requests go to (HTTP: with `/v1/traces` resolved), without any query string.
-    pub fn endpoint(&self) -> &str {
+    pub(crate) fn endpoint(&self) -> &str {
         &self.inner.display
     }
 
-    pub fn protocol(&self) -> Protocol {
-        self.inner.protocol
-    }
-
     /// One attempt, bounded by the per-attempt timeout.
-    pub async fn send(&self, body: Bytes) -> Result<Delivered, SendError> {
+    #[cfg(test)]
+    pub(crate) async fn send(&self, body: Bytes) -> Result<Delivered, SendError> {
         let prepared = self.prepare(body).await?;
         self.attempt(&prepared).await
     }
@@ -609,7 +607,7 @@ fn native_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
 /// Level 1: on OTLP spans it costs about a quarter of zlib's default level (6) and the body is
 /// a few percent larger (`cargo bench -p tailgate --bench export`); compression is the largest
 /// per-span cost of an export, and the collector runs on the senders' machines.
-pub const GZIP_LEVEL: u32 = 1;
+pub(crate) const GZIP_LEVEL: u32 = 1;
 
 fn gzip(body: &[u8]) -> std::io::Result<Bytes> {
     let mut encoder = flate2::write::GzEncoder::new(
@@ -669,7 +667,7 @@ impl Decoder for ReplyDecoder {
 
 /// The delay of a `google.rpc.RetryInfo` inside serialized `google.rpc.Status` details.
 /// Anything malformed or negative counts as no delay requested.
-pub fn grpc_retry_delay(details: &[u8]) -> Option<Duration> {
+pub(crate) fn grpc_retry_delay(details: &[u8]) -> Option<Duration> {
     if details.is_empty() {
         return None;
     }
@@ -828,7 +826,7 @@ fn truncate_chars(text: &str) -> String {
 
 /// `Retry-After` (RFC 9110 §10.2.3): delta-seconds or an HTTP-date. A date in the past means
 /// "now"; anything unparsable means the server asked for nothing.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -870,7 +868,7 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
 /// `deadline` is an absolute cut-off for shutdown: no wait ends past it, and an attempt still
 /// running at it is abandoned (returned as a retryable error; whether it arrived is unknown).
 /// For a deadline that is only known once shutdown begins, see [`send_with_retry_until`].
-pub async fn send_with_retry(
+pub(crate) async fn send_with_retry(
     transport: &Transport,
     body: Bytes,
     policy: &RetryPolicy,
@@ -886,7 +884,7 @@ pub async fn send_with_retry(
 /// publishes `Some(drain deadline)` when shutdown begins (`Some(Instant::now())` to stop at
 /// once), which cuts a long backoff short instead of letting shutdown wait for it. A dropped
 /// sender leaves the last published deadline in force.
-pub async fn send_with_retry_until(
+pub(crate) async fn send_with_retry_until(
     transport: &Transport,
     body: Bytes,
     policy: &RetryPolicy,

@@ -39,19 +39,19 @@ const TOOLS: [&str; 4] = ["web.search", "sql.query", "calendar.read", "http.fetc
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shape {
     /// Spans per trace, root included (at least 1).
-    pub spans_per_trace: usize,
+    pub(crate) spans_per_trace: usize,
     /// Traces with one failing tool call (status ERROR).
-    pub error_rate: f64,
+    pub(crate) error_rate: f64,
     /// Traces with one LLM call 20× slower than usual.
-    pub slow_rate: f64,
+    pub(crate) slow_rate: f64,
     /// Traces whose LLM calls use an expensive model with 10× the tokens.
-    pub costly_rate: f64,
+    pub(crate) costly_rate: f64,
     /// Traces whose retrieval scores fall to 0.30-0.60 (0.75-0.98 otherwise).
-    pub low_confidence_rate: f64,
-    pub tenants: u32,
-    pub users: u32,
+    pub(crate) low_confidence_rate: f64,
+    pub(crate) tenants: u32,
+    pub(crate) users: u32,
     /// Characters of the root's `agent.query` (a high-cardinality value worth truncating).
-    pub query_len: usize,
+    pub(crate) query_len: usize,
 }
 
 impl Default for Shape {
@@ -72,10 +72,10 @@ impl Default for Shape {
 /// The kind of one generated trace, for tests and reports; never written into the spans.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traits {
-    pub error: bool,
-    pub slow: bool,
-    pub costly: bool,
-    pub low_confidence: bool,
+    pub(crate) error: bool,
+    pub(crate) slow: bool,
+    pub(crate) costly: bool,
+    pub(crate) low_confidence: bool,
 }
 
 /// SplitMix64: tiny, fast, and its output for a seed never changes with a dependency upgrade.
@@ -84,7 +84,7 @@ pub struct Traits {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -92,14 +92,14 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
     /// Uniform in `lo..=hi`.
-    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     fn chance(&mut self, p: f64) -> bool {
@@ -139,7 +139,7 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(seed: u64, shape: Shape) -> Self {
+    pub(crate) fn new(seed: u64, shape: Shape) -> Self {
         let mut rng = Rng(seed);
         // A query with an e-mail address in it, as users paste them; attribute-hygiene redacts it.
         let words = [
@@ -163,24 +163,22 @@ impl Generator {
 
     /// Sequence numbers `start, start + stride, start + 2·stride, …`: connection `i` of `n` takes
     /// `with_seq(i, n)`, so the whole load numbers its spans `0..total` with no gap or overlap.
-    pub fn with_seq(mut self, start: u64, stride: u64) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_seq(mut self, start: u64, stride: u64) -> Self {
         self.set_seq(start, stride);
         self
     }
 
     /// [`Generator::with_seq`] in place: a sender that hands out blocks of seqs renumbers the
     /// same generator before each request.
-    pub fn set_seq(&mut self, start: u64, stride: u64) {
+    pub(crate) fn set_seq(&mut self, start: u64, stride: u64) {
         self.next_seq = start;
         self.seq_stride = stride.max(1);
     }
 
-    pub fn shape(&self) -> &Shape {
-        &self.shape
-    }
 
     /// The sequence number the next span will get.
-    pub fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
@@ -191,7 +189,7 @@ impl Generator {
     }
 
     /// One agent trace whose root span ends at `end_unix_nano`.
-    pub fn trace(&mut self, end_unix_nano: u64) -> GeneratedTrace {
+    pub(crate) fn trace(&mut self, end_unix_nano: u64) -> GeneratedTrace {
         let shape = &self.shape;
         let n = shape.spans_per_trace.max(1);
         let traits = Traits {
@@ -388,7 +386,7 @@ impl Generator {
 
     /// An export request of `traces` whole traces, the last ending at `end_unix_nano` and each
     /// one 1 µs before the next, grouped into one `ResourceSpans` per service.
-    pub fn request(&mut self, traces: usize, end_unix_nano: u64) -> ExportTraceServiceRequest {
+    pub(crate) fn request(&mut self, traces: usize, end_unix_nano: u64) -> ExportTraceServiceRequest {
         let generated: Vec<GeneratedTrace> = (0..traces)
             .map(|i| self.trace(end_unix_nano.saturating_sub(1_000 * (traces - 1 - i) as u64)))
             .collect();

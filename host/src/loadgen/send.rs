@@ -60,28 +60,28 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// What to send, where, and for how long.
 #[derive(Debug, Clone)]
-pub struct LoadPlan {
-    pub protocol: Protocol,
+pub(crate) struct LoadPlan {
+    pub(crate) protocol: Protocol,
     /// gRPC: `http://host:port`; HTTP: a base URL to which `/v1/traces` is appended.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// Concurrent connections, each with one request in flight.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Spans per second over all connections; 0 = as fast as possible.
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Stop after this many spans (rounded up to whole traces).
-    pub total_spans: Option<u64>,
+    pub(crate) total_spans: Option<u64>,
     /// Stop claiming new requests after this long.
-    pub duration: Option<Duration>,
-    pub traces_per_request: usize,
-    pub seed: u64,
-    pub shape: Shape,
-    pub gzip: bool,
+    pub(crate) duration: Option<Duration>,
+    pub(crate) traces_per_request: usize,
+    pub(crate) seed: u64,
+    pub(crate) shape: Shape,
+    pub(crate) gzip: bool,
     /// Per attempt.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Give up on a request whose retries would start later than this after its first attempt.
-    pub retry_for: Duration,
+    pub(crate) retry_for: Duration,
     /// Progress lines on stderr every few seconds.
-    pub progress: bool,
+    pub(crate) progress: bool,
 }
 
 impl LoadPlan {
@@ -97,36 +97,36 @@ impl LoadPlan {
 
 /// The outcome of a run, as printed (JSON) at its end.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Summary {
-    pub protocol: String,
+pub(crate) struct Summary {
+    pub(crate) protocol: String,
     /// Where the requests went: the endpoint, or the file of `--out`.
-    pub target: String,
-    pub connections: usize,
+    pub(crate) target: String,
+    pub(crate) connections: usize,
     /// Target spans/s; 0 = saturation.
-    pub rate: f64,
-    pub traces_per_request: usize,
-    pub spans_per_trace: usize,
-    pub seed: u64,
+    pub(crate) rate: f64,
+    pub(crate) traces_per_request: usize,
+    pub(crate) spans_per_trace: usize,
+    pub(crate) seed: u64,
     /// Seqs handed out: the run's spans carry exactly `0..seq_count`.
-    pub seq_count: u64,
+    pub(crate) seq_count: u64,
     /// Spans in requests put on the wire (or written), retries not counted twice.
-    pub spans_sent: u64,
+    pub(crate) spans_sent: u64,
     /// Spans the receiver took: delivered requests minus partial-success rejections.
-    pub spans_accepted: u64,
+    pub(crate) spans_accepted: u64,
     /// `partial_success.rejected_spans` summed.
-    pub spans_rejected: u64,
+    pub(crate) spans_rejected: u64,
     /// Spans of requests that failed for good (permanent error, or retries exhausted).
-    pub spans_failed: u64,
-    pub requests: u64,
-    pub requests_failed: u64,
+    pub(crate) spans_failed: u64,
+    pub(crate) requests: u64,
+    pub(crate) requests_failed: u64,
     /// Attempts after a retryable failure.
-    pub retries: u64,
+    pub(crate) retries: u64,
     /// From the first request to the last reply.
-    pub elapsed_seconds: f64,
+    pub(crate) elapsed_seconds: f64,
     /// `spans_accepted / elapsed_seconds`.
-    pub spans_per_second: f64,
+    pub(crate) spans_per_second: f64,
     /// A few distinct failure messages (permanent errors, exhausted retries, rejections).
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,7 +288,7 @@ fn now_unix_nanos() -> u64 {
 /// Sends the plan's load to its endpoint and reports what happened. Must run inside a tokio
 /// runtime. Failed requests are counted in the summary, not returned as errors: only a plan or
 /// endpoint that cannot work at all is an error.
-pub async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
+pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
     validate(plan)?;
     // One transport (one gRPC channel, one HTTP connection pool) per connection: N real
     // connections, as N instrumented services would open.
@@ -460,7 +460,7 @@ fn summarize(
 /// framing), read back by [`read_requests`]. Requests are numbered as in [`send`], request `k`
 /// made by the generator of connection `k mod connections`; roots end at the wall clock when
 /// their request is made. Needs `total_spans`: a file has no rate or duration.
-pub fn write_requests(plan: &LoadPlan, path: &Path) -> Result<Summary, LoadgenError> {
+pub(crate) fn write_requests(plan: &LoadPlan, path: &Path) -> Result<Summary, LoadgenError> {
     validate(plan)?;
     if plan.total_spans.is_none() {
         return Err(LoadgenError::Plan(

@@ -56,7 +56,7 @@ pub fn decode_traces(body: &[u8]) -> Result<ExportTraceServiceRequest, JsonError
 }
 
 /// Encode as OTLP/JSON on one line (no trailing newline).
-pub fn encode_traces(req: &ExportTraceServiceRequest) -> String {
+pub(crate) fn encode_traces(req: &ExportTraceServiceRequest) -> String {
     // JSON with hex ids and quoted integers runs at roughly twice the protobuf size;
     // sizing up front avoids repeatedly copying a large buffer while it grows.
     let mut out = String::with_capacity(prost::Message::encoded_len(req) * 2 + 32);
@@ -67,7 +67,7 @@ pub fn encode_traces(req: &ExportTraceServiceRequest) -> String {
 }
 
 /// Encode an ExportTraceServiceResponse as OTLP/JSON ("{}" when partial_success is None).
-pub fn encode_response(resp: &ExportTraceServiceResponse) -> String {
+pub(crate) fn encode_response(resp: &ExportTraceServiceResponse) -> String {
     let mut out = String::new();
     let mut obj = Obj::open(&mut out);
     obj.message(
@@ -83,7 +83,7 @@ pub fn encode_response(resp: &ExportTraceServiceResponse) -> String {
 ///
 /// Both fields are always written, even when default: readers accept either form,
 /// and a body with a visible code is easier to debug for humans with curl.
-pub fn encode_status(code: i32, message: &str) -> String {
+pub(crate) fn encode_status(code: i32, message: &str) -> String {
     let mut out = String::with_capacity(message.len() + 32);
     let _ = write!(out, "{{\"code\":{code},\"message\":");
     write_str(&mut out, message);

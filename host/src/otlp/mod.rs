@@ -1,7 +1,9 @@
 //! OTLP encodings: the protobuf wire format read and written without decoding it
-//! ([`wire`]), OTLP/JSON ([`json`]), and the `google.rpc.Status` error body.
+//! ([`wire`]), OTLP/JSON ([`json`]), regrouping buffered spans into a request ([`regroup`]),
+//! and the `google.rpc.Status` error body.
 
-pub mod json;
+pub(crate) mod json;
+pub(crate) mod regroup;
 pub mod wire;
 
 /// `google.rpc.Status` (google/rpc/status.proto): the payload of `grpc-status-details-bin`, and
@@ -9,34 +11,34 @@ pub mod wire;
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RpcStatus {
     #[prost(int32, tag = "1")]
-    pub code: i32,
+    pub(crate) code: i32,
     #[prost(string, tag = "2")]
-    pub message: String,
+    pub(crate) message: String,
     #[prost(message, repeated, tag = "3")]
-    pub details: Vec<ProtoAny>,
+    pub(crate) details: Vec<ProtoAny>,
 }
 
 /// `google.protobuf.Any` (google/protobuf/any.proto).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ProtoAny {
+pub(crate) struct ProtoAny {
     #[prost(string, tag = "1")]
-    pub type_url: String,
+    pub(crate) type_url: String,
     #[prost(bytes = "vec", tag = "2")]
-    pub value: Vec<u8>,
+    pub(crate) value: Vec<u8>,
 }
 
 /// `google.rpc.RetryInfo` (google/rpc/error_details.proto).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct RetryInfo {
+pub(crate) struct RetryInfo {
     #[prost(message, optional, tag = "1")]
-    pub retry_delay: Option<ProtoDuration>,
+    pub(crate) retry_delay: Option<ProtoDuration>,
 }
 
 /// `google.protobuf.Duration` (google/protobuf/duration.proto).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ProtoDuration {
+pub(crate) struct ProtoDuration {
     #[prost(int64, tag = "1")]
-    pub seconds: i64,
+    pub(crate) seconds: i64,
     #[prost(int32, tag = "2")]
-    pub nanos: i32,
+    pub(crate) nanos: i32,
 }

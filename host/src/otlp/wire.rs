@@ -25,13 +25,13 @@ use std::str;
 /// A malformed request: what is wrong and where, in English.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct WireError(pub String);
+pub(crate) struct WireError(pub String);
 
 /// How deep AnyValues may nest; a top-level attribute value is level 1, so at most 31
 /// arrays/kvlists enclose one another. Deeper input is refused: an AnyValue at level 33 in a
 /// span event would sit past prost's recursion limit of 100 nested messages, so the exporters
 /// could not decode what we forward, and hostile input must not exhaust our stack either.
-pub const MAX_ANY_VALUE_DEPTH: u32 = 32;
+pub(crate) const MAX_ANY_VALUE_DEPTH: u32 = 32;
 
 /// A request split into blocks that borrow from the request buffer.
 ///
@@ -39,52 +39,52 @@ pub const MAX_ANY_VALUE_DEPTH: u32 = 32;
 /// Empty `ResourceSpans` and `ScopeSpans` are kept as blocks with empty lists, so that
 /// re-encoding a parse is lossless; callers that only care about spans skip them.
 #[derive(Debug)]
-pub struct ParsedTraces<'a> {
-    pub resources: Vec<ResourceBlock<'a>>,
+pub(crate) struct ParsedTraces<'a> {
+    pub(crate) resources: Vec<ResourceBlock<'a>>,
     /// spans refused for invalid ids (counted for OTLP partial_success)
-    pub rejected_spans: u64,
+    pub(crate) rejected_spans: u64,
     /// English description of the first rejection, e.g. "span 3 of scope 0 of resource 1:
     /// trace_id must be 16 non-zero bytes, got 0 bytes"
-    pub rejection: Option<String>,
+    pub(crate) rejection: Option<String>,
 }
 
 /// One `ResourceSpans`.
 #[derive(Debug)]
-pub struct ResourceBlock<'a> {
+pub(crate) struct ResourceBlock<'a> {
     /// Every field of the ResourceSpans except scope_spans (field 2), verbatim WITH tags
     /// (resource, schema_url, unknown fields), in original order. Re-emitting these bytes
     /// followed by new scope_spans entries yields a valid ResourceSpans.
-    pub fields: Vec<u8>,
+    pub(crate) fields: Vec<u8>,
     /// Raw bytes of the Resource message (field 1), empty if absent. If the field repeats
     /// (protobuf would merge the occurrences) this is the last one.
-    pub resource: &'a [u8],
-    pub scopes: Vec<ScopeBlock<'a>>,
+    pub(crate) resource: &'a [u8],
+    pub(crate) scopes: Vec<ScopeBlock<'a>>,
 }
 
 /// One `ScopeSpans`.
 #[derive(Debug)]
-pub struct ScopeBlock<'a> {
+pub(crate) struct ScopeBlock<'a> {
     /// Every field of the ScopeSpans except spans (field 2), verbatim with tags.
-    pub fields: Vec<u8>,
-    pub spans: Vec<SpanRef<'a>>,
+    pub(crate) fields: Vec<u8>,
+    pub(crate) spans: Vec<SpanRef<'a>>,
 }
 
 /// A validated span and the fields the collector routes and samples on.
 #[derive(Clone, Copy, Debug)]
-pub struct SpanRef<'a> {
+pub(crate) struct SpanRef<'a> {
     /// the Span message body (without its own tag/length)
-    pub bytes: &'a [u8],
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
+    pub(crate) bytes: &'a [u8],
+    pub(crate) trace_id: [u8; 16],
+    pub(crate) span_id: [u8; 8],
     /// all zero = no parent (root)
-    pub parent_span_id: [u8; 8],
-    pub start_time_unix_nano: u64,
-    pub end_time_unix_nano: u64,
-    pub status_code: i32,
-    pub kind: i32,
-    pub name: &'a str,
+    pub(crate) parent_span_id: [u8; 8],
+    pub(crate) start_time_unix_nano: u64,
+    pub(crate) end_time_unix_nano: u64,
+    pub(crate) status_code: i32,
+    pub(crate) kind: i32,
+    pub(crate) name: &'a str,
     /// Whether the span carries a non-empty `trace_state` (its last occurrence).
-    pub has_trace_state: bool,
+    pub(crate) has_trace_state: bool,
 }
 
 /// Validates a whole `ExportTraceServiceRequest` and splits it into blocks and spans.
@@ -92,7 +92,7 @@ pub struct SpanRef<'a> {
 /// Structural problems anywhere make the whole request an error, as they would for prost.
 /// Spans with unusable ids are not errors: they are left out, counted and described, so the
 /// receiver can answer with an OTLP partial success.
-pub fn parse_traces(buf: &[u8]) -> Result<ParsedTraces<'_>, WireError> {
+pub(crate) fn parse_traces(buf: &[u8]) -> Result<ParsedTraces<'_>, WireError> {
     let mut tally = Tally::default();
     let mut resources = Vec::new();
     let mut r = Reader::new(buf, 0, "ExportTraceServiceRequest");
@@ -535,23 +535,23 @@ fn check_kvlist(mut r: Reader<'_>, level: u32) -> Result<(), WireError> {
 // Encoding
 
 /// A `ResourceSpans` to encode: its non-scope fields verbatim, then its scopes.
-pub struct EncodeResource<'a> {
-    pub fields: &'a [u8],
-    pub scopes: Vec<EncodeScope<'a>>,
+pub(crate) struct EncodeResource<'a> {
+    pub(crate) fields: &'a [u8],
+    pub(crate) scopes: Vec<EncodeScope<'a>>,
 }
 
 /// A `ScopeSpans` to encode: its non-span fields verbatim, then its spans.
-pub struct EncodeScope<'a> {
-    pub fields: &'a [u8],
-    pub spans: Vec<EncodeSpan<'a>>,
+pub(crate) struct EncodeScope<'a> {
+    pub(crate) fields: &'a [u8],
+    pub(crate) spans: Vec<EncodeSpan<'a>>,
 }
 
 /// A span body to encode: `bytes` followed by `extra`, already-encoded fields appended after
 /// them (protobuf merges repeated fields; a later singular field overrides).
 #[derive(Clone, Copy)]
-pub struct EncodeSpan<'a> {
-    pub bytes: &'a [u8],
-    pub extra: &'a [u8],
+pub(crate) struct EncodeSpan<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) extra: &'a [u8],
 }
 
 /// Key of a length-delimited field 1 (`resource_spans` in the request).
@@ -565,7 +565,7 @@ const TAG_SPAN_ATTRIBUTES: u8 = 9 << 3 | 2;
 
 /// Encodes an ExportTraceServiceRequest (exact lengths computed up front, one allocation, no
 /// re-decoding).
-pub fn encode_request(resources: &[EncodeResource<'_>]) -> Vec<u8> {
+pub(crate) fn encode_request(resources: &[EncodeResource<'_>]) -> Vec<u8> {
     let total = encoded_request_len(resources);
     let mut out = Vec::with_capacity(total);
     for resource in resources {
@@ -586,7 +586,7 @@ pub fn encode_request(resources: &[EncodeResource<'_>]) -> Vec<u8> {
 }
 
 /// The exact length of what [`encode_request`] produces.
-pub fn encoded_request_len(resources: &[EncodeResource<'_>]) -> usize {
+pub(crate) fn encoded_request_len(resources: &[EncodeResource<'_>]) -> usize {
     resources.iter().map(|r| field_len(resource_len(r))).sum()
 }
 
@@ -631,48 +631,22 @@ fn varint_len(value: u64) -> usize {
     bits.div_ceil(7)
 }
 
-/// A scalar attribute value the collector writes (sampling decisions and the like).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum AttrValue<'a> {
-    Str(&'a str),
-    Bool(bool),
-    Int(i64),
-    Double(f64),
-}
-
-/// Append an encoded Span.attributes entry (field 9, KeyValue) to `out`.
-pub fn append_attribute(out: &mut Vec<u8>, key: &str, value: AttrValue<'_>) {
-    let any_len = match value {
-        AttrValue::Str(s) => field_len(s.len()),
-        AttrValue::Bool(_) => 2,
-        AttrValue::Int(i) => 1 + varint_len(i as u64),
-        AttrValue::Double(_) => 9,
-    };
+/// Append an encoded Span.attributes entry (field 9, KeyValue) with a string value to `out`:
+/// the values the collector writes (sampling decisions and the like) are strings.
+pub(crate) fn append_attribute(out: &mut Vec<u8>, key: &str, value: &str) {
+    let any_len = field_len(value.len());
     let kv_len = field_len(key.len()) + field_len(any_len);
     out.reserve(field_len(kv_len));
     put_len_prefix(out, TAG_SPAN_ATTRIBUTES, kv_len);
     put_len_prefix(out, TAG_1_LEN, key.len());
     out.extend_from_slice(key.as_bytes());
     put_len_prefix(out, TAG_2_LEN, any_len);
-    match value {
-        AttrValue::Str(s) => {
-            put_len_prefix(out, 1 << 3 | 2, s.len());
-            out.extend_from_slice(s.as_bytes());
-        }
-        AttrValue::Bool(b) => out.extend_from_slice(&[2 << 3, u8::from(b)]),
-        AttrValue::Int(i) => {
-            out.push(3 << 3);
-            put_varint(out, i as u64);
-        }
-        AttrValue::Double(d) => {
-            out.push(4 << 3 | 1);
-            out.extend_from_slice(&d.to_le_bytes());
-        }
-    }
+    put_len_prefix(out, 1 << 3 | 2, value.len());
+    out.extend_from_slice(value.as_bytes());
 }
 
 /// Append an encoded Span.trace_state (field 3) to `out`; later occurrence wins on decode.
-pub fn append_trace_state(out: &mut Vec<u8>, value: &str) {
+pub(crate) fn append_trace_state(out: &mut Vec<u8>, value: &str) {
     out.reserve(field_len(value.len()));
     put_len_prefix(out, TAG_SPAN_TRACE_STATE, value.len());
     out.extend_from_slice(value.as_bytes());
@@ -682,7 +656,7 @@ pub fn append_trace_state(out: &mut Vec<u8>, value: &str) {
 /// except those attribute entries. Used before overwriting an attribute, so keys stay unique.
 ///
 /// Everything from the first unreadable byte on is copied verbatim (validated spans have none).
-pub fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &mut Vec<u8>) {
+pub(crate) fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &mut Vec<u8>) {
     out.reserve(span.len());
     // Kept fields are copied in runs, so a span without dropped keys is one memcpy.
     let mut run_start = 0;
@@ -705,7 +679,7 @@ pub fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &mut Vec<
 /// An attribute value borrowed from the wire. `Array` and `KvList` are the bodies of the
 /// ArrayValue / KeyValueList messages.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum AnyValueRef<'a> {
+pub(crate) enum AnyValueRef<'a> {
     Str(&'a str),
     Bool(bool),
     Int(i64),
@@ -719,19 +693,20 @@ pub enum AnyValueRef<'a> {
 
 /// Look up an attribute of a Span (field 9) by key; if the key repeats, the last one wins.
 /// `None` if the key is absent or the span is malformed.
-pub fn span_attribute<'a>(span: &'a [u8], key: &str) -> Option<AnyValueRef<'a>> {
+#[cfg(test)]
+pub(crate) fn span_attribute<'a>(span: &'a [u8], key: &str) -> Option<AnyValueRef<'a>> {
     find_attribute(span, 9, key)
 }
 
 /// Look up an attribute of a Resource message body (field 1) by key.
-pub fn resource_attribute<'a>(resource: &'a [u8], key: &str) -> Option<AnyValueRef<'a>> {
+pub(crate) fn resource_attribute<'a>(resource: &'a [u8], key: &str) -> Option<AnyValueRef<'a>> {
     find_attribute(resource, 1, key)
 }
 
 /// Calls `f(key, value)` for each attribute of a span in wire order, with `key` the key bytes
 /// and `value` the AnyValue body, both slices of `span`. Returns false if the span is
 /// malformed (after calling `f` for the attributes before the fault).
-pub fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+pub(crate) fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
     let mut fields = Fields::new(span);
     for field in &mut fields {
         if field.number != 9 {
@@ -749,17 +724,17 @@ pub fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &
 }
 
 /// The span's trace_state string ("" if absent, last occurrence wins; "" on garbage).
-pub fn span_trace_state(span: &[u8]) -> &str {
+pub(crate) fn span_trace_state(span: &[u8]) -> &str {
     last_string_field(span, 3)
 }
 
 /// The span's name ("" if absent or on garbage).
-pub fn span_name(span: &[u8]) -> &str {
+pub(crate) fn span_name(span: &[u8]) -> &str {
     last_string_field(span, 5)
 }
 
 /// The span's status message ("" if absent or on garbage).
-pub fn span_status_message(span: &[u8]) -> &str {
+pub(crate) fn span_status_message(span: &[u8]) -> &str {
     let mut status: &[u8] = &[];
     let mut fields = Fields::new(span);
     for f in &mut fields {
@@ -775,7 +750,7 @@ pub fn span_status_message(span: &[u8]) -> &str {
 }
 
 /// The values of an `ArrayValue` body (as found in [`AnyValueRef::Array`]).
-pub fn array_values(array: &[u8]) -> impl Iterator<Item = AnyValueRef<'_>> {
+pub(crate) fn array_values(array: &[u8]) -> impl Iterator<Item = AnyValueRef<'_>> {
     Fields::new(array).filter_map(|f| match (f.number, f.value) {
         (1, Value::Len(b)) => any_value(b),
         _ => None,
@@ -783,7 +758,7 @@ pub fn array_values(array: &[u8]) -> impl Iterator<Item = AnyValueRef<'_>> {
 }
 
 /// The entries of a `KeyValueList` body (as found in [`AnyValueRef::KvList`]).
-pub fn kvlist_entries(list: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'_>)> {
+pub(crate) fn kvlist_entries(list: &[u8]) -> impl Iterator<Item = (&str, AnyValueRef<'_>)> {
     Fields::new(list).filter_map(|f| match (f.number, f.value) {
         (1, Value::Len(kv)) => {
             let (key, value) = key_value(kv)?;
@@ -854,7 +829,7 @@ fn key_value_fields(kv: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// Decodes an AnyValue body (as [`for_each_span_attribute`] gives it).
-pub fn any_value(body: &[u8]) -> Option<AnyValueRef<'_>> {
+pub(crate) fn any_value(body: &[u8]) -> Option<AnyValueRef<'_>> {
     let mut value = AnyValueRef::Empty;
     let mut fields = Fields::new(body);
     for f in &mut fields {
@@ -2365,24 +2340,14 @@ mod tests {
         let mut out = Vec::new();
         rewrite_span_without_keys(&body, &["sampling.policy", "sampling.reason"], &mut out);
         let long = "x".repeat(200);
-        let appended: Vec<(&str, AttrValue<'_>, V)> = vec![
-            (
-                "sampling.policy",
-                AttrValue::Str("keep-errors"),
-                text("keep-errors"),
-            ),
-            ("sampling.reason", AttrValue::Str(&long), text(&long)),
-            ("flag", AttrValue::Bool(false), V::BoolValue(false)),
-            ("min", AttrValue::Int(i64::MIN), V::IntValue(i64::MIN)),
-            ("neg", AttrValue::Int(-1), V::IntValue(-1)),
-            ("big", AttrValue::Int(300), V::IntValue(300)),
-            ("zero", AttrValue::Int(0), V::IntValue(0)),
-            ("ratio", AttrValue::Double(-0.5), V::DoubleValue(-0.5)),
-            ("", AttrValue::Str(""), text("")),
-            ("ключ", AttrValue::Str("значение"), text("значение")),
+        let appended: Vec<(&str, &str, V)> = vec![
+            ("sampling.policy", "keep-errors", text("keep-errors")),
+            ("sampling.reason", &long, text(&long)),
+            ("", "", text("")),
+            ("ключ", "значение", text("значение")),
         ];
         for (key, value, _) in &appended {
-            append_attribute(&mut out, key, *value);
+            append_attribute(&mut out, key, value);
         }
         append_trace_state(&mut out, "tg=1");
 

@@ -19,16 +19,19 @@ use std::time::{Duration, Instant};
 
 use super::bindings::tailgate::policy::types::Decision as WitDecision;
 use super::edits;
-use super::state::{CallClock, TraceData, thread_cpu_time};
+use super::boundary::{CallClock, TraceData, thread_cpu_time};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
 use crate::config::{DefaultVerdict, OnError, PolicyMode};
-use crate::decide::{Decider, DeciderFactory, Decision, TraceView, default_reason};
-use crate::telemetry::{Metrics, PolicyMetrics};
+use crate::decide::{
+    Decider, DeciderFactory, Decision, DefaultDecision, Role, Tally, TraceEdit, TraceView, Verdict,
+    agrees,
+};
+use super::metrics::{PluginMetrics, PolicyHandles};
 
 /// Builds a [`WasmChain`] for each worker.
 pub struct WasmChainFactory {
-    pub runtime: Arc<PolicyRuntime>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) runtime: Arc<PolicyRuntime>,
+    pub(crate) metrics: Arc<PluginMetrics>,
 }
 
 impl DeciderFactory for WasmChainFactory {
@@ -47,23 +50,19 @@ impl DeciderFactory for WasmChainFactory {
             outcomes: Vec::new(),
             single: Vec::with_capacity(1),
             clock: Instant::now(),
-            default_policy: Arc::from("default"),
-            default_reason: (
-                DefaultVerdict::Keep,
-                Arc::from(default_reason(DefaultVerdict::Keep)),
-            ),
+            default: DefaultDecision::new(DefaultVerdict::Keep),
         })
     }
 }
 
-pub struct WasmChain {
+pub(crate) struct WasmChain {
     runtime: Arc<PolicyRuntime>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<PluginMetrics>,
     set: Arc<PolicySet>,
     /// This worker's instance of each policy of `set`, created on first use and after a trap.
     instances: Vec<Option<PolicyInstance>>,
     /// Each policy's metric series, resolved when the set is picked up.
-    handles: Vec<PolicyMetrics>,
+    handles: Vec<PolicyHandles>,
     /// When this thread's CPU clock was last read, and its value.
     cpu_read: Option<(Instant, Option<Duration>)>,
     /// The trace being decided with its index, boxed so it moves into a store and back as a
@@ -83,10 +82,9 @@ pub struct WasmChain {
     /// When the previous call ended (or the decision began): each call's latency runs from
     /// here, so a chain of N policies reads the clock N + 1 times, not 2N.
     clock: Instant,
-    default_policy: Arc<str>,
-    /// A default verdict and its reason, made again only when a reload changes the verdict
+    /// The default verdict and its reason, made again only when a reload changes the verdict
     /// (see `refresh`).
-    default_reason: (DefaultVerdict, Arc<str>),
+    default: DefaultDecision,
 }
 
 /// A summary-only policy's answer for a batch: the index of its first outcome in
@@ -96,77 +94,9 @@ type BatchAnswer = Option<(u32, Vec<u32>)>;
 
 /// One policy's contribution to a decision.
 struct Outcome {
-    verdict: WitDecision,
+    verdict: Verdict,
     reason: Arc<str>,
     probability: Option<f64>,
-}
-
-/// One trace's verdicts so far, combined in chain order. Verdicts are held as indexes into
-/// the batch's outcomes ([`WasmChain::outcomes`]), so adding one copies no name or reason.
-struct Tally {
-    edits: Vec<crate::decide::TraceEdit>,
-    /// The first drop rule's drop, if any.
-    dropped_by: u32,
-    /// The first keep, if any.
-    kept_by: u32,
-    /// The largest probability of a probabilistic keep; 0 when there is none.
-    probability: f64,
-    certain_keep: bool,
-    /// Shadow policies' verdicts, by policy index.
-    shadows: Vec<(u32, WitDecision)>,
-}
-
-/// No outcome (in [`Tally`]).
-const NONE: u32 = u32::MAX;
-
-impl Default for Tally {
-    fn default() -> Self {
-        Tally {
-            edits: Vec::new(),
-            dropped_by: NONE,
-            kept_by: NONE,
-            probability: 0.0,
-            certain_keep: false,
-            shadows: Vec::new(),
-        }
-    }
-}
-
-impl Tally {
-    /// Adds policy `p`'s outcome, `outcomes[at]`, with the edits of its call.
-    fn add(
-        &mut self,
-        policy: &LoadedPolicy,
-        p: usize,
-        at: u32,
-        outcome: &Outcome,
-        own_edits: &mut Vec<crate::decide::TraceEdit>,
-    ) {
-        if policy.spec.mode == PolicyMode::Shadow {
-            self.shadows.push((p as u32, outcome.verdict));
-            own_edits.clear();
-            return;
-        }
-        self.edits.append(own_edits);
-        match outcome.verdict {
-            WitDecision::Drop if policy.spec.drop_rule => {
-                if self.dropped_by == NONE {
-                    self.dropped_by = at;
-                }
-            }
-            WitDecision::Keep => {
-                match outcome.probability {
-                    Some(p) => self.probability = self.probability.max(p),
-                    None => self.certain_keep = true,
-                }
-                if self.kept_by == NONE {
-                    self.kept_by = at;
-                }
-            }
-            // A drop from an ordinary policy is an opinion the default can stand for.
-            WitDecision::Drop | WitDecision::Abstain => {}
-        }
-    }
 }
 
 impl WasmChain {
@@ -179,9 +109,8 @@ impl WasmChain {
         if self.instances.len() != self.set.policies.len() {
             self.instances.resize_with(self.set.policies.len(), || None);
         }
-        if self.default_reason.0 != self.set.default {
-            let reason = Arc::from(default_reason(self.set.default));
-            self.default_reason = (self.set.default, reason);
+        if self.default.verdict() != self.set.default {
+            self.default = DefaultDecision::new(self.set.default);
         }
         if self.handles.len() != self.set.policies.len() {
             self.handles = (self.set.policies.iter())
@@ -250,7 +179,7 @@ impl WasmChain {
         &mut self,
         i: usize,
         data: &mut Option<Box<TraceData>>,
-        edits_out: &mut Vec<crate::decide::TraceEdit>,
+        edits_out: &mut Vec<TraceEdit>,
     ) -> Option<Outcome> {
         if self.set.policies[i].health.is_quarantined() {
             self.handles[i].quarantined.inc();
@@ -285,7 +214,7 @@ impl WasmChain {
                 }
                 count(handles, answer.decision, 1);
                 Some(Outcome {
-                    verdict: answer.decision,
+                    verdict: verdict_of(answer.decision),
                     reason: answer.reason,
                     probability: answer.probability.filter(|p| *p > 0.0 && *p < 1.0),
                 })
@@ -337,7 +266,7 @@ impl WasmChain {
                     self.outcomes.push((
                         i,
                         Outcome {
-                            verdict: o.decision,
+                            verdict: verdict_of(o.decision),
                             reason: o.reason,
                             probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
                         },
@@ -350,19 +279,6 @@ impl WasmChain {
                 self.outcomes.push((i, failed));
                 Some((base, vec![0; traces]))
             }
-        }
-    }
-
-    /// The chain's default verdict, when no enforcing policy kept or dropped the trace. Edits
-    /// are kept only if the default keeps.
-    fn default_decision(&self, edits: Vec<crate::decide::TraceEdit>) -> Decision {
-        let keep = self.set.default == DefaultVerdict::Keep;
-        Decision {
-            keep,
-            policy: self.default_policy.clone(),
-            reason: self.default_reason.1.clone(),
-            probability: None,
-            edits: if keep { edits } else { Vec::new() },
         }
     }
 
@@ -381,9 +297,9 @@ impl WasmChain {
             );
         }
         let verdict = match policy.spec.on_error {
-            OnError::Keep => WitDecision::Keep,
-            OnError::Drop => WitDecision::Drop,
-            OnError::Abstain => WitDecision::Abstain,
+            OnError::Keep => Verdict::Keep,
+            OnError::Drop => Verdict::Drop,
+            OnError::Abstain => Verdict::Abstain,
         };
         Outcome {
             verdict,
@@ -393,8 +309,25 @@ impl WasmChain {
     }
 }
 
+/// How `policy`'s verdicts count in the chain (enrichments never reach the tally).
+fn role(policy: &LoadedPolicy) -> Role {
+    match (policy.spec.mode, policy.spec.drop_rule) {
+        (PolicyMode::Shadow, _) => Role::Shadow,
+        (_, true) => Role::DropRule,
+        _ => Role::Enforce,
+    }
+}
+
+fn verdict_of(decision: WitDecision) -> Verdict {
+    match decision {
+        WitDecision::Keep => Verdict::Keep,
+        WitDecision::Drop => Verdict::Drop,
+        WitDecision::Abstain => Verdict::Abstain,
+    }
+}
+
 /// Counts `n` calls answering `decision`.
-fn count(handles: &PolicyMetrics, decision: WitDecision, n: u64) {
+fn count(handles: &PolicyHandles, decision: WitDecision, n: u64) {
     match decision {
         WitDecision::Keep => handles.keep.inc_by(n),
         WitDecision::Drop => handles.drop.inc_by(n),
@@ -437,7 +370,7 @@ impl Decider for WasmChain {
         self.refresh();
         if self.set.policies.is_empty() {
             // No policies: the default decides, with no index built and no spans moved.
-            out.extend(traces.iter().map(|_| self.default_decision(Vec::new())));
+            out.extend(traces.iter().map(|_| self.default.decision(Vec::new())));
             return;
         }
         // A batch of one costs more through `decide-summaries` (the list in, the answer
@@ -503,7 +436,14 @@ impl Decider for WasmChain {
                     if let Some((base, codes)) = answer {
                         let at = base + codes[t];
                         let (_, outcome) = &self.outcomes[at as usize];
-                        tally.add(&self.set.policies[i], i, at, outcome, &mut own_edits);
+                        tally.add(
+                            role(&self.set.policies[i]),
+                            i as u32,
+                            at,
+                            outcome.verdict,
+                            outcome.probability,
+                            &mut own_edits,
+                        );
                     }
                     continue;
                 }
@@ -512,12 +452,25 @@ impl Decider for WasmChain {
                         let at = self.outcomes.len() as u32;
                         self.outcomes.push((i, outcome));
                         let (_, outcome) = &self.outcomes[at as usize];
-                        tally.add(&self.set.policies[i], i, at, outcome, &mut own_edits);
+                        tally.add(
+                            role(&self.set.policies[i]),
+                            i as u32,
+                            at,
+                            outcome.verdict,
+                            outcome.probability,
+                            &mut own_edits,
+                        );
                     }
                     None => own_edits.clear(),
                 }
             }
-            let mut decision = self.decision(&mut tally);
+            let mut decision = tally.decision(
+                |at| {
+                    let (p, outcome) = &self.outcomes[at as usize];
+                    (self.set.policies[*p].name.clone(), outcome.reason.clone())
+                },
+                &self.default,
+            );
             if decision.keep && enrich {
                 // Enrichments see the kept trace; their verdicts are not opinions on keeping it.
                 if let Some(d) = slot.as_mut().filter(|_| !indexed) {
@@ -530,14 +483,9 @@ impl Decider for WasmChain {
                     }
                 }
             }
-            for (p, verdict) in tally.shadows.drain(..) {
-                let agrees = match verdict {
-                    WitDecision::Keep => decision.keep,
-                    WitDecision::Drop => !decision.keep,
-                    WitDecision::Abstain => true,
-                };
+            for (p, verdict) in tally.take_shadows() {
                 self.metrics
-                    .shadow_agreement(&self.set.policies[p as usize].name, agrees);
+                    .shadow_agreement(&self.set.policies[p as usize].name, agrees(verdict, &decision));
             }
             out.push(decision);
             data = slot.unwrap_or_default();
@@ -548,48 +496,10 @@ impl Decider for WasmChain {
     }
 }
 
-impl WasmChain {
-    /// The decision a trace's verdicts add up to; resets `tally` for the next trace.
-    fn decision(&self, tally: &mut Tally) -> Decision {
-        let edits = std::mem::take(&mut tally.edits);
-        let named = |at: u32| {
-            let (p, outcome) = &self.outcomes[at as usize];
-            (self.set.policies[*p].name.clone(), outcome.reason.clone())
-        };
-        let decision = if tally.dropped_by != NONE {
-            let (policy, reason) = named(tally.dropped_by);
-            Decision {
-                keep: false,
-                policy,
-                reason,
-                probability: None,
-                edits: Vec::new(),
-            }
-        } else if tally.kept_by != NONE {
-            let (policy, reason) = named(tally.kept_by);
-            Decision {
-                keep: true,
-                policy,
-                reason,
-                probability: (!tally.certain_keep && tally.probability > 0.0)
-                    .then_some(tally.probability),
-                edits,
-            }
-        } else {
-            self.default_decision(edits)
-        };
-        tally.dropped_by = NONE;
-        tally.kept_by = NONE;
-        tally.probability = 0.0;
-        tally.certain_keep = false;
-        decision
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+    use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
     use crate::config::Config;
     use crate::decide::DeciderFactory;
     use crate::plugin::PolicyRuntime;
@@ -739,7 +649,6 @@ min_spans = 3
                 single.decide(&mut TraceView {
                     trace_id: id,
                     spans,
-                    trigger: Trigger::RootGrace,
                 })
             })
             .collect();
@@ -757,7 +666,6 @@ min_spans = 3
                 .map(|(id, spans)| TraceView {
                     trace_id: id,
                     spans,
-                    trigger: Trigger::RootGrace,
                 })
                 .collect();
             batched.decide_batch(&mut views, &mut together);

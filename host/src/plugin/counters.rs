@@ -7,13 +7,16 @@
 //! so a policy labelling by user id cannot blow up the host's memory or a scrape.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 
 use foldhash::fast::RandomState;
 
 use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 
-pub const OVERFLOW: &str = "__overflow__";
+pub(crate) const OVERFLOW: &str = "__overflow__";
 
 /// Longest label value kept; longer ones are cut.
 const MAX_LABEL_VALUE: usize = 128;
@@ -40,7 +43,7 @@ struct Counter {
 /// nothing for a series that exists.
 type ByPolicy = HashMap<String, HashMap<String, Counter, RandomState>, RandomState>;
 
-pub struct PolicyCounters {
+pub(crate) struct PolicyCounters {
     max_values_per_label: usize,
     counters: Mutex<ByPolicy>,
     rejected: Mutex<u64>,
@@ -54,7 +57,7 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl PolicyCounters {
-    pub fn new(max_values_per_label: usize) -> Self {
+    pub(crate) fn new(max_values_per_label: usize) -> Self {
         Self {
             max_values_per_label,
             counters: Mutex::new(ByPolicy::default()),
@@ -63,7 +66,7 @@ impl PolicyCounters {
     }
 
     /// Adds `value` to a policy's counter. Invalid calls are counted and dropped, never trap.
-    pub fn add(&self, policy: &str, name: &str, labels: Labels, value: f64) {
+    pub(crate) fn add(&self, policy: &str, name: &str, labels: Labels, value: f64) {
         let valid = is_identifier(name)
             && value.is_finite()
             && value >= 0.0
@@ -87,7 +90,7 @@ impl PolicyCounters {
         let mut labels: Labels = labels
             .into_iter()
             .map(|(k, mut v)| {
-                super::state::truncate(&mut v, MAX_LABEL_VALUE);
+                super::boundary::truncate(&mut v, MAX_LABEL_VALUE);
                 if !counter.seen.contains_key(&k) {
                     counter.seen.insert(k.clone(), HashSet::default());
                 }
@@ -120,10 +123,11 @@ impl PolicyCounters {
         }
     }
 
-    /// The counters in Prometheus text format.
-    pub fn render(&self, out: &mut String) {
+    /// Every series, sorted by counter name, policy and labels, for a scrape.
+    fn sorted(&self) -> (Vec<(String, Vec<(String, String)>, f64)>, u64) {
         let counters = self.counters.lock();
-        let mut sorted: Vec<(&str, &str, &Counter)> = counters
+        let mut out: Vec<(String, Vec<(String, String)>, f64)> = Vec::new();
+        let mut names: Vec<(&str, &str, &Counter)> = counters
             .iter()
             .flat_map(|(policy, by_name)| {
                 by_name
@@ -131,45 +135,67 @@ impl PolicyCounters {
                     .map(move |(name, c)| (name.as_str(), policy.as_str(), c))
             })
             .collect();
-        sorted.sort_unstable_by_key(|&(name, policy, _)| (name, policy));
-        let mut last_name = "";
-        for (name, policy, counter) in sorted {
-            if name != last_name {
-                let _ = writeln!(out, "# TYPE tailgate_policy_{name} counter");
-                last_name = name;
-            }
+        names.sort_unstable_by_key(|&(name, policy, _)| (name, policy));
+        for (name, policy, counter) in names {
             let mut series: Vec<(&Labels, &f64)> = counter.series.iter().collect();
             series.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (labels, value) in series {
-                let _ = write!(
-                    out,
-                    "tailgate_policy_{name}_total{{policy=\"{}\"",
-                    escape(policy)
-                );
-                for (k, v) in labels {
-                    let _ = write!(out, ",{k}=\"{}\"", escape(v));
-                }
-                let _ = writeln!(out, "}} {value}");
+                let mut all = Vec::with_capacity(labels.len() + 1);
+                all.push(("policy".to_owned(), policy.to_owned()));
+                all.extend(labels.iter().cloned());
+                out.push((name.to_owned(), all, *value));
             }
         }
-        let _ = writeln!(out, "# TYPE tailgate_policy_counter_rejected counter");
-        let _ = writeln!(
-            out,
-            "tailgate_policy_counter_rejected_total {}",
-            *self.rejected.lock()
-        );
+        (out, *self.rejected.lock())
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl std::fmt::Debug for PolicyCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyCounters").finish_non_exhaustive()
+    }
+}
+
+/// Policies' counters are rendered with the host's on each scrape, as
+/// `tailgate_policy_<name>_total{policy="…", …}`.
+impl Collector for PolicyCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (series, rejected) = self.sorted();
+        let mut i = 0;
+        while i < series.len() {
+            let name = &series[i].0;
+            let metric = format!("policy_{name}");
+            let mut family = encoder.encode_descriptor(
+                &metric,
+                "A counter a policy adds to (counter-add)",
+                None,
+                MetricType::Counter,
+            )?;
+            while i < series.len() && series[i].0 == *name {
+                let (_, labels, value) = &series[i];
+                ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+                i += 1;
+            }
+        }
+        let counter = ConstCounter::new(rejected);
+        counter.encode(encoder.encode_descriptor(
+            "policy_counter_rejected",
+            "counter-add calls refused (bad name, label or value)",
+            None,
+            counter.metric_type(),
+        )?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(counters: PolicyCounters) -> String {
+        let registry = crate::telemetry::Registry::new();
+        registry.register_collector(Box::new(counters));
+        registry.render()
+    }
 
     #[test]
     fn sums_by_label_set_and_folds_overflow() {
@@ -184,8 +210,7 @@ mod tests {
         }
         c.add("llm-cost", "bad name", vec![], 1.0);
         c.add("llm-cost", "cost_usd", vec![], f64::NAN);
-        let mut out = String::new();
-        c.render(&mut out);
+        let out = render(c);
         assert!(
             out.contains("tailgate_policy_cost_usd_total{policy=\"llm-cost\",tenant=\"a\"} 1.5"),
             "{out}"
@@ -218,8 +243,7 @@ mod tests {
             c.add("llm-cost", "tokens", labels, f64::from(i));
             sent += f64::from(i);
         }
-        let mut out = String::new();
-        c.render(&mut out);
+        let out = render(c);
         let series: Vec<&str> = out
             .lines()
             .filter(|l| l.starts_with("tailgate_policy_tokens_total"))

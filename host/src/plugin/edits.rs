@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::common::v1::{
 use prost::Message;
 
 use super::bindings::tailgate::policy::types::{AttrValue, PatchTarget};
-use crate::buffer::BufferedSpan;
+use crate::trace::BufferedSpan;
 use crate::config::PolicyConfig;
 use crate::decide::TraceEdit;
 
@@ -22,20 +22,20 @@ use crate::decide::TraceEdit;
 const MAX_KEY_BYTES: usize = 256;
 
 /// One attribute write a policy asked for.
-pub struct Patch {
-    pub target: PatchTarget,
-    pub key: String,
-    pub value: AttrValue,
+pub(crate) struct Patch {
+    pub(crate) target: PatchTarget,
+    pub(crate) key: String,
+    pub(crate) value: AttrValue,
 }
 
 /// The edits of the `decide` call under way.
 #[derive(Default)]
-pub struct PendingEdits {
-    pub patches: Vec<Patch>,
-    pub removals: Vec<u32>,
+pub(crate) struct PendingEdits {
+    pub(crate) patches: Vec<Patch>,
+    pub(crate) removals: Vec<u32>,
     /// Why the call's edits are already known to be invalid: it asked for more than the caps
     /// allow. Nothing past that point is held.
-    pub refused: Option<String>,
+    pub(crate) refused: Option<String>,
     /// The patches' keys and text values so far, in bytes: what the host holds. The exact
     /// encoded size is checked against `max_patch_bytes` by [`validate`]; holding stops at
     /// twice that, since raw JSON text may shrink when encoded.
@@ -43,7 +43,7 @@ pub struct PendingEdits {
 }
 
 impl PendingEdits {
-    pub fn push_patch(&mut self, patch: Patch, max_patches: usize, max_bytes: usize) {
+    pub(crate) fn push_patch(&mut self, patch: Patch, max_patches: usize, max_bytes: usize) {
         if self.refused.is_some() {
             return;
         }
@@ -59,7 +59,7 @@ impl PendingEdits {
         self.patches.push(patch);
     }
 
-    pub fn push_removal(&mut self, span: u32, span_count: usize) {
+    pub(crate) fn push_removal(&mut self, span: u32, span_count: usize) {
         if self.refused.is_some() {
             return;
         }
@@ -78,7 +78,7 @@ impl PendingEdits {
     }
 
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.patches.is_empty() && self.removals.is_empty() && self.refused.is_none()
     }
 }
@@ -94,7 +94,7 @@ fn value_bytes(v: &AttrValue) -> usize {
 
 /// The trace edits `pending` stands for, or why none of them may be applied. A verdict whose
 /// `probability` is out of (0, 1] gets none either.
-pub fn validate(
+pub(crate) fn validate(
     pending: &PendingEdits,
     probability: Option<f64>,
     spans: &[BufferedSpan],
@@ -289,8 +289,8 @@ mod tests {
     #[test]
     fn edits_are_refused_whole_with_an_invalid_probability_or_any_bad_edit() {
         let spec: PolicyConfig = toml::from_str("name = \"p\"\nplugin = \"keep-errors\"").unwrap();
-        let header = std::sync::Arc::new(crate::buffer::ScopeHeader {
-            resource: std::sync::Arc::new(crate::buffer::ResourceHeader {
+        let header = std::sync::Arc::new(crate::trace::ScopeHeader {
+            resource: std::sync::Arc::new(crate::trace::ResourceHeader {
                 fields: Box::new([]),
                 resource: Box::new([]),
                 service: std::sync::Arc::from("svc"),

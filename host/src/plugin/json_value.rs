@@ -9,11 +9,11 @@ use crate::otlp::wire::{self, AnyValueRef};
 /// Nesting beyond this is cut to `null`; the receiver already bounds nesting at 32.
 const MAX_DEPTH: u32 = 32;
 
-pub fn array_to_json(array: &[u8]) -> String {
+pub(crate) fn array_to_json(array: &[u8]) -> String {
     array_value(array, 0).to_string()
 }
 
-pub fn kvlist_to_json(list: &[u8]) -> String {
+pub(crate) fn kvlist_to_json(list: &[u8]) -> String {
     kvlist_value(list, 0).to_string()
 }
 

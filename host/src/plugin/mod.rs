@@ -4,15 +4,49 @@
 //! loading and checking components (imports, contract version, sha256 pins, compile cache),
 //! the per-call limits (memory, deadline, fuel, patch caps, log rate), and the live policy set
 //! that hot swap replaces atomically. A policy never sees the host except through the
-//! `tailgate:policy` world: no WASI, no files, no sockets.
+//! `tailgate:policy` world: no WASI, no files, no sockets. Must never import the receivers or
+//! the exporter: it knows the trace model, the codec and the decision interface it implements.
+//!
+//! Files: [`index`] is the trace's index (pure data), [`boundary`] the host side of the WIT
+//! interfaces, [`edits`] holding and checking a verdict's edits, [`chain`] the chain as a
+//! decider, [`reload`] hot swap, [`counters`] the policies' own counters.
+//!
+//! # The sandbox's invariants
+//!
+//! **Refused at load** (the old set keeps running on a reload): a component importing anything
+//! but the `tailgate:policy` interfaces of a version in [`CONTRACT_VERSIONS`], one whose sha256
+//! does not match its pin, one whose `init` returns an error, and one that fails a trial run
+//! on sample traces.
+//!
+//! **Validated before use**, every value that comes back from a guest:
+//! - span indexes, against the trace being decided: out of range traps the guest, never the
+//!   host (as a Rust slice would);
+//! - reason ids, against the instance's interned reasons: an unknown id fails the call;
+//! - batch answers (`decide-summaries`): one code per trace, each naming a returned outcome;
+//! - edits, all or nothing once the call returned normally: index in range, key not empty and
+//!   at most 256 bytes, removals only of leaves, a `json` value that is an array or object,
+//!   a probability in (0, 1].
+//!
+//! **Traps** (the call fails, `on_error` applies, the instance is rebuilt for the next trace):
+//! a guest trap, a trace accessor called outside `decide`, an out-of-range index, the deadline
+//! (`timeout`, epoch interruption), `fuel` running out, memory growth past `memory_limit`.
+//! Repeated failures quarantine the policy for `quarantine_for`.
+//!
+//! **Capped**: linear memory (`memory_limit`), time per call (`timeout`, within one 5 ms epoch
+//! tick), fuel, patches and their bytes per verdict (`max_patches`, `max_patch_bytes`),
+//! removals (the trace's span count), interned reasons (1024 an instance, then ids per call),
+//! reason and log texts (256 and 1024 bytes), log lines per second (`log_per_second`), counter
+//! names, labels and series (`plugins.max_label_values`).
 
 mod bindings;
-pub mod chain;
+pub(crate) mod chain;
 mod counters;
 mod edits;
 mod json_value;
-pub mod reload;
-mod state;
+mod metrics;
+pub(crate) mod reload;
+mod boundary;
+mod index;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,21 +62,22 @@ use wasmtime::{
 };
 
 use bindings::{Policy, PolicyPre};
-pub use counters::PolicyCounters;
-pub use state::TraceIndex;
-use state::{PolicyMeta, PolicyState};
+pub(crate) use counters::PolicyCounters;
+pub use metrics::PluginMetrics;
+pub use index::TraceIndex;
+use boundary::{PolicyMeta, PolicyState};
 
 use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
 
 /// The WIT package versions this host implements. A component built against another
 /// version is refused at load, naming the version it asked for.
-pub const CONTRACT_PACKAGE: &str = "tailgate:policy";
-pub const CONTRACT_VERSIONS: &[&str] = &["0.4.0"];
+pub(crate) const CONTRACT_PACKAGE: &str = tailgate_plugin_sdk::CONTRACT_PACKAGE;
+pub(crate) const CONTRACT_VERSIONS: &[&str] = &[tailgate_plugin_sdk::CONTRACT_VERSION];
 
 /// Epoch ticks drive call deadlines: a stuck call is stopped within its timeout plus one tick.
 /// Each tick wakes a thread, which on a VM costs some 25 µs of CPU: at 1 ms that was 2.7% of a
 /// core, idle or not, for a precision no policy needs against the 50 ms default timeout.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The bundled policies, compiled from `plugins/` by the build script and embedded.
 mod bundled {
@@ -50,12 +85,12 @@ mod bundled {
 }
 
 /// Names of the policies built into this binary.
-pub fn bundled_names() -> impl Iterator<Item = &'static str> {
+pub(crate) fn bundled_names() -> impl Iterator<Item = &'static str> {
     bundled::BUNDLED.iter().map(|(name, _)| *name)
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PluginError {
+pub(crate) enum PluginError {
     #[error("policy {policy:?}: {message}")]
     Refused { policy: String, message: String },
     #[error("plugin engine: {0}")]
@@ -85,7 +120,7 @@ impl Drop for PluginEngine {
 }
 
 impl PluginEngine {
-    pub fn new(
+    pub(crate) fn new(
         cache_dir: Option<PathBuf>,
         max_label_values: usize,
     ) -> Result<Arc<Self>, PluginError> {
@@ -146,7 +181,7 @@ impl PluginEngine {
         }))
     }
 
-    pub fn counters(&self) -> &Arc<PolicyCounters> {
+    pub(crate) fn counters(&self) -> &Arc<PolicyCounters> {
         &self.counters
     }
 
@@ -237,7 +272,7 @@ impl PluginEngine {
     }
 
     /// Loads, checks and `init`s one policy. Nothing here runs on the decision path.
-    pub fn load(
+    pub(crate) fn load(
         &self,
         spec: &PolicyConfig,
         base_dir: &Path,
@@ -315,14 +350,14 @@ impl PluginEngine {
         Ok(Arc::new(policy))
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
 }
 
 /// Failure bookkeeping shared by every worker's instance of a policy.
 #[derive(Default)]
-pub struct PolicyHealth {
+pub(crate) struct PolicyHealth {
     consecutive_failures: AtomicU32,
     /// Unix ms until which the policy is skipped; 0 when it is not quarantined.
     quarantined_until_ms: AtomicU64,
@@ -336,7 +371,7 @@ fn unix_ms() -> u64 {
 }
 
 impl PolicyHealth {
-    pub fn is_quarantined(&self) -> bool {
+    pub(crate) fn is_quarantined(&self) -> bool {
         // Read the clock only while a quarantine is set: this runs for every policy and trace.
         match self.quarantined_until_ms.load(Ordering::Relaxed) {
             0 => false,
@@ -366,22 +401,22 @@ impl PolicyHealth {
 }
 
 /// A policy ready to run: compiled, type-checked, its `init` proven to succeed.
-pub struct LoadedPolicy {
-    pub spec: PolicyConfig,
-    pub name: Arc<str>,
-    pub sha256: String,
+pub(crate) struct LoadedPolicy {
+    pub(crate) spec: PolicyConfig,
+    pub(crate) name: Arc<str>,
+    pub(crate) sha256: String,
     pre: PolicyPre<PolicyState>,
     config_json: String,
     meta: Arc<PolicyMeta>,
-    pub health: PolicyHealth,
+    pub(crate) health: PolicyHealth,
     /// `init` declared the policy summary-only: a batch of traces is decided through one
     /// `decide-summaries` call; a trace decided alone still goes through `decide`.
-    pub summary_only: bool,
-    pub load_time: Duration,
+    pub(crate) summary_only: bool,
+    pub(crate) load_time: Duration,
 }
 
 /// One live instance of a policy, owned by one worker.
-pub struct PolicyInstance {
+pub(crate) struct PolicyInstance {
     store: Store<PolicyState>,
     bindings: Policy,
     summary_only: bool,
@@ -389,7 +424,7 @@ pub struct PolicyInstance {
 
 impl LoadedPolicy {
     /// A fresh instance with its limits set and `init` called.
-    pub fn instantiate(&self, engine: &Engine) -> Result<PolicyInstance, String> {
+    pub(crate) fn instantiate(&self, engine: &Engine) -> Result<PolicyInstance, String> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.spec.memory_limit.bytes())
             .trap_on_grow_failure(true)
@@ -452,15 +487,15 @@ impl PolicyInstance {
     fn decide(
         &mut self,
         policy: &LoadedPolicy,
-        trace: Box<state::TraceData>,
-        clock: state::CallClock,
-    ) -> (wasmtime::Result<Answer>, Option<Box<state::TraceData>>) {
+        trace: Box<boundary::TraceData>,
+        clock: boundary::CallClock,
+    ) -> (wasmtime::Result<Answer>, Option<Box<boundary::TraceData>>) {
         self.store.set_epoch_deadline(policy.deadline_ticks());
         if let Some(fuel) = policy.spec.fuel {
             let _ = self.store.set_fuel(fuel);
         }
         let summary = trace.index.summary();
-        let id = state::trace_id_words(&trace.trace_id);
+        let id = index::trace_id_words(&trace.trace_id);
         let state = self.store.data_mut();
         state.call = clock;
         state.seed_for(&trace.trace_id);
@@ -489,7 +524,7 @@ impl PolicyInstance {
         &mut self,
         policy: &LoadedPolicy,
         facts: &[u64],
-        clock: state::CallClock,
+        clock: boundary::CallClock,
     ) -> wasmtime::Result<BatchAnswer> {
         self.store.set_epoch_deadline(policy.deadline_ticks());
         if let Some(fuel) = policy.spec.fuel {
@@ -536,32 +571,32 @@ impl PolicyInstance {
 }
 
 /// A policy's answer for a trace, with its reason's text and the edits it asked for.
-pub struct Answer {
-    pub decision: bindings::tailgate::policy::types::Decision,
-    pub reason: Arc<str>,
-    pub probability: Option<f64>,
-    pub edits: edits::PendingEdits,
+pub(crate) struct Answer {
+    pub(crate) decision: bindings::tailgate::policy::types::Decision,
+    pub(crate) reason: Arc<str>,
+    pub(crate) probability: Option<f64>,
+    pub(crate) edits: edits::PendingEdits,
 }
 
 /// A `decide-summaries` answer: its distinct answers (with no edits) and one index into them
 /// per trace, both checked.
-pub struct BatchAnswer {
-    pub outcomes: Vec<Answer>,
-    pub codes: Vec<u32>,
+pub(crate) struct BatchAnswer {
+    pub(crate) outcomes: Vec<Answer>,
+    pub(crate) codes: Vec<u32>,
 }
 
 /// The policies live right now, in chain order, and what applies when they all abstain.
-pub struct PolicySet {
-    pub policies: Vec<Arc<LoadedPolicy>>,
-    pub default: DefaultVerdict,
+pub(crate) struct PolicySet {
+    pub(crate) policies: Vec<Arc<LoadedPolicy>>,
+    pub(crate) default: DefaultVerdict,
     /// Increases with every successful reload; workers rebuild instances when it changes.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 /// The engine plus the swappable live set: what workers decide with and reloads replace.
 pub struct PolicyRuntime {
-    pub engine: Arc<PluginEngine>,
-    pub live: ArcSwap<PolicySet>,
+    pub(crate) engine: Arc<PluginEngine>,
+    pub(crate) live: ArcSwap<PolicySet>,
     /// The live set's generation, so a worker checks for a reload with one atomic load
     /// before it touches `live`. Set by [`PolicyRuntime::publish`] after the set.
     generation: AtomicU64,
@@ -569,7 +604,7 @@ pub struct PolicyRuntime {
 
 impl PolicyRuntime {
     /// Loads every configured policy; any refusal is an error naming the policy and why.
-    pub fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
+    pub(crate) fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
         // Like the exporter's path, the cache is relative to the working directory.
         let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
             .then(|| config.plugins.cache_dir.clone());
@@ -584,20 +619,20 @@ impl PolicyRuntime {
     }
 
     /// Makes `set` the live one.
-    pub fn publish(&self, set: PolicySet) {
+    pub(crate) fn publish(&self, set: PolicySet) {
         let generation = set.generation;
         self.live.store(Arc::new(set));
         self.generation.store(generation, Ordering::Release);
     }
 
     /// The live set's generation (see [`PolicySet::generation`]).
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 }
 
 /// Loads a whole policy set; the first refusal fails it.
-pub fn build_set(
+pub(crate) fn build_set(
     engine: &PluginEngine,
     config: &HostConfig,
     base_dir: &Path,
@@ -626,7 +661,7 @@ pub fn build_set(
 /// (some 70 MiB for the agent pack on a cold cache) is freed when a compile ends, but glibc
 /// keeps freed pages mapped, so without this a fresh process idles at four times the RSS of
 /// one started on a warm cache.
-pub fn release_freed_heap() {
+pub(crate) fn release_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of the allocator's own heap to the system.
     unsafe {

@@ -18,26 +18,27 @@ use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use parking_lot::Mutex;
 use prost::Message;
 
-use super::state::{CallClock, TraceData, TraceIndex};
+use super::boundary::{CallClock, TraceData};
+use super::index::TraceIndex;
 use super::{PolicyRuntime, PolicySet, build_set};
-use crate::buffer::{BufferedSpan, ResourceHeader, ScopeHeader};
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::config::Config;
-use crate::telemetry::Metrics;
+use super::metrics::PluginMetrics;
 
 /// What the last reload did, for the admin status endpoint.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ReloadOutcome {
-    pub trigger: String,
-    pub ok: bool,
-    pub message: String,
-    pub generation: u64,
-    pub took_ms: f64,
-    pub at_unix_ms: u64,
+pub(crate) struct ReloadOutcome {
+    pub(crate) trigger: String,
+    pub(crate) ok: bool,
+    pub(crate) message: String,
+    pub(crate) generation: u64,
+    pub(crate) took_ms: f64,
+    pub(crate) at_unix_ms: u64,
 }
 
-pub struct Reloader {
+pub(crate) struct Reloader {
     runtime: Arc<PolicyRuntime>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<PluginMetrics>,
     config_path: Option<PathBuf>,
     base_dir: PathBuf,
     /// One reload at a time.
@@ -46,9 +47,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(
+    pub(crate) fn new(
         runtime: Arc<PolicyRuntime>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<PluginMetrics>,
         config_path: Option<PathBuf>,
         base_dir: PathBuf,
     ) -> Arc<Self> {
@@ -65,7 +66,7 @@ impl Reloader {
     }
 
     /// Reloads now; returns the new generation, or why the old set stays.
-    pub fn reload(&self, trigger: &str) -> Result<u64, String> {
+    pub(crate) fn reload(&self, trigger: &str) -> Result<u64, String> {
         let _one = self.busy.lock();
         let started = Instant::now();
         let result = self.try_reload();
@@ -85,13 +86,7 @@ impl Reloader {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        self.metrics
-            .reloads
-            .get_or_create(&vec![(
-                "outcome",
-                if outcome.ok { "ok" } else { "refused" }.to_owned(),
-            )])
-            .inc();
+        self.metrics.reloaded(outcome.ok);
         match &result {
             Ok(g) => tracing::info!(
                 trigger,
@@ -167,21 +162,14 @@ impl Reloader {
     }
 
     fn publish_info(&self, set: &PolicySet) {
-        self.metrics.policy_info.clear();
-        for p in &set.policies {
-            self.metrics
-                .policy_info
-                .get_or_create(&vec![
-                    ("policy", p.name.to_string()),
-                    ("sha256", p.sha256.clone()),
-                    ("generation", set.generation.to_string()),
-                ])
-                .set(1);
-        }
+        let policies: Vec<(&str, &str)> = (set.policies.iter())
+            .map(|p| (&*p.name, p.sha256.as_str()))
+            .collect();
+        self.metrics.live_set(set.generation, &policies);
     }
 
     /// The live set and the last reload, as JSON for `GET /status`.
-    pub fn status_json(&self) -> String {
+    pub(crate) fn status_json(&self) -> String {
         let set = self.runtime.live.load();
         let policies: Vec<serde_json::Value> = set
             .policies
@@ -217,7 +205,7 @@ impl Reloader {
     }
 
     /// Polls the watched files and reloads on a change. Stops when `stop` turns true.
-    pub fn watch(self: &Arc<Self>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
+    pub(crate) fn watch(self: &Arc<Self>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
         if interval.is_zero() || self.config_path.is_none() {
             return;
         }
@@ -255,7 +243,7 @@ fn fingerprint(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
 
 /// A few ordinary traces: a two-span request, an error, and an agent-shaped trace with
 /// GenAI attributes.
-pub fn sample_traces() -> Vec<Vec<BufferedSpan>> {
+pub(crate) fn sample_traces() -> Vec<Vec<BufferedSpan>> {
     let resource = opentelemetry_proto::tonic::resource::v1::Resource {
         attributes: vec![kv(
             "service.name",
@@ -354,7 +342,7 @@ fn kv(key: &str, value: any_value::Value) -> KeyValue {
 }
 
 /// The directory relative paths in a config file are resolved against.
-pub fn base_dir_of(config_path: Option<&Path>) -> PathBuf {
+pub(crate) fn base_dir_of(config_path: Option<&Path>) -> PathBuf {
     config_path
         .and_then(|p| p.parent())
         .filter(|p| !p.as_os_str().is_empty())

@@ -20,20 +20,20 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Code, Status};
 
 use super::ingest::{Accepted, Ingest, Refusal};
-use crate::telemetry::Metrics;
+use super::metrics::ReceiverMetrics;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// The gRPC TraceService, serving raw request bytes to [`Ingest`].
 #[derive(Clone)]
-pub struct TraceServiceRaw {
+pub(crate) struct TraceServiceRaw {
     ingest: Arc<Ingest>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
 }
 
 impl TraceServiceRaw {
-    pub fn new(ingest: Arc<Ingest>, metrics: Arc<Metrics>, max_request_size: usize) -> Self {
+    pub(crate) fn new(ingest: Arc<Ingest>, metrics: Arc<ReceiverMetrics>, max_request_size: usize) -> Self {
         Self {
             ingest,
             metrics,
@@ -83,7 +83,7 @@ where
 /// clients retry forever, and a corrupt gzip body as INTERNAL. OTLP wants RESOURCE_EXHAUSTED
 /// without RetryInfo and INVALID_ARGUMENT. These errors arrive as trailers-only responses,
 /// so the status is in the headers.
-fn remap_framing_errors(response: &mut http::Response<tonic::body::Body>, metrics: &Metrics) {
+fn remap_framing_errors(response: &mut http::Response<tonic::body::Body>, metrics: &ReceiverMetrics) {
     let Some(status) = Status::from_header_map(response.headers()) else {
         return;
     };

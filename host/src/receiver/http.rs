@@ -19,19 +19,19 @@ use prost::Message;
 
 use super::ingest::{Ingest, Refusal};
 use crate::otlp::{RpcStatus, json};
-use crate::telemetry::Metrics;
+use super::metrics::ReceiverMetrics;
 
 #[derive(Clone)]
 struct HttpState {
     ingest: Arc<Ingest>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
     retry_after: Duration,
 }
 
-pub fn router(
+pub(crate) fn router(
     ingest: Arc<Ingest>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
     retry_after: Duration,
 ) -> Router {

@@ -10,21 +10,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::Sender;
 use prost::Message;
 
-use crate::buffer::worker::{ShardMsg, ShardSpan};
-use crate::buffer::{BufferedSpan, MemoryBudget, ResourceHeader, ScopeHeader, shard_of};
+use crate::pipeline::{ShardMsg, ShardSpan};
+use crate::buffer::{MemoryBudget, shard_of};
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::otlp::{json, wire};
-use crate::telemetry::{Metrics, RefusedReason};
+use super::metrics::{ReceiverMetrics, RefusedReason};
 
 /// The request was taken; `rejected_spans` of it were refused for bad ids.
 #[derive(Debug, Default)]
-pub struct Accepted {
-    pub rejected_spans: u64,
-    pub message: String,
+pub(crate) struct Accepted {
+    pub(crate) rejected_spans: u64,
+    pub(crate) message: String,
 }
 
 /// The request was not taken.
 #[derive(Debug)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The body is not a valid OTLP trace request; not retryable.
     Malformed(String),
     /// The buffer is full; retryable.
@@ -39,15 +40,15 @@ const SPAN_SLACK: usize = 16;
 pub struct Ingest {
     shards: Vec<Sender<ShardMsg>>,
     memory: Arc<MemoryBudget>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ReceiverMetrics>,
     accepting: AtomicBool,
 }
 
 impl Ingest {
-    pub fn new(
+    pub(crate) fn new(
         shards: Vec<Sender<ShardMsg>>,
         memory: Arc<MemoryBudget>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ReceiverMetrics>,
     ) -> Self {
         Self {
             shards,
@@ -58,18 +59,18 @@ impl Ingest {
     }
 
     /// From now on every request is refused as retryable: the host is draining.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Release);
     }
 
     /// An OTLP/JSON body: decoded leniently, then taken through the protobuf path so both
     /// encodings share every rule after decoding.
-    pub fn accept_json(&self, body: &[u8], transport: &'static str) -> Result<Accepted, Refusal> {
+    pub(crate) fn accept_json(&self, body: &[u8], transport: &'static str) -> Result<Accepted, Refusal> {
         let request = json::decode_traces(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         self.accept_protobuf(&request.encode_to_vec(), transport)
     }
 
-    pub fn accept_protobuf(
+    pub(crate) fn accept_protobuf(
         &self,
         body: &[u8],
         transport: &'static str,

@@ -4,9 +4,10 @@
 //! bodies, size limits, compression) and the shared ingest path. A receiver never buffers or
 //! decides anything itself; it answers only after the spans are in the buffer or refused.
 
-pub mod grpc;
-pub mod http;
-pub mod ingest;
+pub(crate) mod grpc;
+pub(crate) mod http;
+pub(crate) mod ingest;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use ingest::{Accepted, Ingest, Refusal};
+pub(crate) use ingest::Accepted;
+pub use ingest::Ingest;
+pub use metrics::ReceiverMetrics;
 
 use crate::config::ReceiversConfig;
-use crate::telemetry::Metrics;
 
 /// Bodies above this are parsed with `block_in_place`, so a 64 MiB request does not stall the
 /// other connections served by the same runtime thread.
@@ -41,18 +43,18 @@ fn outcome(accepted: &Accepted) -> &'static str {
 }
 
 /// Listening receivers, with the addresses they actually bound (port 0 resolves here).
-pub struct Receivers {
-    pub grpc: Option<SocketAddr>,
-    pub http: Option<SocketAddr>,
+pub(crate) struct Receivers {
+    pub(crate) grpc: Option<SocketAddr>,
+    pub(crate) http: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Receivers {
     /// Binds every configured listener and starts serving until `shutdown` resolves.
-    pub async fn start(
+    pub(crate) async fn start(
         config: &ReceiversConfig,
         ingest: Arc<Ingest>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ReceiverMetrics>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         let limit = config.max_request_size.bytes();
@@ -98,7 +100,7 @@ impl Receivers {
     }
 
     /// Waits until every listener has closed and its in-flight requests are answered.
-    pub async fn stopped(self) {
+    pub(crate) async fn stopped(self) {
         for t in self.tasks {
             let _ = t.await;
         }

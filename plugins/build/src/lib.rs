@@ -35,10 +35,10 @@ use serde_json::Value;
 pub const TARGET: &str = "wasm32-unknown-unknown";
 
 /// The WIT package every import must come from.
-pub const POLICY_PACKAGE: &str = "tailgate:policy";
+pub const POLICY_PACKAGE: &str = tailgate_plugin_sdk::CONTRACT_PACKAGE;
 
-/// The contract version this build step produces components for.
-pub const POLICY_VERSION: &str = "0.4.0";
+/// The contract version this build step produces components for: the SDK's, read from the WIT.
+pub const POLICY_VERSION: &str = tailgate_plugin_sdk::CONTRACT_VERSION;
 
 /// A policy crate found by [`discover`].
 #[derive(Clone, Debug)]

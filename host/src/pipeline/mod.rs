@@ -1,0 +1,603 @@
+//! The pipeline: decision workers that take traces from the buffer through the decision step
+//! to the export queue. One thread owns one shard of the buffer, its decision memory and its
+//! own decider, so nothing on the decision path takes a lock.
+//!
+//! Owns the order of a trace's last steps (decided, remembered, edited, stamped, queued) and
+//! the counting of every span that leaves the buffer. Must never hold a span it was given
+//! without handing it on or counting it.
+//!
+//! Receivers send it spans; it buffers them, decides traces as they come due (or early under
+//! memory pressure, or all at shutdown), and passes kept traces to the export queue. It must
+//! release every byte it was given to the memory budget and count every span it lets go.
+
+mod metrics;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::buffer::{DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer};
+use crate::trace::{BufferedSpan, Stamp, TraceId, Trigger};
+pub(crate) use metrics::PipelineMetrics;
+use crate::clock::Clock;
+use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
+use crate::export::{ExportQueue, KeptTrace};
+
+/// A span for a shard, with the bytes reserved for it in the memory budget.
+pub struct ShardSpan {
+    pub(crate) trace_id: TraceId,
+    pub(crate) span: BufferedSpan,
+    pub(crate) cost: usize,
+}
+
+pub enum ShardMsg {
+    Spans(Vec<ShardSpan>),
+    /// Decide everything buffered (trigger `shutdown`), then stop.
+    Shutdown,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+pub(crate) struct WorkerContext {
+    pub(crate) timings: Timings,
+    pub(crate) memory: Arc<MemoryBudget>,
+    pub(crate) metrics: Arc<PipelineMetrics>,
+    pub(crate) export: ExportQueue,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) remember_kept: usize,
+    pub(crate) remember_dropped: usize,
+}
+
+/// How often an idle worker looks at memory pressure; pressure raised by other shards must be
+/// noticed even when this one receives nothing.
+const PRESSURE_POLL: Duration = Duration::from_millis(20);
+
+/// Messages handled before timers and pressure are looked at again, so a flood of spans cannot
+/// starve decisions.
+const MESSAGES_PER_ROUND: usize = 64;
+
+/// Most traces decided in one batch: bounds the latency of the batch's first trace and the
+/// memory lent to the decider at once.
+const MAX_BATCH: usize = 256;
+
+/// Oldest traces decided per batch under memory pressure, before pressure is looked at again.
+const PRESSURE_BATCH: usize = 32;
+
+pub(crate) struct Workers {
+    pub(crate) senders: Vec<Sender<ShardMsg>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub(crate) fn spawn(
+        count: usize,
+        ctx: WorkerContext,
+        deciders: &dyn DeciderFactory,
+    ) -> std::io::Result<Self> {
+        let count = count.max(1);
+        let mut senders = Vec::with_capacity(count);
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut worker = Worker::new(ctx.clone(), deciders.build(), count);
+            let handle = std::thread::Builder::new()
+                .name(format!("tailgate-worker-{i}"))
+                .spawn(move || worker.run(rx))?;
+            senders.push(tx);
+            handles.push(handle);
+        }
+        Ok(Self { senders, handles })
+    }
+
+    /// Asks every worker to decide what it holds and stop, and waits until they have.
+    pub(crate) fn shutdown(self) {
+        for tx in &self.senders {
+            let _ = tx.send(ShardMsg::Shutdown);
+        }
+        drop(self.senders);
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Gauge values this worker last added, so it can publish its share as deltas.
+#[derive(Default)]
+struct Reported {
+    bytes: i64,
+    spans: i64,
+    traces: i64,
+}
+
+struct Worker {
+    buffer: TraceBuffer,
+    decisions: DecisionMemory<Stamp>,
+    decider: Box<dyn Decider>,
+    ctx: WorkerContext,
+    reported: Reported,
+}
+
+impl Worker {
+    /// One of `shards` workers: its share of the decision memory.
+    fn new(ctx: WorkerContext, decider: Box<dyn Decider>, shards: usize) -> Self {
+        Worker {
+            buffer: TraceBuffer::new(ctx.timings),
+            decisions: DecisionMemory::new(
+                ctx.remember_kept.div_ceil(shards),
+                ctx.remember_dropped.div_ceil(shards),
+            ),
+            decider,
+            ctx,
+            reported: Reported::default(),
+        }
+    }
+
+    fn run(&mut self, rx: Receiver<ShardMsg>) {
+        loop {
+            let now = self.ctx.clock.now();
+            let wait = self
+                .buffer
+                .next_wakeup()
+                .map(|at| Duration::from_nanos(at.saturating_sub(now)))
+                .unwrap_or(PRESSURE_POLL)
+                .min(PRESSURE_POLL);
+            let mut stop = false;
+            match rx.recv_timeout(wait) {
+                Ok(msg) => stop = self.handle(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            for _ in 0..MESSAGES_PER_ROUND {
+                if stop {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(msg) => stop = self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+            if stop {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                for due in self.buffer.drain(Trigger::Shutdown) {
+                    batch.push(due);
+                    if batch.len() == MAX_BATCH {
+                        self.decide_batch(&mut batch);
+                    }
+                }
+                self.decide_batch(&mut batch);
+                self.publish_gauges();
+                return;
+            }
+            self.decide_due();
+            self.publish_gauges();
+        }
+    }
+
+    /// Returns true when the worker must stop.
+    fn handle(&mut self, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Spans(spans) => {
+                self.insert(spans);
+                false
+            }
+            ShardMsg::Shutdown => true,
+        }
+    }
+
+    fn insert(&mut self, spans: Vec<ShardSpan>) {
+        let now = self.ctx.clock.now();
+        let mut late: HashMap<TraceId, (Arc<Stamp>, Vec<BufferedSpan>)> = HashMap::new();
+        for ShardSpan {
+            trace_id,
+            span,
+            cost,
+        } in spans
+        {
+            match self.decisions.recall(&trace_id) {
+                None => {
+                    if let Inserted::CapReached(trigger) =
+                        self.buffer.insert(trace_id, span, cost, now)
+                        && let Some(due) = self.buffer.take(&trace_id, trigger)
+                    {
+                        self.decide(due);
+                    }
+                }
+                Some(Remembered::Kept(stamp)) => {
+                    self.ctx.memory.release(cost);
+                    late.entry(trace_id)
+                        .or_insert_with(|| (Arc::new(decide::late_stamp(&stamp)), Vec::new()))
+                        .1
+                        .push(span);
+                }
+                Some(Remembered::Dropped) => {
+                    self.ctx.memory.release(cost);
+                    self.ctx.metrics.late(false, 1);
+                    self.ctx.metrics.dropped(Trigger::Late, 1);
+                }
+            }
+        }
+        for (stamp, spans) in late.into_values() {
+            let n = spans.len() as u64;
+            self.ctx.metrics.late(true, n);
+            self.ctx.metrics.kept(Trigger::Late, n);
+            self.ctx.export.push(KeptTrace {
+                spans,
+                stamp,
+            });
+        }
+    }
+
+    /// Decides every trace that is due, in batches: the decider may then enter each policy
+    /// once per batch instead of once per trace, so the busier the worker, the cheaper each
+    /// decision.
+    fn decide_due(&mut self) {
+        let now = self.ctx.clock.now();
+        let mut batch = Vec::new();
+        while let Some(due) = self.buffer.pop_due(now) {
+            batch.push(due);
+            if batch.len() == MAX_BATCH {
+                self.decide_batch(&mut batch);
+            }
+        }
+        self.decide_batch(&mut batch);
+        // Under pressure, the oldest traces go a few at a time: pressure is rechecked after
+        // each batch has released its bytes.
+        while self.ctx.memory.under_pressure() {
+            while batch.len() < PRESSURE_BATCH {
+                let Some(due) = self.buffer.pop_oldest() else {
+                    break;
+                };
+                batch.push(due);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.decide_batch(&mut batch);
+        }
+    }
+
+    /// Decides one trace on its own (a trace that hit a cap while its spans arrived).
+    fn decide(&mut self, due: DueTrace) {
+        self.decide_batch(&mut vec![due]);
+    }
+
+    /// Decides the traces in `batch` together and acts on each decision; leaves it empty.
+    fn decide_batch(&mut self, batch: &mut Vec<DueTrace>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut decisions = Vec::with_capacity(batch.len());
+        {
+            let mut views: Vec<TraceView<'_>> = (batch.iter_mut())
+                .map(|due| TraceView {
+                    trace_id: &due.trace_id,
+                    spans: &mut due.trace.spans,
+                })
+                .collect();
+            self.decider.decide_batch(&mut views, &mut decisions);
+        }
+        let mut decisions = decisions.into_iter();
+        for due in batch.drain(..) {
+            // A decider owes one decision per trace; should one fall short, keep rather than
+            // lose the trace.
+            let decision = decisions.next().unwrap_or_else(|| {
+                tracing::error!("the decider returned no decision for a trace; keeping it");
+                Decision {
+                    keep: true,
+                    policy: std::sync::Arc::from("default"),
+                    reason: std::sync::Arc::from("no decision"),
+                    ..Decision::default()
+                }
+            });
+            self.finish(due, decision);
+        }
+    }
+
+    /// Acts on one decision: metrics, the memory budget, the decision memory, the export.
+    fn finish(&mut self, due: DueTrace, decision: Decision) {
+        let DueTrace {
+            trace_id,
+            mut trace,
+            trigger,
+        } = due;
+        let now = self.ctx.clock.now();
+        let since = trace.root_seen.unwrap_or(trace.last_seen);
+        let metrics = &self.ctx.metrics;
+        let lag = Duration::from_nanos(now.saturating_sub(since));
+        metrics.decided(trigger, decision.keep, &decision.policy, lag);
+        self.ctx.memory.release(trace.cost);
+        if decision.keep {
+            let before = trace.spans.len() as u64;
+            let trimmed = decide::apply(&decision, &mut trace.spans) as u64;
+            if trimmed > 0 {
+                // Trimmed spans leave by a decision too: count them as dropped.
+                metrics.dropped(trigger, trimmed);
+                metrics.trimmed(&decision.policy, trimmed);
+            }
+            metrics.kept(trigger, before - trimmed);
+            let stamp = Arc::new(decide::stamp(&decision, trigger));
+            self.decisions.remember_kept(trace_id, stamp.clone());
+            self.ctx.export.push(KeptTrace {
+                spans: trace.spans,
+                stamp,
+            });
+        } else {
+            metrics.dropped(trigger, trace.spans.len() as u64);
+            self.decisions.remember_dropped(&trace_id);
+        }
+    }
+
+    fn publish_gauges(&mut self) {
+        let now = Reported {
+            bytes: self.buffer.cost() as i64,
+            spans: self.buffer.span_count() as i64,
+            traces: self.buffer.trace_count() as i64,
+        };
+        self.ctx.metrics.buffered(
+            now.bytes - self.reported.bytes,
+            now.spans - self.reported.spans,
+            now.traces - self.reported.traces,
+        );
+        self.reported = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::telemetry::Registry;
+    use crate::trace::{ResourceHeader, ScopeHeader};
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// Keeps a trace with an error span, drops the rest.
+    struct KeepErrors;
+
+    impl Decider for KeepErrors {
+        fn decide(&mut self, trace: &mut TraceView<'_>) -> Decision {
+            let keep = trace.spans.iter().any(|s| s.status_code == 2);
+            Decision {
+                keep,
+                policy: Arc::from("errors"),
+                reason: Arc::from(if keep { "error" } else { "no error" }),
+                ..Decision::default()
+            }
+        }
+    }
+
+    struct Harness {
+        worker: Worker,
+        clock: Arc<ManualClock>,
+        memory: Arc<MemoryBudget>,
+        exported: UnboundedReceiver<KeptTrace>,
+        registry: Arc<Registry>,
+    }
+
+    fn harness(memory_limit: usize, max_spans_per_trace: usize) -> Harness {
+        let registry = Registry::new();
+        let clock = Arc::new(ManualClock::default());
+        let memory = Arc::new(MemoryBudget::new(memory_limit));
+        let (export, exported) = ExportQueue::detached(1 << 20, &registry);
+        let nanos = |d: Duration| d.as_nanos() as u64;
+        let ctx = WorkerContext {
+            timings: Timings {
+                root_grace: nanos(2 * S),
+                trace_idle: nanos(10 * S),
+                decision_wait: nanos(30 * S),
+                max_spans_per_trace,
+                max_bytes_per_trace: 1 << 20,
+            },
+            memory: memory.clone(),
+            metrics: PipelineMetrics::new(&registry),
+            export,
+            clock: clock.clone(),
+            remember_kept: 100,
+            remember_dropped: 100,
+        };
+        Harness {
+            worker: Worker::new(ctx, Box::new(KeepErrors), 1),
+            clock,
+            memory,
+            exported,
+            registry,
+        }
+    }
+
+    fn span(id: u8, parent: u8, error: bool) -> BufferedSpan {
+        BufferedSpan {
+            bytes: vec![id; 100].into_boxed_slice(),
+            scope: Arc::new(ScopeHeader {
+                resource: Arc::new(ResourceHeader {
+                    fields: Box::new([]),
+                    resource: Box::new([]),
+                    service: Arc::from("svc"),
+                }),
+                fields: Box::new([]),
+            }),
+            span_id: [id; 8],
+            parent_span_id: [parent; 8],
+            start_unix_nano: 0,
+            end_unix_nano: 0,
+            status_code: if error { 2 } else { 0 },
+            kind: 0,
+            has_trace_state: false,
+        }
+    }
+
+    impl Harness {
+        /// Sends spans as a receiver would: reserved in the budget first.
+        fn receive(&mut self, trace: u8, spans: Vec<BufferedSpan>) {
+            let spans = spans
+                .into_iter()
+                .map(|span| {
+                    let cost = span.cost();
+                    assert!(self.memory.try_reserve(cost), "the budget refused a span");
+                    ShardSpan {
+                        trace_id: [trace; 16],
+                        span,
+                        cost,
+                    }
+                })
+                .collect();
+            assert!(!self.worker.handle(ShardMsg::Spans(spans)));
+        }
+
+        fn tick(&mut self, by: Duration) {
+            self.clock.advance(by);
+            self.worker.decide_due();
+            self.worker.publish_gauges();
+        }
+
+        /// Every kept trace queued so far: (trace id byte, span count, `sampling.trigger`).
+        fn exported(&mut self) -> Vec<(u8, usize, String)> {
+            let mut out = Vec::new();
+            while let Ok(kept) = self.exported.try_recv() {
+                // The stamp is a run of encoded span attributes, readable as a span's.
+                let trigger = match crate::otlp::wire::span_attribute(
+                    &kept.stamp.encoded,
+                    "sampling.trigger",
+                ) {
+                    Some(crate::otlp::wire::AnyValueRef::Str(t)) => t.to_owned(),
+                    other => panic!("no sampling.trigger in the stamp: {other:?}"),
+                };
+                out.push((kept.trace_id[0], kept.spans.len(), trigger));
+            }
+            out
+        }
+
+        /// The value of one series on `/metrics`, 0 when absent.
+        fn metric(&self, series: &str) -> f64 {
+            let text = self.registry.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        }
+    }
+
+    #[test]
+    fn a_root_span_decides_its_trace_after_the_quiet_grace() {
+        let mut h = harness(1 << 20, 100);
+        h.receive(1, vec![span(2, 1, true)]);
+        h.receive(1, vec![span(1, 0, false)]);
+        h.tick(S);
+        h.receive(1, vec![span(3, 1, false)]);
+        // The span after the root extends the grace: 2 s from it, not from the root.
+        h.tick(S + S / 2);
+        assert!(h.exported().is_empty(), "decided before its grace");
+        h.tick(S);
+        assert_eq!(h.exported(), vec![(1, 3, "root_grace".to_owned())]);
+        assert_eq!(
+            h.metric("tailgate_spans_kept_total{trigger=\"root_grace\"}"),
+            3.0
+        );
+        assert_eq!(h.memory.used(), 0, "every byte is released");
+        assert_eq!(h.metric("tailgate_buffer_spans"), 0.0);
+    }
+
+    #[test]
+    fn a_trace_without_a_root_is_decided_when_idle_and_drops_are_counted() {
+        let mut h = harness(1 << 20, 100);
+        h.receive(1, vec![span(2, 1, false), span(3, 1, false)]);
+        h.tick(S);
+        assert_eq!(h.metric("tailgate_buffer_spans"), 2.0);
+        h.tick(9 * S);
+        assert!(h.exported().is_empty(), "dropped: nothing exported");
+        assert_eq!(
+            h.metric("tailgate_spans_dropped_total{trigger=\"trace_idle\"}"),
+            2.0
+        );
+        assert_eq!(h.metric("tailgate_buffer_spans"), 0.0);
+        assert_eq!(h.memory.used(), 0);
+    }
+
+    #[test]
+    fn a_trace_at_its_span_cap_is_decided_at_once() {
+        let mut h = harness(1 << 20, 3);
+        h.receive(
+            1,
+            vec![span(2, 1, true), span(3, 1, false), span(4, 1, false)],
+        );
+        assert_eq!(h.exported(), vec![(1, 3, "span_cap".to_owned())]);
+    }
+
+    #[test]
+    fn memory_pressure_decides_the_oldest_traces_first() {
+        let cost = span(1, 0, true).cost();
+        // Room for ten spans; pressure starts past nine.
+        let mut h = harness(cost * 10, 100);
+        for t in 1..=10u8 {
+            h.receive(t, vec![span(2, 1, true)]);
+            h.clock.advance(Duration::from_millis(1));
+        }
+        h.tick(Duration::ZERO);
+        let exported = h.exported();
+        assert!(!exported.is_empty(), "pressure decided nothing");
+        assert!(
+            exported.iter().all(|(_, _, trigger)| trigger == "memory"),
+            "{exported:?}"
+        );
+        let ids: Vec<u8> = exported.iter().map(|(t, _, _)| *t).collect();
+        let oldest: Vec<u8> = (1..=ids.len() as u8).collect();
+        assert_eq!(ids, oldest, "the oldest go first");
+        assert!(!h.memory.under_pressure());
+    }
+
+    #[test]
+    fn late_spans_follow_their_traces_decision() {
+        let mut h = harness(1 << 20, 100);
+        h.receive(1, vec![span(1, 0, true)]);
+        h.receive(2, vec![span(1, 0, false)]);
+        h.tick(3 * S);
+        assert_eq!(h.exported(), vec![(1, 1, "root_grace".to_owned())]);
+        h.receive(1, vec![span(5, 1, false)]);
+        h.receive(2, vec![span(5, 1, true)]);
+        // A late span of a kept trace is exported at once, stamped late.
+        assert_eq!(h.exported(), vec![(1, 1, "late".to_owned())]);
+        assert_eq!(h.metric("tailgate_late_spans_total{verdict=\"keep\"}"), 1.0);
+        assert_eq!(h.metric("tailgate_late_spans_total{verdict=\"drop\"}"), 1.0);
+        assert_eq!(
+            h.metric("tailgate_spans_dropped_total{trigger=\"late\"}"),
+            1.0
+        );
+        assert_eq!(h.memory.used(), 0, "late spans release their bytes");
+        assert_eq!(h.metric("tailgate_buffer_traces"), 0.0, "no new trace opened");
+    }
+
+    #[test]
+    fn shutdown_decides_everything_buffered_and_stops() {
+        let mut h = harness(1 << 20, 100);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for t in 1..=3u8 {
+            let span = span(1, 0, true);
+            let cost = span.cost();
+            assert!(h.memory.try_reserve(cost));
+            tx.send(ShardMsg::Spans(vec![ShardSpan {
+                trace_id: [t; 16],
+                span,
+                cost,
+            }]))
+            .unwrap();
+        }
+        tx.send(ShardMsg::Shutdown).unwrap();
+        // The manual clock never moves, so only shutdown can decide them.
+        h.worker.run(rx);
+        let mut exported = h.exported();
+        exported.sort();
+        assert_eq!(
+            exported,
+            (1..=3u8)
+                .map(|t| (t, 1, "shutdown".to_owned()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(h.memory.used(), 0);
+        assert_eq!(h.metric("tailgate_buffer_traces"), 0.0);
+    }
+}

@@ -1,0 +1,73 @@
+//! The receivers' metrics: spans received and refused, requests by outcome.
+
+use std::sync::Arc;
+
+use crate::telemetry::{CounterFamily, Labels, Registry, label};
+
+/// Why spans were refused back to their sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusedReason {
+    /// Bad trace or span id; reported in `partial_success`.
+    InvalidId,
+    /// The buffer is full; the sender was told to retry.
+    Memory,
+    /// The host is shutting down; the sender was told to retry elsewhere.
+    ShuttingDown,
+}
+
+impl RefusedReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            RefusedReason::InvalidId => "invalid_id",
+            RefusedReason::Memory => "memory",
+            RefusedReason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+pub struct ReceiverMetrics {
+    spans_received: CounterFamily,
+    requests: CounterFamily,
+    spans_refused: CounterFamily,
+}
+
+impl ReceiverMetrics {
+    pub(crate) fn new(registry: &Registry) -> Arc<Self> {
+        Arc::new(Self {
+            spans_received: registry.counters(
+                "spans_received",
+                "Spans received in valid requests, by transport (including spans then refused)",
+            ),
+            requests: registry.counters(
+                "requests",
+                "OTLP export requests, by transport and outcome",
+            ),
+            spans_refused: registry.counters(
+                "spans_refused",
+                "Spans refused back to the sender, by reason",
+            ),
+        })
+    }
+
+    pub(crate) fn received(&self, transport: &'static str, spans: u64) {
+        self.spans_received
+            .get_or_create(&label("transport", transport))
+            .inc_by(spans);
+    }
+
+    pub(crate) fn request(&self, transport: &'static str, outcome: &'static str) {
+        let labels: Labels = vec![
+            ("transport", transport.to_owned()),
+            ("outcome", outcome.to_owned()),
+        ];
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub(crate) fn refused(&self, reason: RefusedReason, spans: u64) {
+        if spans > 0 {
+            self.spans_refused
+                .get_or_create(&label("reason", reason.as_str()))
+                .inc_by(spans);
+        }
+    }
+}
