@@ -71,7 +71,7 @@ fn imports(source: &str, depth: usize) -> BTreeSet<String> {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect()
     };
-    let mut named = |rest: &str, found: &mut BTreeSet<String>| {
+    let named = |rest: &str, found: &mut BTreeSet<String>| {
         if let Some(group) = rest.strip_prefix('{') {
             // `crate::{a::x, b}`: each top-level name of the group, at brace depth 0.
             let mut level = 0;

@@ -289,6 +289,8 @@ pub(crate) fn shard_of(trace_id: &TraceId, shards: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::{ResourceHeader, ScopeHeader};
+    use std::sync::Arc;
 
     const MS: Nanos = 1_000_000;
     const S: Nanos = 1_000 * MS;

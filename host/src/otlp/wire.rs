@@ -2397,7 +2397,7 @@ mod tests {
         let wire = original.encode_to_vec();
         let parsed = parse_ok(&wire);
         let mut extra = Vec::new();
-        append_attribute(&mut extra, "sampling.decision", AttrValue::Str("keep"));
+        append_attribute(&mut extra, "sampling.decision", "keep");
         append_trace_state(&mut extra, "tg=kept");
         let resources: Vec<EncodeResource<'_>> = parsed
             .resources

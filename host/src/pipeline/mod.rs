@@ -413,7 +413,7 @@ mod tests {
 
     fn span(id: u8, parent: u8, error: bool) -> BufferedSpan {
         BufferedSpan {
-            bytes: vec![id; 100].into_boxed_slice(),
+            bytes: vec![0; 100].into_boxed_slice(),
             scope: Arc::new(ScopeHeader {
                 resource: Arc::new(ResourceHeader {
                     fields: Box::new([]),
@@ -437,7 +437,8 @@ mod tests {
         fn receive(&mut self, trace: u8, spans: Vec<BufferedSpan>) {
             let spans = spans
                 .into_iter()
-                .map(|span| {
+                .map(|mut span| {
+                    span.bytes = vec![trace; 100].into_boxed_slice();
                     let cost = span.cost();
                     assert!(self.memory.try_reserve(cost), "the budget refused a span");
                     ShardSpan {
@@ -468,7 +469,8 @@ mod tests {
                     Some(crate::otlp::wire::AnyValueRef::Str(t)) => t.to_owned(),
                     other => panic!("no sampling.trigger in the stamp: {other:?}"),
                 };
-                out.push((kept.trace_id[0], kept.spans.len(), trigger));
+                // Every span's bytes are its trace's id byte (see `receive`).
+                out.push((kept.spans[0].bytes[0], kept.spans.len(), trigger));
             }
             out
         }
@@ -576,7 +578,8 @@ mod tests {
         let mut h = harness(1 << 20, 100);
         let (tx, rx) = crossbeam_channel::unbounded();
         for t in 1..=3u8 {
-            let span = span(1, 0, true);
+            let mut span = span(1, 0, true);
+            span.bytes = vec![t; 100].into_boxed_slice();
             let cost = span.cost();
             assert!(h.memory.try_reserve(cost));
             tx.send(ShardMsg::Spans(vec![ShardSpan {

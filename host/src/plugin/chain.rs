@@ -499,7 +499,7 @@ impl Decider for WasmChain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+    use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
     use crate::config::Config;
     use crate::decide::DeciderFactory;
     use crate::plugin::PolicyRuntime;
@@ -551,7 +551,7 @@ min_spans = 3
         let runtime = PolicyRuntime::start(&config, std::path::Path::new(".")).expect("load");
         WasmChainFactory {
             runtime,
-            metrics: crate::telemetry::Metrics::new(),
+            metrics: crate::plugin::PluginMetrics::new(&crate::telemetry::Registry::new()),
         }
         .build()
     }
