@@ -7,17 +7,19 @@
 //! retrieval score, tenant / user / feature), never a hint of the class.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer, TracerProvider as _,
+    Span as _, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
-use tailgate::loadgen::Rng;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, IdGenerator, SdkTracerProvider,
+};
 
 use crate::support::*;
 
@@ -101,6 +103,27 @@ impl Pricing {
     }
 }
 
+/// Trace and span ids drawn from a seeded stream instead of the SDK's thread-local random
+/// generator, so a test sends the same ids on every run: which traces the consistent-probability
+/// sampler keeps (it decides on the trace id) is then the same on every run too.
+#[derive(Debug)]
+struct SeededIds(Mutex<Rng>);
+
+impl IdGenerator for SeededIds {
+    fn new_trace_id(&self) -> TraceId {
+        let mut r = self.0.lock().unwrap();
+        let (hi, lo) = (r.next_u64(), r.next_u64().max(1));
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&hi.to_be_bytes());
+        id[8..].copy_from_slice(&lo.to_be_bytes());
+        TraceId::from_bytes(id)
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        SpanId::from_bytes(self.0.lock().unwrap().next_u64().max(1).to_be_bytes())
+    }
+}
+
 const MODELS: [&str; 4] = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "local-llama-3"];
 const TENANTS: [&str; 5] = ["acme", "globex", "initech", "umbrella", "hooli"];
 const FEATURES: [&str; 4] = ["search", "billing", "support", "onboarding"];
@@ -115,6 +138,8 @@ struct Traffic {
 }
 
 impl Traffic {
+    /// `seed` fixes everything the test sends: the traces' shapes and attributes, and their
+    /// ids.
     fn new(tg: &Tailgate, pricing: Pricing, seed: u64) -> Self {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -134,6 +159,7 @@ impl Traffic {
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_resource(Resource::builder().with_service_name("agent").build())
+            .with_id_generator(SeededIds(Mutex::new(Rng(seed ^ 0x1d5_1d5_1d5_1d5_u64))))
             .build();
         Traffic {
             provider,
@@ -394,8 +420,9 @@ fn against_sampler(
 }
 
 /// Asserts that each of `ordinary` was kept exactly when the sampler keeps its trace id, and
-/// that the kept share is `rate` within four binomial standard deviations (trace ids are
-/// random).
+/// that the kept share is `rate` within four binomial standard deviations. The trace ids come
+/// from the test's seed ([`SeededIds`]), so the share is the same on every run: the check is
+/// deterministic, and still fails if tailgate samples at another rate.
 fn assert_sampled_alone(
     traffic: &Traffic,
     ordinary: &[([u8; 16], bool)],

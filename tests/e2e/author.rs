@@ -56,14 +56,15 @@ async fn a_ten_line_policy_from_outside_the_repo_decides_traces() {
             <= 13
     );
 
-    // The README's two commands. The nested build's target directory is kept under this
-    // repo's target/ so repeated test runs reuse the compiled SDK.
+    // The README's two commands. The component goes to the crate's `out/` (in this test's
+    // temp folder); the nested build's target directory is kept in the e2e tests' one plugin
+    // build folder (under the cargo target directory) so repeated runs reuse the compiled SDK.
     let cli = install_build_cli(&repo);
     let out = krate.join("out");
     let built = Command::new(&cli)
         .current_dir(&krate)
         .args([".", "out/", "--target-dir"])
-        .arg(repo.join("target/tailgate-plugins-external"))
+        .arg(plugin_build_dir().join("external-target"))
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", cli.display()));
@@ -159,11 +160,11 @@ async fn a_ten_line_policy_from_outside_the_repo_decides_traces() {
     );
 }
 
-/// `cargo install --path plugins/build`, as the README tells an author, into a root under this
-/// repo's target/ (its own target directory, so it never waits on the running `cargo test`).
-/// Returns the installed `tailgate-plugin-build`.
+/// `cargo install --path plugins/build`, as the README tells an author, into a root in the e2e
+/// tests' plugin build folder (its own target directory, so it never waits on the running
+/// `cargo test`). Returns the installed `tailgate-plugin-build`.
 fn install_build_cli(repo: &Path) -> PathBuf {
-    let root = repo.join("target/tailgate-plugin-build-cli");
+    let root = plugin_build_dir().join("cli");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .arg("install")

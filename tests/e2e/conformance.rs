@@ -8,7 +8,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
 };
 use prost::Message;
-use tailgate::otlp::RpcStatus;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
 

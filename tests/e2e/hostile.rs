@@ -1,9 +1,7 @@
 //! Deliberately hostile policies, built from `tests/plugins/`: each is contained, counted and
 //! reported while the host keeps deciding other traces.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -11,43 +9,6 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message;
 
 use crate::support::*;
-
-/// The policy crates this module builds (other crates in `tests/plugins/` belong to other tests).
-const HOSTILE: [&str; 5] = [
-    "hostile-grow",
-    "hostile-panic",
-    "hostile-patch",
-    "hostile-spin",
-    "hostile-summary",
-];
-
-/// Builds every hostile crate of `tests/plugins/` into a component, once per test binary, and returns
-/// the folder holding `<name>.wasm`.
-fn components() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-plugins");
-        let started = Instant::now();
-        let built = tailgate_plugin_build::Builder::new(repo.join("tests/plugins"), &out)
-            .only(HOSTILE.iter().map(|s| s.to_string()).collect())
-            .build()
-            .expect("build the hostile test policies");
-        for name in HOSTILE {
-            assert!(
-                built.iter().any(|p| p.name == name),
-                "{name} was not built: {:?}",
-                built.iter().map(|p| &p.name).collect::<Vec<_>>()
-            );
-        }
-        eprintln!(
-            "built {} hostile policies in {:?}",
-            built.len(),
-            started.elapsed()
-        );
-        out
-    })
-}
 
 /// A private folder holding copies of the named components; its path is absolute, so the
 /// config can name them whatever folder the config file ends up in.
@@ -58,7 +19,7 @@ impl Plugins {
         let dir = TempDir::new("hostile-wasm");
         for name in names {
             let file = format!("{name}.wasm");
-            std::fs::copy(components().join(&file), dir.path().join(&file))
+            std::fs::copy(test_plugin(name), dir.path().join(&file))
                 .unwrap_or_else(|e| panic!("copy {file}: {e}"));
         }
         Self(dir)
@@ -479,29 +440,23 @@ fn refused_at_load(component: Vec<u8>) -> String {
          [[policies]]\nname = \"evil\"\npath = \"evil.wasm\"\n",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tailgate");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tailgate kept running with a policy it should have refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // Killed on drop, should it keep running or an assertion below fail.
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tailgate"),
+    );
+    let status = child
+        .wait_exit(Duration::from_secs(30))
+        .expect("tailgate kept running with a policy it should have refused");
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
     eprintln!("{stderr}");
     assert!(!status.success(), "{status}");
     assert!(stderr.contains("evil"), "names the policy: {stderr}");

@@ -5,11 +5,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::exporter_backend::{Behaviour, start_backend};
 use crate::support::*;
 
 /// Runs `tailgate loadgen` with `args`; returns its exit status and parsed JSON summary.
@@ -46,13 +45,12 @@ fn n(summary: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} in {summary}"))
 }
 
+/// Requests the test backend refuses before it accepts.
+const REFUSED: usize = 5;
+
 async fn every_seq_arrives_once(grpc: bool) {
-    // Unavailable for the first 700 ms: the first requests are retried, none is lost or doubled.
-    let backend = start_backend(
-        grpc,
-        Behaviour::UnavailableUntil(Instant::now() + Duration::from_millis(700)),
-    )
-    .await;
+    // The first requests are refused as unavailable: they are retried, none is lost or doubled.
+    let backend = start_backend(grpc, Behaviour::RefuseFirst(REFUSED)).await;
     let endpoint = format!("http://{}", backend.addr);
     let args = [
         "--endpoint",
@@ -82,9 +80,14 @@ async fn every_seq_arrives_once(grpc: bool) {
     assert_eq!(n(&summary, "spans_sent"), 3000);
     assert_eq!(n(&summary, "spans_accepted"), 3000);
     assert_eq!(n(&summary, "requests_failed"), 0);
+    assert_eq!(
+        backend.received.lock().unwrap().refused,
+        REFUSED,
+        "the backend refused its first requests"
+    );
     assert!(
-        n(&summary, "retries") > 0,
-        "the backend refused at first: {summary}"
+        n(&summary, "retries") >= REFUSED as u64,
+        "each of the {REFUSED} refused requests was retried and counted: {summary}"
     );
     // Paced at 3000 spans/s, 3000 spans take about a second, not a burst.
     let elapsed = summary["elapsed_seconds"].as_f64().unwrap();
@@ -127,9 +130,7 @@ fn loadgen_through_a_real_tailgate_every_seq_is_received_and_exported_once() {
     assert_eq!(m.received(), 2400.0);
     let mut seqs = HashMap::new();
     for (_, span) in exported_spans(&tg.exported()) {
-        *seqs
-            .entry(tailgate::loadgen::seq_of(&span).expect("seq"))
-            .or_insert(0usize) += 1;
+        *seqs.entry(seq_of(&span).expect("seq")).or_insert(0usize) += 1;
     }
     assert_each_seq_once(&seqs, 2400);
 }
@@ -150,13 +151,11 @@ fn loadgen_out_writes_requests_that_decode_back_to_every_seq_once() {
         "2",
     ]);
     assert!(out.status.success(), "loadgen --out failed: {summary}");
-    let requests = tailgate::loadgen::read_requests(&path).expect("read the file back");
+    let requests = read_requests(&path).expect("read the file back");
     assert_eq!(requests.len() as u64, n(&summary, "requests"));
     let mut seqs = HashMap::new();
     for (_, span) in exported_spans(&requests) {
-        *seqs
-            .entry(tailgate::loadgen::seq_of(&span).expect("seq"))
-            .or_insert(0usize) += 1;
+        *seqs.entry(seq_of(&span).expect("seq")).or_insert(0usize) += 1;
     }
     assert_each_seq_once(&seqs, 1500);
     let written: Value =

@@ -7,11 +7,9 @@ mod conformance;
 mod exporter;
 mod hostile;
 mod hotswap;
+mod http;
 mod loadgen;
 mod memory;
 mod pipeline;
 mod policies;
 mod support;
-
-/// The downstream test receivers, shared by the exporter and memory tests.
-use exporter as exporter_backend;

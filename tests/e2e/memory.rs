@@ -2,17 +2,16 @@
 //! decided early (trigger `memory`), and every span is accounted for on `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prost::Message;
 
-use crate::exporter_backend::{Behaviour, start_backend};
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_buffer_under_sustained_load_decides_early_and_accounts_for_every_span() {
-    let backend = start_backend(true, Behaviour::UnavailableUntil(Instant::now())).await;
+    let backend = start_backend(true, Behaviour::RefuseFirst(0)).await;
     let tg = Tailgate::start(&format!(
         "[buffer]\nmax_buffer_bytes = \"4MiB\"\nroot_grace = \"60s\"\ntrace_idle = \"60s\"\ndecision_wait = \"2s\"\n\n\
          [exporter]\ntype = \"otlp_grpc\"\nendpoint = \"http://{}\"\nbatch_timeout = \"50ms\"\nbatch_max_spans = 1024\nqueue_max_spans = 4096\n",
@@ -21,12 +20,12 @@ async fn a_small_buffer_under_sustained_load_decides_early_and_accounts_for_ever
 
     // Watch resident memory while the load runs.
     let pid = tg.pid();
-    let running = Arc::new(AtomicBool::new(true));
+    let stop = StopFlag::new();
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (running, peak) = (running.clone(), peak.clone());
+        let (stop, peak) = (stop.handle(), peak.clone());
         std::thread::spawn(move || {
-            while running.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let status =
                     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 if let Some(kib) = status
@@ -95,7 +94,7 @@ async fn a_small_buffer_under_sustained_load_decides_early_and_accounts_for_ever
             && m.sum("tailgate_export_queue_spans", &[]) == 0.0;
         quiet.then_some(m)
     });
-    running.store(false, Ordering::Relaxed);
+    stop.stop();
     sampler.join().unwrap();
     let m = settled.expect("buffer and export queue drained");
 

@@ -1,6 +1,7 @@
-//! Running the real `tailgate` binary for a test: a private data folder, ports bound as 0 and
-//! learned from its log, readiness from `/readyz`, metrics from `/metrics`, and a kill on drop
-//! so a failing test never leaves a process behind.
+//! What the e2e tests share: running the real `tailgate` binary (a private data folder, ports
+//! bound as 0 and learned from its log, readiness from `/readyz`, metrics from `/metrics`, and a
+//! kill on drop so a failing test never leaves a process behind), the downstream test backends,
+//! the test plugin builds, and HTTP.
 
 #![allow(dead_code)]
 
@@ -9,13 +10,27 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+use tokio::sync::oneshot;
+
+// Library items the tests use; paths adapt here only.
+pub use tailgate::loadgen::{Rng, read_requests, seq_of};
+pub use tailgate::otlp::RpcStatus;
+pub use tailgate::otlp::json::decode_traces;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tailgate");
 
@@ -108,9 +123,9 @@ impl Tailgate {
         let mut tg = Self {
             child,
             dir,
-            grpc: "0.0.0.0:0".parse().unwrap(),
-            http: "0.0.0.0:0".parse().unwrap(),
-            admin: "0.0.0.0:0".parse().unwrap(),
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
             log,
         };
         let ports = wait_for(Duration::from_secs(30), || {
@@ -126,6 +141,9 @@ impl Tailgate {
         tg.grpc = grpc.parse().expect("grpc addr");
         tg.http = http.parse().expect("http addr");
         tg.admin = admin.parse().expect("admin addr");
+        for addr in [tg.grpc, tg.http, tg.admin] {
+            assert!(addr.ip().is_loopback(), "a test listener on {addr}");
+        }
         let ready = wait_for(Duration::from_secs(30), || {
             (http_get(tg.admin, "/readyz").ok()?.0 == 200).then_some(())
         });
@@ -157,10 +175,7 @@ impl Tailgate {
     pub fn exported(&self) -> Vec<ExportTraceServiceRequest> {
         let text = std::fs::read_to_string(self.output_path()).unwrap_or_default();
         text.lines()
-            .map(|l| {
-                tailgate::otlp::json::decode_traces(l.as_bytes())
-                    .expect("exported line is OTLP/JSON")
-            })
+            .map(|l| decode_traces(l.as_bytes()).expect("exported line is OTLP/JSON"))
             .collect()
     }
 
@@ -239,47 +254,9 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// A plain HTTP/1.1 GET over a fresh connection: enough for the admin endpoints.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, dechunk(&body)))
-}
-
-/// Undoes `Transfer-Encoding: chunked` when the body looks chunked.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size_line, after)) = rest.split_once("\r\n") else {
-            return if out.is_empty() { body.to_owned() } else { out };
-        };
-        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
-            return body.to_owned();
-        };
-        if size == 0 || after.len() < size {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
+/// `GET http://{addr}{path}`: status and body (reqwest; see `tests/e2e/http.rs`).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), reqwest::Error> {
+    crate::http::get(addr, path)
 }
 
 /// Parsed Prometheus text.
@@ -287,18 +264,11 @@ pub struct Metrics(pub HashMap<String, f64>);
 
 impl Metrics {
     fn parse(text: &str) -> Self {
-        let mut map = HashMap::new();
-        for line in text.lines() {
-            if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            }
-            if let Some((series, value)) = line.rsplit_once(' ')
-                && let Ok(v) = value.parse::<f64>()
-            {
-                map.insert(series.to_owned(), v);
-            }
-        }
-        Self(map)
+        Self(
+            crate::http::samples(text)
+                .map(|(series, v)| (series.to_owned(), v))
+                .collect(),
+        )
     }
 
     /// Sum of every series of `name` whose labels contain each of `labels` (`key="value"`).
@@ -306,8 +276,9 @@ impl Metrics {
         self.0
             .iter()
             .filter(|(series, _)| {
-                let (n, l) = series.split_once('{').unwrap_or((series, ""));
-                n == name && labels.iter().all(|want| l.contains(want))
+                let labels_of = series.split_once('{').map_or("", |(_, l)| l);
+                crate::http::metric_name(series) == name
+                    && labels.iter().all(|want| labels_of.contains(want))
             })
             .map(|(_, v)| v)
             .sum()
@@ -475,4 +446,267 @@ pub async fn post(
     let headers = resp.headers().clone();
     let body = resp.bytes().await.expect("body").to_vec();
     (status, headers, body)
+}
+
+/// A child process killed and reaped on drop, for tests that start the binary themselves.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Waits up to `timeout` for the process to exit by itself; None if it is still running
+    /// (it is then killed when the guard drops).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for(timeout, || self.0.try_wait().expect("wait on child"))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A flag a test's background threads poll to know when to stop; set on drop too, so they stop
+/// even when the test fails before it sets it.
+#[derive(Default)]
+pub struct StopFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl StopFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the background threads poll.
+    pub fn handle(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.0.clone()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StopFlag {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- test plugins ----
+
+/// The policy crates of `tests/plugins/` the e2e tests load (accessor-probe belongs to the
+/// host's own tests).
+const TEST_PLUGINS: [&str; 7] = [
+    "hostile-grow",
+    "hostile-panic",
+    "hostile-patch",
+    "hostile-spin",
+    "hostile-summary",
+    "swap-v1",
+    "swap-v2",
+];
+
+/// The one folder every plugin build of the e2e tests writes to: under the cargo target
+/// directory (`CARGO_TARGET_TMPDIR`), never in the source tree, reused across runs.
+pub fn plugin_build_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-plugins")
+}
+
+/// The component `<name>.wasm` of a crate of `tests/plugins/`. Every test plugin is built
+/// once per test binary, on first use, into [`plugin_build_dir`]`/components`.
+pub fn test_plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = plugin_build_dir().join("components");
+        let started = Instant::now();
+        let built = tailgate_plugin_build::Builder::new(repo.join("tests/plugins"), &out)
+            .only(TEST_PLUGINS.iter().map(|s| s.to_string()).collect())
+            .build()
+            .unwrap_or_else(|e| panic!("building the test policies: {e:#}"));
+        for want in TEST_PLUGINS {
+            assert!(
+                built.iter().any(|p| p.name == want),
+                "{want} was not built: {:?}",
+                built.iter().map(|p| &p.name).collect::<Vec<_>>()
+            );
+        }
+        eprintln!(
+            "built {} test policies in {:?}",
+            built.len(),
+            started.elapsed()
+        );
+        out
+    });
+    assert!(
+        TEST_PLUGINS.contains(&name),
+        "{name} is not among the test plugins {TEST_PLUGINS:?}"
+    );
+    dir.join(format!("{name}.wasm"))
+}
+
+// ---- downstream test backends ----
+
+/// What a downstream does with each request.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// Refuses the first `n` requests it receives as temporarily unavailable (gRPC
+    /// UNAVAILABLE; HTTP 503 with `Retry-After: 1`), then accepts every request.
+    /// `RefuseFirst(0)` accepts everything.
+    RefuseFirst(usize),
+    /// Always a permanent error (gRPC INVALID_ARGUMENT, HTTP 400).
+    Reject,
+}
+
+/// What a backend saw: span ids delivered with how often each arrived, and request counts.
+#[derive(Default)]
+pub struct Received {
+    pub spans: HashMap<Vec<u8>, usize>,
+    /// `loadgen.seq` of the spans that have one, with how often each arrived.
+    pub seqs: HashMap<u64, usize>,
+    /// Every request, accepted or not.
+    pub requests: usize,
+    /// Requests refused (temporarily or permanently).
+    pub refused: usize,
+    /// The span ids of each request, accepted or not, in arrival order.
+    pub request_spans: Vec<Vec<Vec<u8>>>,
+}
+
+#[derive(Clone)]
+struct Downstream {
+    behaviour: Behaviour,
+    received: Arc<Mutex<Received>>,
+}
+
+/// Why a downstream refused a request.
+enum Refusal {
+    Unavailable,
+    Permanent,
+}
+
+impl Downstream {
+    /// Ok when the request is accepted; records it either way.
+    fn handle(&self, request: &ExportTraceServiceRequest) -> Result<(), Refusal> {
+        let mut r = self.received.lock().unwrap();
+        r.requests += 1;
+        let spans = exported_spans(std::slice::from_ref(request));
+        r.request_spans
+            .push(spans.iter().map(|(_, s)| s.span_id.clone()).collect());
+        let refusal = match self.behaviour {
+            Behaviour::RefuseFirst(n) if r.requests <= n => Some(Refusal::Unavailable),
+            Behaviour::RefuseFirst(_) => None,
+            Behaviour::Reject => Some(Refusal::Permanent),
+        };
+        if let Some(refusal) = refusal {
+            r.refused += 1;
+            return Err(refusal);
+        }
+        for (_, span) in spans {
+            if let Some(seq) = seq_of(&span) {
+                *r.seqs.entry(seq).or_default() += 1;
+            }
+            *r.spans.entry(span.span_id).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Downstream {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        match self.handle(request.get_ref()) {
+            Ok(()) => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
+            Err(Refusal::Unavailable) => Err(tonic::Status::unavailable("backend warming up")),
+            Err(Refusal::Permanent) => {
+                Err(tonic::Status::invalid_argument("backend rejects this data"))
+            }
+        }
+    }
+}
+
+async fn http_export(
+    axum::extract::State(d): axum::extract::State<Downstream>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let mut out = HeaderMap::new();
+    out.insert("content-type", "application/x-protobuf".parse().unwrap());
+    let body = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+        use std::io::Read;
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        plain
+    } else {
+        body.to_vec()
+    };
+    let request =
+        ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP from the client");
+    match d.handle(&request) {
+        Ok(()) => (
+            StatusCode::OK,
+            out,
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        ),
+        Err(Refusal::Unavailable) => {
+            out.insert("retry-after", "1".parse().unwrap());
+            (StatusCode::SERVICE_UNAVAILABLE, out, Vec::new())
+        }
+        Err(Refusal::Permanent) => (StatusCode::BAD_REQUEST, out, Vec::new()),
+    }
+}
+
+/// A running downstream on 127.0.0.1; shut down when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Received>>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Starts an OTLP downstream (gRPC or HTTP/protobuf) on the current Tokio runtime, bound to
+/// 127.0.0.1 on a free port.
+pub async fn start_backend(grpc: bool, behaviour: Behaviour) -> Backend {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let d = Downstream {
+        behaviour,
+        received: received.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    if grpc {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    TraceServiceServer::new(d)
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                }),
+        );
+    } else {
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(http_export))
+            .with_state(d);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+    }
+    Backend {
+        addr,
+        received,
+        _stop: stop,
+    }
 }

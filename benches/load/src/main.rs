@@ -11,6 +11,9 @@
 //! generator's connections go. Every process started here is killed on drop, so an error or a
 //! panic leaves nothing running; everything binds 127.0.0.1.
 
+// The admin HTTP client and Prometheus parsing, shared with the e2e tests.
+#[path = "../../../tests/e2e/http.rs"]
+mod http;
 mod process;
 mod sink;
 

@@ -1,8 +1,8 @@
 //! Child processes the harness starts (killed on drop, so an error or a panic leaves nothing
 //! running) and what `/proc` says about them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -163,39 +163,17 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// GET over plain HTTP/1.1 (the admin endpoint); returns status and body.
+/// GET over HTTP (the admin endpoint); returns status and body. The client is the e2e tests'
+/// (`tests/e2e/http.rs`, reqwest).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let code = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+    crate::http::get(addr, path).with_context(|| format!("GET http://{addr}{path}"))
 }
 
 /// Sum of every series of a Prometheus counter or gauge, over all labels.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split_once('{').map_or(series, |(n, _)| n);
-            (metric == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
+    crate::http::samples(text)
+        .filter(|(series, _)| crate::http::metric_name(series) == name)
+        .map(|(_, v)| v)
         .sum::<f64>()
         + 0.0 // an empty f64 sum is -0.0
 }
