@@ -44,11 +44,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::{Span, Status};
 use prost::Message;
-use tailgate::bench::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
 use tailgate::bench::Config;
-use tailgate::bench::{Decider, DeciderFactory, DefaultDecision, Role, Tally, TraceView, Verdict};
 use tailgate::bench::PolicyRuntime;
 use tailgate::bench::WasmChainFactory;
+use tailgate::bench::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+use tailgate::bench::{Decider, DeciderFactory, DefaultDecision, Role, Tally, TraceView, Verdict};
 use tailgate::bench::{PluginMetrics, Registry};
 use tailgate_plugin_sdk::Policy;
 use tailgate_plugin_sdk::testing::{self, TraceBuilder};
@@ -271,7 +271,14 @@ impl Decider for NativeChain {
                 tailgate_plugin_sdk::Decision::Abstain => Verdict::Abstain,
             };
             let probability = v.probability.filter(|p| *p > 0.0 && *p < 1.0);
-            (self.tally).add(Role::Enforce, i as u32, i as u32, verdict, probability, &mut Vec::new());
+            (self.tally).add(
+                Role::Enforce,
+                i as u32,
+                i as u32,
+                verdict,
+                probability,
+                &mut Vec::new(),
+            );
         }
         // The chain's own combination; reasons shared while they repeat, as in the chain.
         let (names, reasons) = (&self.names, &mut self.reasons);

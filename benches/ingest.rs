@@ -14,10 +14,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tailgate::bench::ShardMsg;
-use tailgate::bench::{Timings, TraceBuffer, Trigger};
 use tailgate::bench::BufferConfig;
+use tailgate::bench::ShardMsg;
 use tailgate::bench::wire;
+use tailgate::bench::{Timings, TraceBuffer, Trigger};
 
 /// Requests inserted before the (untimed) buffer drain, so the buffer holds what a busy shard
 /// holds: a few thousand traces.

@@ -19,9 +19,9 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
+use tailgate::bench::BufferConfig;
 use tailgate::bench::ShardMsg;
 use tailgate::bench::{BufferedSpan, Timings, TraceBuffer};
-use tailgate::bench::BufferConfig;
 
 /// Counts live heap bytes at their usable size.
 struct Counting;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use prost::Message;
-use tailgate::bench::{ShardMsg, ShardSpan};
-use tailgate::bench::{BufferedSpan, MemoryBudget};
-use tailgate::bench::SERVICES;
-use tailgate::bench::{GeneratedTrace, Generator, Shape, request_of};
 use tailgate::bench::Ingest;
+use tailgate::bench::SERVICES;
+use tailgate::bench::{BufferedSpan, MemoryBudget};
+use tailgate::bench::{GeneratedTrace, Generator, Shape, request_of};
 use tailgate::bench::{ReceiverMetrics, Registry};
+use tailgate::bench::{ShardMsg, ShardSpan};
 use tailgate_plugin_sdk::testing::TraceBuilder;
 use tailgate_plugin_sdk::{AttrValue, SpanKind, StatusCode};
 

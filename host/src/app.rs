@@ -61,8 +61,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
         None => None,
     };
 
-    let exporter =
-        Exporter::start(&config.exporter, &registry).context("starting the exporter")?;
+    let exporter = Exporter::start(&config.exporter, &registry).context("starting the exporter")?;
     let memory = Arc::new(MemoryBudget::new(config.buffer.max_buffer_bytes.bytes()));
     let workers = Workers::spawn(
         config.worker_count(),

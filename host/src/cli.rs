@@ -218,10 +218,7 @@ pub fn main() -> ExitCode {
             let config_path = config.clone();
             let loaded = match &config {
                 Some(path) => Config::load(path),
-                None => Config::parse(
-                    crate::config::EMBEDDED,
-                    crate::config::EMBEDDED_SOURCE,
-                ),
+                None => Config::parse(crate::config::EMBEDDED, crate::config::EMBEDDED_SOURCE),
             };
             let config = match loaded {
                 Ok(c) => c,

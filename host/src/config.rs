@@ -18,22 +18,22 @@ use serde::{Deserialize, Deserializer};
 pub struct Config {
     pub(crate) receivers: ReceiversConfig,
     pub(crate) buffer: BufferConfig,
-    pub(crate) decide: DecideConfig,
+    pub decide: DecideConfig,
     pub(crate) exporter: ExporterConfig,
     pub(crate) admin: AdminConfig,
     pub(crate) log: LogConfig,
     pub(crate) shutdown: ShutdownConfig,
-    pub(crate) plugins: PluginsConfig,
+    pub plugins: PluginsConfig,
     /// The policy chain, in order. Empty: every trace gets `decide.default`.
-    pub(crate) policies: Vec<PolicyConfig>,
+    pub policies: Vec<PolicyConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct PluginsConfig {
+pub struct PluginsConfig {
     /// Compiled policies are cached here, keyed by the wasm's sha256 and the engine, so a
     /// restart or reload of an unchanged policy skips compilation. Empty: no cache.
-    pub(crate) cache_dir: PathBuf,
+    pub cache_dir: PathBuf,
     /// Distinct values one label of a policy counter may take before the rest are folded into
     /// `__overflow__`.
     pub(crate) max_label_values: usize,
@@ -81,17 +81,17 @@ pub(crate) enum OnError {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PolicyConfig {
+pub struct PolicyConfig {
     /// Names the policy in metrics, logs and `sampling.policy`.
-    pub(crate) name: String,
+    pub name: String,
     /// A bundled policy by name (`keep-errors`, `latency`, …)…
-    pub(crate) plugin: Option<String>,
+    pub plugin: Option<String>,
     /// …or a WebAssembly component file, relative to the config file.
     pub(crate) path: Option<PathBuf>,
     /// Refuse the component unless its sha256 (hex) is this.
     pub(crate) sha256: Option<String>,
     #[serde(default)]
-    pub(crate) mode: PolicyMode,
+    pub mode: PolicyMode,
     /// A `drop` from a drop rule wins over every `keep` (e.g. health checks).
     #[serde(default)]
     pub(crate) drop_rule: bool,
@@ -124,7 +124,7 @@ pub(crate) struct PolicyConfig {
     pub(crate) quarantine_for: Seconds,
     /// The policy's own settings, handed to its `init` as JSON.
     #[serde(default)]
-    pub(crate) config: toml::Table,
+    pub config: toml::Table,
 }
 
 fn default_policy_memory() -> Size {
@@ -224,9 +224,9 @@ pub enum DefaultVerdict {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct DecideConfig {
+pub struct DecideConfig {
     /// Verdict when every policy abstains (or none is configured).
-    pub(crate) default: DefaultVerdict,
+    pub default: DefaultVerdict,
 }
 
 impl Default for DecideConfig {
@@ -422,7 +422,7 @@ impl<'de> Deserialize<'de> for Size {
 
 /// A configuration that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ConfigError {
+pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -440,7 +440,7 @@ pub(crate) const EMBEDDED_SOURCE: &str = "<embedded config/agent.toml>";
 
 impl Config {
     /// Reads and validates a config file.
-    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -449,7 +449,7 @@ impl Config {
     }
 
     /// Parses and validates config text; `origin` names the file in error messages.
-    pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             message,

@@ -19,7 +19,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("otlp", &["trace"]),
     // Told by every stage; tells none.
     ("telemetry", &[]),
-    ("receiver", &["buffer", "config", "otlp", "pipeline", "telemetry", "trace"]),
+    (
+        "receiver",
+        &["buffer", "config", "otlp", "pipeline", "telemetry", "trace"],
+    ),
     ("buffer", &["config", "trace"]),
     (
         "pipeline",
@@ -27,7 +30,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("decide", &["config", "otlp", "trace"]),
     // The sandbox knows the trace model, the codec and the decision interface it implements.
-    ("plugin", &["config", "decide", "otlp", "telemetry", "trace"]),
+    (
+        "plugin",
+        &["config", "decide", "otlp", "telemetry", "trace"],
+    ),
     ("export", &["config", "otlp", "telemetry", "trace"]),
     ("loadgen", &["export", "otlp"]),
 ];
@@ -232,7 +238,9 @@ fn the_checker_sees_each_form_of_path() {
     // One level down, `super::` stays inside the module; two levels leave it.
     assert!(imports("use super::x::Y;", 1).is_empty());
     assert_eq!(
-        imports("use super::super::x::Y;", 1).into_iter().collect::<Vec<_>>(),
+        imports("use super::super::x::Y;", 1)
+            .into_iter()
+            .collect::<Vec<_>>(),
         ["x"]
     );
     // Inside an inline module, one more `super::` is needed to leave.

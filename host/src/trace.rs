@@ -17,35 +17,35 @@ pub(crate) type Nanos = u64;
 #[derive(Debug)]
 pub struct ResourceHeader {
     /// Encoded fields (resource, schema url) exactly as received.
-    pub(crate) fields: Box<[u8]>,
+    pub fields: Box<[u8]>,
     /// The `Resource` message alone, for attribute lookups.
-    pub(crate) resource: Box<[u8]>,
+    pub resource: Box<[u8]>,
     /// `service.name`, or empty when the resource has none.
-    pub(crate) service: Arc<str>,
+    pub service: Arc<str>,
 }
 
 /// Fields of a `ScopeSpans` other than its spans, plus the resource it belongs to.
 #[derive(Debug)]
 pub struct ScopeHeader {
-    pub(crate) resource: Arc<ResourceHeader>,
-    pub(crate) fields: Box<[u8]>,
+    pub resource: Arc<ResourceHeader>,
+    pub fields: Box<[u8]>,
 }
 
 /// One buffered span: its protobuf bytes as received plus the index fields the host needs
 /// without decoding. 64 bytes of index beside the bytes themselves.
 #[derive(Debug, Clone)]
 pub struct BufferedSpan {
-    pub(crate) bytes: Box<[u8]>,
-    pub(crate) scope: Arc<ScopeHeader>,
-    pub(crate) span_id: [u8; 8],
-    pub(crate) parent_span_id: [u8; 8],
-    pub(crate) start_unix_nano: u64,
-    pub(crate) end_unix_nano: u64,
-    pub(crate) status_code: u8,
-    pub(crate) kind: u8,
+    pub bytes: Box<[u8]>,
+    pub scope: Arc<ScopeHeader>,
+    pub span_id: [u8; 8],
+    pub parent_span_id: [u8; 8],
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub status_code: u8,
+    pub kind: u8,
     /// Whether the span has a `trace_state`, so finding a trace's OTel randomness reads the
     /// span's bytes only when it may hold an `rv` (it fits in the struct's padding).
-    pub(crate) has_trace_state: bool,
+    pub has_trace_state: bool,
 }
 
 impl BufferedSpan {

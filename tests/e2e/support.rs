@@ -28,9 +28,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 // Library items the tests use; paths adapt here only.
-pub use tailgate::loadgen::{Rng, read_requests, seq_of};
-pub use tailgate::otlp::RpcStatus;
-pub use tailgate::otlp::json::decode_traces;
+pub use tailgate::bench::{Rng, RpcStatus, decode_traces, read_requests, seq_of};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tailgate");
 

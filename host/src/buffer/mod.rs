@@ -32,7 +32,7 @@ pub struct Timings {
 }
 
 impl Timings {
-    pub(crate) fn from_config(b: &crate::config::BufferConfig) -> Self {
+    pub fn from_config(b: &crate::config::BufferConfig) -> Self {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
             root_grace: nanos(b.root_grace.0),
@@ -81,7 +81,7 @@ impl PendingTrace {
 
 /// A trace taken out of the buffer for its decision.
 #[derive(Debug)]
-pub(crate) struct DueTrace {
+pub struct DueTrace {
     pub(crate) trace_id: TraceId,
     pub(crate) trace: PendingTrace,
     pub(crate) trigger: Trigger,
@@ -106,7 +106,7 @@ pub struct TraceBuffer {
 
 /// What happened to a span offered to the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Inserted {
+pub enum Inserted {
     /// Buffered; the trace waits on.
     Waiting,
     /// Buffered, and the trace reached a cap: take it now with this trigger.
@@ -114,7 +114,7 @@ pub(crate) enum Inserted {
 }
 
 impl TraceBuffer {
-    pub(crate) fn new(timings: Timings) -> Self {
+    pub fn new(timings: Timings) -> Self {
         Self {
             traces: TraceMap::default(),
             schedule: BinaryHeap::new(),
@@ -126,7 +126,7 @@ impl TraceBuffer {
     }
 
     /// Adds a span to its trace. `cost` is what the caller reserved for it in the budget.
-    pub(crate) fn insert(
+    pub fn insert(
         &mut self,
         trace_id: TraceId,
         span: BufferedSpan,
@@ -225,7 +225,7 @@ impl TraceBuffer {
     }
 
     /// Every trace still buffered, for shutdown.
-    pub(crate) fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
+    pub fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
         let traces = std::mem::take(&mut self.traces);
         self.schedule.clear();
         self.arrivals.clear();
@@ -267,7 +267,7 @@ impl TraceBuffer {
         self.spans
     }
 
-    pub(crate) fn cost(&self) -> usize {
+    pub fn cost(&self) -> usize {
         self.cost
     }
 

@@ -12,8 +12,8 @@ use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 
 use super::{Decision, TraceEdit};
-use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 use crate::otlp::wire;
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 
 /// Applies the edits and the threshold; returns how many spans were trimmed.
 pub(crate) fn apply(decision: &Decision, spans: &mut Vec<BufferedSpan>) -> usize {

@@ -224,7 +224,11 @@ mod tests {
     #[test]
     fn the_first_keep_decides_and_an_ordinary_drop_is_only_an_opinion() {
         let d = decide(
-            &[(Enforce, Drop, None), (Enforce, Keep, None), (Enforce, Keep, None)],
+            &[
+                (Enforce, Drop, None),
+                (Enforce, Keep, None),
+                (Enforce, Keep, None),
+            ],
             DefaultVerdict::Drop,
         );
         assert!(d.keep);
@@ -266,10 +270,24 @@ mod tests {
     #[test]
     fn edits_survive_only_a_keep() {
         let mut tally = Tally::default();
-        tally.add(Enforce, 0, 0, Abstain, None, &mut vec![TraceEdit::RemoveSpan(1)]);
+        tally.add(
+            Enforce,
+            0,
+            0,
+            Abstain,
+            None,
+            &mut vec![TraceEdit::RemoveSpan(1)],
+        );
         let d = tally.decision(names, &DefaultDecision::new(DefaultVerdict::Keep));
         assert_eq!(d.edits.len(), 1);
-        tally.add(Enforce, 0, 0, Abstain, None, &mut vec![TraceEdit::RemoveSpan(1)]);
+        tally.add(
+            Enforce,
+            0,
+            0,
+            Abstain,
+            None,
+            &mut vec![TraceEdit::RemoveSpan(1)],
+        );
         let d = tally.decision(names, &DefaultDecision::new(DefaultVerdict::Drop));
         assert!(d.edits.is_empty());
     }

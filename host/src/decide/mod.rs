@@ -27,17 +27,17 @@ pub struct TraceView<'a> {
 /// The outcome for one trace.
 #[derive(Debug, Clone, Default)]
 pub struct Decision {
-    pub(crate) keep: bool,
+    pub keep: bool,
     /// The policy whose verdict decided (or `default`).
-    pub(crate) policy: Arc<str>,
+    pub policy: Arc<str>,
     /// A policy's own words, or one of the host's fixed texts. Shared, so handing a reason
     /// from a policy's answer to the decision and on to the export stamp copies no text.
-    pub(crate) reason: Arc<str>,
+    pub reason: Arc<str>,
     /// The probability with which traces like this one are kept, when below 1; stamped as the
     /// OTel `th` threshold so backends can re-weight counts.
-    pub(crate) probability: Option<f64>,
+    pub probability: Option<f64>,
     /// Validated edits from the policies, applied only if the trace is kept.
-    pub(crate) edits: Vec<TraceEdit>,
+    pub edits: Vec<TraceEdit>,
 }
 
 /// One validated change to a kept trace. Indexes refer to the trace's spans as the decision
@@ -68,11 +68,7 @@ pub(crate) fn late_stamp(stamp: &Stamp) -> Stamp {
 
 fn stamp_of(policy: &Arc<str>, reason: &Arc<str>, trigger: Trigger) -> Stamp {
     let mut encoded = Vec::with_capacity(96 + reason.len());
-    wire::append_attribute(
-        &mut encoded,
-        "sampling.trigger",
-        trigger.as_str(),
-    );
+    wire::append_attribute(&mut encoded, "sampling.trigger", trigger.as_str());
     wire::append_attribute(&mut encoded, "sampling.policy", policy);
     wire::append_attribute(&mut encoded, "sampling.reason", reason);
     Stamp {

@@ -19,9 +19,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::trace::{BufferedSpan, Stamp};
 use crate::config::{Compression, ExporterConfig, ExporterKind};
 use crate::telemetry::Registry;
+use crate::trace::{BufferedSpan, Stamp};
 
 pub(crate) use file::FileSink;
 use metrics::ExportMetrics;
@@ -81,7 +81,14 @@ impl ExportQueue {
             cap,
         });
         let metrics = ExportMetrics::new(registry);
-        (Self { tx, budget, metrics }, rx)
+        (
+            Self {
+                tx,
+                budget,
+                metrics,
+            },
+            rx,
+        )
     }
 
     /// Queues a kept trace, blocking the calling worker while the queue is full.
@@ -124,7 +131,10 @@ pub(crate) enum ExporterError {
 
 impl Exporter {
     /// Starts the exporter task on the current tokio runtime.
-    pub(crate) fn start(config: &ExporterConfig, registry: &Registry) -> Result<Self, ExporterError> {
+    pub(crate) fn start(
+        config: &ExporterConfig,
+        registry: &Registry,
+    ) -> Result<Self, ExporterError> {
         let metrics = ExportMetrics::new(registry);
         let sink = match config.kind {
             ExporterKind::File => Sink::File(Arc::new(
@@ -276,9 +286,7 @@ impl Batcher {
             drop(traces);
             let started = std::time::Instant::now();
             let outcome = deliver(&sink, body, &metrics, deadline).await;
-            metrics
-                .latency
-                .observe(started.elapsed().as_secs_f64());
+            metrics.latency.observe(started.elapsed().as_secs_f64());
             match outcome {
                 Ok(rejected) => {
                     let rejected = rejected.min(count as u64);

@@ -84,7 +84,7 @@ pub struct Traits {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -92,14 +92,14 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in `[0, 1)`.
-    pub(crate) fn unit(&mut self) -> f64 {
+    pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
     /// Uniform in `lo..=hi`.
-    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     fn chance(&mut self, p: f64) -> bool {
@@ -139,7 +139,7 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub(crate) fn new(seed: u64, shape: Shape) -> Self {
+    pub fn new(seed: u64, shape: Shape) -> Self {
         let mut rng = Rng(seed);
         // A query with an e-mail address in it, as users paste them; attribute-hygiene redacts it.
         let words = [
@@ -176,7 +176,6 @@ impl Generator {
         self.seq_stride = stride.max(1);
     }
 
-
     /// The sequence number the next span will get.
     pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq
@@ -189,7 +188,7 @@ impl Generator {
     }
 
     /// One agent trace whose root span ends at `end_unix_nano`.
-    pub(crate) fn trace(&mut self, end_unix_nano: u64) -> GeneratedTrace {
+    pub fn trace(&mut self, end_unix_nano: u64) -> GeneratedTrace {
         let shape = &self.shape;
         let n = shape.spans_per_trace.max(1);
         let traits = Traits {
@@ -386,7 +385,11 @@ impl Generator {
 
     /// An export request of `traces` whole traces, the last ending at `end_unix_nano` and each
     /// one 1 µs before the next, grouped into one `ResourceSpans` per service.
-    pub(crate) fn request(&mut self, traces: usize, end_unix_nano: u64) -> ExportTraceServiceRequest {
+    pub(crate) fn request(
+        &mut self,
+        traces: usize,
+        end_unix_nano: u64,
+    ) -> ExportTraceServiceRequest {
         let generated: Vec<GeneratedTrace> = (0..traces)
             .map(|i| self.trace(end_unix_nano.saturating_sub(1_000 * (traces - 1 - i) as u64)))
             .collect();

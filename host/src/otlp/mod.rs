@@ -11,20 +11,20 @@ pub mod wire;
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RpcStatus {
     #[prost(int32, tag = "1")]
-    pub(crate) code: i32,
+    pub code: i32,
     #[prost(string, tag = "2")]
-    pub(crate) message: String,
+    pub message: String,
     #[prost(message, repeated, tag = "3")]
-    pub(crate) details: Vec<ProtoAny>,
+    pub details: Vec<ProtoAny>,
 }
 
 /// `google.protobuf.Any` (google/protobuf/any.proto).
 #[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct ProtoAny {
+pub struct ProtoAny {
     #[prost(string, tag = "1")]
-    pub(crate) type_url: String,
+    pub type_url: String,
     #[prost(bytes = "vec", tag = "2")]
-    pub(crate) value: Vec<u8>,
+    pub value: Vec<u8>,
 }
 
 /// `google.rpc.RetryInfo` (google/rpc/error_details.proto).

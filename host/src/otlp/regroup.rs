@@ -17,7 +17,9 @@ pub(crate) fn encode_spans(spans: &[BufferedSpan]) -> Vec<u8> {
 
 /// Encodes spans, each followed by its `extra` bytes (encoded attributes such as a decision
 /// stamp).
-pub(crate) fn encode_grouped<'a>(spans: impl Iterator<Item = (&'a BufferedSpan, &'a [u8])>) -> Vec<u8> {
+pub(crate) fn encode_grouped<'a>(
+    spans: impl Iterator<Item = (&'a BufferedSpan, &'a [u8])>,
+) -> Vec<u8> {
     // Spans of one request share their header by pointer; different requests from the same
     // service carry equal bytes. Look up by pointer first, by bytes only for a new pointer.
     let mut by_pointer: HashMap<*const ScopeHeader, (usize, usize)> = HashMap::new();

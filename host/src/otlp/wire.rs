@@ -25,7 +25,7 @@ use std::str;
 /// A malformed request: what is wrong and where, in English.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(crate) struct WireError(pub String);
+pub struct WireError(pub String);
 
 /// How deep AnyValues may nest; a top-level attribute value is level 1, so at most 31
 /// arrays/kvlists enclose one another. Deeper input is refused: an AnyValue at level 33 in a
@@ -39,8 +39,8 @@ pub(crate) const MAX_ANY_VALUE_DEPTH: u32 = 32;
 /// Empty `ResourceSpans` and `ScopeSpans` are kept as blocks with empty lists, so that
 /// re-encoding a parse is lossless; callers that only care about spans skip them.
 #[derive(Debug)]
-pub(crate) struct ParsedTraces<'a> {
-    pub(crate) resources: Vec<ResourceBlock<'a>>,
+pub struct ParsedTraces<'a> {
+    pub resources: Vec<ResourceBlock<'a>>,
     /// spans refused for invalid ids (counted for OTLP partial_success)
     pub(crate) rejected_spans: u64,
     /// English description of the first rejection, e.g. "span 3 of scope 0 of resource 1:
@@ -50,7 +50,7 @@ pub(crate) struct ParsedTraces<'a> {
 
 /// One `ResourceSpans`.
 #[derive(Debug)]
-pub(crate) struct ResourceBlock<'a> {
+pub struct ResourceBlock<'a> {
     /// Every field of the ResourceSpans except scope_spans (field 2), verbatim WITH tags
     /// (resource, schema_url, unknown fields), in original order. Re-emitting these bytes
     /// followed by new scope_spans entries yields a valid ResourceSpans.
@@ -92,7 +92,7 @@ pub(crate) struct SpanRef<'a> {
 /// Structural problems anywhere make the whole request an error, as they would for prost.
 /// Spans with unusable ids are not errors: they are left out, counted and described, so the
 /// receiver can answer with an OTLP partial success.
-pub(crate) fn parse_traces(buf: &[u8]) -> Result<ParsedTraces<'_>, WireError> {
+pub fn parse_traces(buf: &[u8]) -> Result<ParsedTraces<'_>, WireError> {
     let mut tally = Tally::default();
     let mut resources = Vec::new();
     let mut r = Reader::new(buf, 0, "ExportTraceServiceRequest");
@@ -706,7 +706,10 @@ pub(crate) fn resource_attribute<'a>(resource: &'a [u8], key: &str) -> Option<An
 /// Calls `f(key, value)` for each attribute of a span in wire order, with `key` the key bytes
 /// and `value` the AnyValue body, both slices of `span`. Returns false if the span is
 /// malformed (after calling `f` for the attributes before the fault).
-pub(crate) fn for_each_span_attribute<'a>(span: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+pub(crate) fn for_each_span_attribute<'a>(
+    span: &'a [u8],
+    mut f: impl FnMut(&'a [u8], &'a [u8]),
+) -> bool {
     let mut fields = Fields::new(span);
     for field in &mut fields {
         if field.number != 9 {

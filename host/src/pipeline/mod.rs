@@ -18,18 +18,20 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::buffer::{DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer};
-use crate::trace::{BufferedSpan, Stamp, TraceId, Trigger};
-pub(crate) use metrics::PipelineMetrics;
+use crate::buffer::{
+    DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer,
+};
 use crate::clock::Clock;
 use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
 use crate::export::{ExportQueue, KeptTrace};
+use crate::trace::{BufferedSpan, Stamp, TraceId, Trigger};
+pub(crate) use metrics::PipelineMetrics;
 
 /// A span for a shard, with the bytes reserved for it in the memory budget.
 pub struct ShardSpan {
-    pub(crate) trace_id: TraceId,
-    pub(crate) span: BufferedSpan,
-    pub(crate) cost: usize,
+    pub trace_id: TraceId,
+    pub span: BufferedSpan,
+    pub cost: usize,
 }
 
 pub enum ShardMsg {
@@ -222,10 +224,7 @@ impl Worker {
             let n = spans.len() as u64;
             self.ctx.metrics.late(true, n);
             self.ctx.metrics.kept(Trigger::Late, n);
-            self.ctx.export.push(KeptTrace {
-                spans,
-                stamp,
-            });
+            self.ctx.export.push(KeptTrace { spans, stamp });
         }
     }
 
@@ -570,7 +569,11 @@ mod tests {
             1.0
         );
         assert_eq!(h.memory.used(), 0, "late spans release their bytes");
-        assert_eq!(h.metric("tailgate_buffer_traces"), 0.0, "no new trace opened");
+        assert_eq!(
+            h.metric("tailgate_buffer_traces"),
+            0.0,
+            "no new trace opened"
+        );
     }
 
     #[test]

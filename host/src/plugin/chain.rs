@@ -18,20 +18,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bindings::tailgate::policy::types::Decision as WitDecision;
-use super::edits;
 use super::boundary::{CallClock, TraceData, thread_cpu_time};
+use super::edits;
+use super::metrics::{PluginMetrics, PolicyHandles};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
 use crate::config::{DefaultVerdict, OnError, PolicyMode};
 use crate::decide::{
     Decider, DeciderFactory, Decision, DefaultDecision, Role, Tally, TraceEdit, TraceView, Verdict,
     agrees,
 };
-use super::metrics::{PluginMetrics, PolicyHandles};
 
 /// Builds a [`WasmChain`] for each worker.
 pub struct WasmChainFactory {
-    pub(crate) runtime: Arc<PolicyRuntime>,
-    pub(crate) metrics: Arc<PluginMetrics>,
+    pub runtime: Arc<PolicyRuntime>,
+    pub metrics: Arc<PluginMetrics>,
 }
 
 impl DeciderFactory for WasmChainFactory {
@@ -484,8 +484,10 @@ impl Decider for WasmChain {
                 }
             }
             for (p, verdict) in tally.take_shadows() {
-                self.metrics
-                    .shadow_agreement(&self.set.policies[p as usize].name, agrees(verdict, &decision));
+                self.metrics.shadow_agreement(
+                    &self.set.policies[p as usize].name,
+                    agrees(verdict, &decision),
+                );
             }
             out.push(decision);
             data = slot.unwrap_or_default();
@@ -499,10 +501,10 @@ impl Decider for WasmChain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
     use crate::config::Config;
     use crate::decide::DeciderFactory;
     use crate::plugin::PolicyRuntime;
+    use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
     use opentelemetry_proto::tonic::trace::v1::{Span, Status};
     use prost::Message;
 

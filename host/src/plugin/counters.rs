@@ -30,6 +30,9 @@ const SERIES_PER_LABEL_VALUE: usize = 10;
 
 type Labels = Vec<(String, String)>;
 
+/// One series as a scrape renders it: counter name, labels (`policy` first), value.
+type Series = (String, Labels, f64);
+
 /// Hash maps, not ordered ones: a policy labelling by user and tenant makes many series, and
 /// this is on every decision's path (ordered maps spent most of it comparing label strings).
 /// `/metrics` sorts when it renders.
@@ -123,10 +126,11 @@ impl PolicyCounters {
         }
     }
 
-    /// Every series, sorted by counter name, policy and labels, for a scrape.
-    fn sorted(&self) -> (Vec<(String, Vec<(String, String)>, f64)>, u64) {
+    /// Every series, sorted by counter name, policy and labels, for a scrape; and the count of
+    /// refused calls.
+    fn sorted(&self) -> (Vec<Series>, u64) {
         let counters = self.counters.lock();
-        let mut out: Vec<(String, Vec<(String, String)>, f64)> = Vec::new();
+        let mut out: Vec<Series> = Vec::new();
         let mut names: Vec<(&str, &str, &Counter)> = counters
             .iter()
             .flat_map(|(policy, by_name)| {

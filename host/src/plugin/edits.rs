@@ -14,9 +14,9 @@ use opentelemetry_proto::tonic::common::v1::{
 use prost::Message;
 
 use super::bindings::tailgate::policy::types::{AttrValue, PatchTarget};
-use crate::trace::BufferedSpan;
 use crate::config::PolicyConfig;
 use crate::decide::TraceEdit;
+use crate::trace::BufferedSpan;
 
 /// Longest attribute key a policy may write.
 const MAX_KEY_BYTES: usize = 256;

@@ -18,7 +18,7 @@ pub struct TraceIndex {
     pub(crate) parents: Vec<Option<u32>>,
     pub(crate) missing_parent: Vec<bool>,
     pub(crate) is_leaf: Vec<bool>,
-    pub(crate) span_count: u32,
+    pub span_count: u32,
     pub(crate) error_count: u32,
     pub(crate) duration_ns: u64,
     pub(crate) root: Option<u32>,
@@ -81,7 +81,12 @@ impl AttrTable {
     }
 
     /// The last value of `key` on span `i` (the last occurrence wins, as in protobuf).
-    pub(super) fn get<'a>(&self, spans: &'a [BufferedSpan], i: usize, key: &str) -> Option<AnyValueRef<'a>> {
+    pub(super) fn get<'a>(
+        &self,
+        spans: &'a [BufferedSpan],
+        i: usize,
+        key: &str,
+    ) -> Option<AnyValueRef<'a>> {
         self.get_encoded(spans, i, key).and_then(wire::any_value)
     }
 
@@ -192,7 +197,7 @@ impl TraceIndex {
     }
 
     /// Recomputes every fact for `spans`, reusing this index's buffers.
-    pub(crate) fn rebuild(&mut self, spans: &[BufferedSpan]) {
+    pub fn rebuild(&mut self, spans: &[BufferedSpan]) {
         // At most half full: short probes. The table is reused, so it is allocated once per
         // worker and grown only for a larger trace than any before.
         let bits = (spans.len().max(1) * 2)
@@ -313,7 +318,7 @@ impl TraceIndex {
 
     /// The trace's facts for `decide-summaries`, appended to `out`: the summary, the id and
     /// the OTel randomness (the root's explicit `rv`, else the first span's, else the id's).
-    pub(crate) fn push_facts(&self, trace_id: &TraceId, spans: &[BufferedSpan], out: &mut Vec<u64>) {
+    pub fn push_facts(&self, trace_id: &TraceId, spans: &[BufferedSpan], out: &mut Vec<u64>) {
         let probe = self.root.map(|r| r as usize).unwrap_or(0);
         let randomness = spans
             .get(probe)

@@ -37,7 +37,7 @@ fn policy_call_histogram() -> Histogram {
 }
 
 impl PluginMetrics {
-    pub(crate) fn new(registry: &Registry) -> Arc<Self> {
+    pub fn new(registry: &Registry) -> Arc<Self> {
         Arc::new(Self {
             policy_calls: registry.counters(
                 "policy_calls",

@@ -39,14 +39,14 @@
 //! names, labels and series (`plugins.max_label_values`).
 
 mod bindings;
+mod boundary;
 pub(crate) mod chain;
 mod counters;
 mod edits;
+mod index;
 mod json_value;
 mod metrics;
 pub(crate) mod reload;
-mod boundary;
-mod index;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,10 +62,10 @@ use wasmtime::{
 };
 
 use bindings::{Policy, PolicyPre};
-pub(crate) use counters::PolicyCounters;
-pub use metrics::PluginMetrics;
-pub use index::TraceIndex;
 use boundary::{PolicyMeta, PolicyState};
+pub(crate) use counters::PolicyCounters;
+pub use index::TraceIndex;
+pub use metrics::PluginMetrics;
 
 use crate::config::{Config as HostConfig, DefaultVerdict, PolicyConfig};
 
@@ -90,7 +90,7 @@ pub(crate) fn bundled_names() -> impl Iterator<Item = &'static str> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PluginError {
+pub enum PluginError {
     #[error("policy {policy:?}: {message}")]
     Refused { policy: String, message: String },
     #[error("plugin engine: {0}")]
@@ -120,7 +120,7 @@ impl Drop for PluginEngine {
 }
 
 impl PluginEngine {
-    pub(crate) fn new(
+    pub fn new(
         cache_dir: Option<PathBuf>,
         max_label_values: usize,
     ) -> Result<Arc<Self>, PluginError> {
@@ -272,7 +272,7 @@ impl PluginEngine {
     }
 
     /// Loads, checks and `init`s one policy. Nothing here runs on the decision path.
-    pub(crate) fn load(
+    pub fn load(
         &self,
         spec: &PolicyConfig,
         base_dir: &Path,
@@ -350,7 +350,7 @@ impl PluginEngine {
         Ok(Arc::new(policy))
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
+    pub fn engine(&self) -> &Engine {
         &self.engine
     }
 }
@@ -401,7 +401,7 @@ impl PolicyHealth {
 }
 
 /// A policy ready to run: compiled, type-checked, its `init` proven to succeed.
-pub(crate) struct LoadedPolicy {
+pub struct LoadedPolicy {
     pub(crate) spec: PolicyConfig,
     pub(crate) name: Arc<str>,
     pub(crate) sha256: String,
@@ -604,7 +604,7 @@ pub struct PolicyRuntime {
 
 impl PolicyRuntime {
     /// Loads every configured policy; any refusal is an error naming the policy and why.
-    pub(crate) fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
+    pub fn start(config: &HostConfig, base_dir: &Path) -> Result<Arc<Self>, PluginError> {
         // Like the exporter's path, the cache is relative to the working directory.
         let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
             .then(|| config.plugins.cache_dir.clone());

@@ -20,10 +20,10 @@ use prost::Message;
 
 use super::boundary::{CallClock, TraceData};
 use super::index::TraceIndex;
-use super::{PolicyRuntime, PolicySet, build_set};
-use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
-use crate::config::Config;
 use super::metrics::PluginMetrics;
+use super::{PolicyRuntime, PolicySet, build_set};
+use crate::config::Config;
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 
 /// What the last reload did, for the admin status endpoint.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -205,7 +205,11 @@ impl Reloader {
     }
 
     /// Polls the watched files and reloads on a change. Stops when `stop` turns true.
-    pub(crate) fn watch(self: &Arc<Self>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        interval: Duration,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) {
         if interval.is_zero() || self.config_path.is_none() {
             return;
         }

@@ -33,7 +33,11 @@ pub(crate) struct TraceServiceRaw {
 }
 
 impl TraceServiceRaw {
-    pub(crate) fn new(ingest: Arc<Ingest>, metrics: Arc<ReceiverMetrics>, max_request_size: usize) -> Self {
+    pub(crate) fn new(
+        ingest: Arc<Ingest>,
+        metrics: Arc<ReceiverMetrics>,
+        max_request_size: usize,
+    ) -> Self {
         Self {
             ingest,
             metrics,
@@ -83,7 +87,10 @@ where
 /// clients retry forever, and a corrupt gzip body as INTERNAL. OTLP wants RESOURCE_EXHAUSTED
 /// without RetryInfo and INVALID_ARGUMENT. These errors arrive as trailers-only responses,
 /// so the status is in the headers.
-fn remap_framing_errors(response: &mut http::Response<tonic::body::Body>, metrics: &ReceiverMetrics) {
+fn remap_framing_errors(
+    response: &mut http::Response<tonic::body::Body>,
+    metrics: &ReceiverMetrics,
+) {
     let Some(status) = Status::from_header_map(response.headers()) else {
         return;
     };

@@ -18,8 +18,8 @@ use http_body_util::BodyExt;
 use prost::Message;
 
 use super::ingest::{Ingest, Refusal};
-use crate::otlp::{RpcStatus, json};
 use super::metrics::ReceiverMetrics;
+use crate::otlp::{RpcStatus, json};
 
 #[derive(Clone)]
 struct HttpState {

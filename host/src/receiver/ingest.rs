@@ -10,22 +10,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::Sender;
 use prost::Message;
 
-use crate::pipeline::{ShardMsg, ShardSpan};
-use crate::buffer::{MemoryBudget, shard_of};
-use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
-use crate::otlp::{json, wire};
 use super::metrics::{ReceiverMetrics, RefusedReason};
+use crate::buffer::{MemoryBudget, shard_of};
+use crate::otlp::{json, wire};
+use crate::pipeline::{ShardMsg, ShardSpan};
+use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 
 /// The request was taken; `rejected_spans` of it were refused for bad ids.
 #[derive(Debug, Default)]
-pub(crate) struct Accepted {
-    pub(crate) rejected_spans: u64,
+pub struct Accepted {
+    pub rejected_spans: u64,
     pub(crate) message: String,
 }
 
 /// The request was not taken.
 #[derive(Debug)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// The body is not a valid OTLP trace request; not retryable.
     Malformed(String),
     /// The buffer is full; retryable.
@@ -45,7 +45,7 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub(crate) fn new(
+    pub fn new(
         shards: Vec<Sender<ShardMsg>>,
         memory: Arc<MemoryBudget>,
         metrics: Arc<ReceiverMetrics>,
@@ -65,12 +65,16 @@ impl Ingest {
 
     /// An OTLP/JSON body: decoded leniently, then taken through the protobuf path so both
     /// encodings share every rule after decoding.
-    pub(crate) fn accept_json(&self, body: &[u8], transport: &'static str) -> Result<Accepted, Refusal> {
+    pub(crate) fn accept_json(
+        &self,
+        body: &[u8],
+        transport: &'static str,
+    ) -> Result<Accepted, Refusal> {
         let request = json::decode_traces(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         self.accept_protobuf(&request.encode_to_vec(), transport)
     }
 
-    pub(crate) fn accept_protobuf(
+    pub fn accept_protobuf(
         &self,
         body: &[u8],
         transport: &'static str,

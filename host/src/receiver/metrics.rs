@@ -32,16 +32,14 @@ pub struct ReceiverMetrics {
 }
 
 impl ReceiverMetrics {
-    pub(crate) fn new(registry: &Registry) -> Arc<Self> {
+    pub fn new(registry: &Registry) -> Arc<Self> {
         Arc::new(Self {
             spans_received: registry.counters(
                 "spans_received",
                 "Spans received in valid requests, by transport (including spans then refused)",
             ),
-            requests: registry.counters(
-                "requests",
-                "OTLP export requests, by transport and outcome",
-            ),
+            requests: registry
+                .counters("requests", "OTLP export requests, by transport and outcome"),
             spans_refused: registry.counters(
                 "spans_refused",
                 "Spans refused back to the sender, by reason",

@@ -34,7 +34,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn new() -> Arc<Self> {
+    pub fn new() -> Arc<Self> {
         Arc::new(Self {
             inner: RwLock::new(prometheus_client::registry::Registry::with_prefix(
                 "tailgate",
