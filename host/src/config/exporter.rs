@@ -77,7 +77,7 @@ impl ExporterKind {
             .collect();
         (!owners.is_empty()).then(|| {
             format!(
-                "not a setting of a {:?} exporter (only of {})",
+                "not a setting of exporter type {:?} (it belongs to {})",
                 self.name(),
                 owners.join(" and ")
             )
@@ -218,11 +218,15 @@ impl ExporterConfig {
                 }
             }
             ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => {
-                let url = otlp.endpoint.starts_with("http://") || otlp.endpoint.starts_with("https://");
+                let url =
+                    otlp.endpoint.starts_with("http://") || otlp.endpoint.starts_with("https://");
                 if !url {
                     return Err(KeyError::new(
                         "endpoint",
-                        format!("must be an http:// or https:// URL, got {:?}", otlp.endpoint),
+                        format!(
+                            "must be an http:// or https:// URL, got {:?}",
+                            otlp.endpoint
+                        ),
                     ));
                 }
                 if otlp.timeout.0.is_zero() {
@@ -350,8 +354,9 @@ mod tests {
         };
         assert_eq!(f.path, PathBuf::from("x.jsonl"));
 
-        let http = exporter("type = \"otlp_http\"\nendpoint = \"http://h:4318\"\nconcurrency = 2\n")
-            .unwrap();
+        let http =
+            exporter("type = \"otlp_http\"\nendpoint = \"http://h:4318\"\nconcurrency = 2\n")
+                .unwrap();
         let ExporterSink::OtlpHttp(o) = &http.sink else {
             panic!("{http:?}")
         };
@@ -361,10 +366,16 @@ mod tests {
     #[test]
     fn a_key_of_another_type_is_refused_by_name() {
         let err = exporter("type = \"file\"\nendpoint = \"http://h:4317\"\n").unwrap_err();
-        assert!(err.contains("exporter.endpoint") && err.contains("otlp_grpc"), "{err}");
-        let err = exporter("type = \"otlp_grpc\"\nendpoint = \"http://h\"\nmax_files = 3\n")
-            .unwrap_err();
-        assert!(err.contains("exporter.max_files") && err.contains("\"file\""), "{err}");
+        assert!(
+            err.contains("exporter.endpoint") && err.contains("otlp_grpc"),
+            "{err}"
+        );
+        let err =
+            exporter("type = \"otlp_grpc\"\nendpoint = \"http://h\"\nmax_files = 3\n").unwrap_err();
+        assert!(
+            err.contains("exporter.max_files") && err.contains("belongs to file"),
+            "{err}"
+        );
         // Shared keys belong to every type.
         for kind in ExporterKind::ALL {
             assert_eq!(kind.refuse_key("queue_max_spans"), None);

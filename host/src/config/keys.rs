@@ -23,9 +23,12 @@ pub fn keys_needing_restart(old: &Config, new: &Config) -> Vec<String> {
 }
 
 fn applied_on_reload(key: &str) -> bool {
-    APPLIED_ON_RELOAD
-        .iter()
-        .any(|k| key == *k || key.strip_prefix(k).is_some_and(|rest| rest.starts_with('.')))
+    APPLIED_ON_RELOAD.iter().any(|k| {
+        key == *k
+            || key
+                .strip_prefix(k)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 /// Every key of the config, dotted: `buffer.root_grace`, `exporter.endpoint` (the keys of
@@ -40,7 +43,11 @@ pub(super) fn schema_keys() -> BTreeSet<String> {
     }
     leaf_keys(&defaults, "", &mut keys);
     for kind in ExporterKind::ALL {
-        leaf_keys(&tree(&ExporterConfig::default_for(kind)), "exporter", &mut keys);
+        leaf_keys(
+            &tree(&ExporterConfig::default_for(kind)),
+            "exporter",
+            &mut keys,
+        );
     }
     leaf_keys(&tree(&PolicyConfig::example()), "policies", &mut keys);
     keys
@@ -141,7 +148,10 @@ mod tests {
         let reloadable = parse(
             "[decide]\ndefault = \"drop\"\n[[policies]]\nname = \"b\"\nplugin = \"latency\"\ntimeout = \"1s\"\n",
         );
-        assert_eq!(keys_needing_restart(&old, &reloadable), Vec::<String>::new());
+        assert_eq!(
+            keys_needing_restart(&old, &reloadable),
+            Vec::<String>::new()
+        );
 
         let new = parse(
             "[receivers]\ngrpc = \"0.0.0.0:4317\"\n[buffer]\nroot_grace = \"5s\"\n\
@@ -153,7 +163,10 @@ mod tests {
         );
         // The same value written differently is no change.
         let same = parse("[buffer]\nroot_grace = \"2000ms\"\n");
-        assert_eq!(keys_needing_restart(&Config::default(), &same), Vec::<String>::new());
+        assert_eq!(
+            keys_needing_restart(&Config::default(), &same),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -163,7 +176,10 @@ mod tests {
         for key in ["exporter.type", "exporter.path", "exporter.endpoint"] {
             assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
         }
-        assert!(!keys.iter().any(|k| k == "exporter.batch_timeout"), "{keys:?}");
+        assert!(
+            !keys.iter().any(|k| k == "exporter.batch_timeout"),
+            "{keys:?}"
+        );
         let headers = parse(
             "[exporter]\ntype = \"otlp_grpc\"\nendpoint = \"http://h:4317\"\n[exporter.headers]\nk = \"v\"\n",
         );

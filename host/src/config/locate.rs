@@ -121,7 +121,10 @@ threshold_ms = 5
     fn an_unwritten_key_falls_back_to_what_encloses_it() {
         let lines = KeyLines::parse(TEXT).unwrap();
         assert_eq!(lines.line_of("buffer.trace_idle"), Some(1));
-        assert_eq!(lines.line_of("policies[0].timeout"), lines.line_of("policies[0]"));
+        assert_eq!(
+            lines.line_of("policies[0].timeout"),
+            lines.line_of("policies[0]")
+        );
         assert_eq!(lines.line_of("receivers.grpc"), None);
     }
 }

@@ -77,10 +77,15 @@ impl Serialize for Size {
     /// The largest binary unit that divides the size exactly (`"16MiB"`), else plain bytes:
     /// never a rounded `"1.5 MiB"` that would read back as a different number.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
         match UNITS
             .iter()
-            .find(|(unit, _)| self.0 != 0 && self.0 % unit == 0)
+            .find(|(unit, _)| self.0 != 0 && self.0.is_multiple_of(*unit))
         {
             Some((unit, name)) => s.collect_str(&format_args!("{}{name}", self.0 / unit)),
             None => s.serialize_u64(self.0),
@@ -104,7 +109,16 @@ mod tests {
             serde_json::to_value(Duration::from_secs(300)).unwrap(),
             "5m"
         );
-        for n in [0, 1, 1000, 1024, 4096 + 1, 16 << 20, 3 << 30, (1 << 20) + 512] {
+        for n in [
+            0,
+            1,
+            1000,
+            1024,
+            4096 + 1,
+            16 << 20,
+            3 << 30,
+            (1 << 20) + 512,
+        ] {
             let size = Size(n);
             let text = serde_json::to_value(size).unwrap();
             let back: Size = serde_json::from_value(text.clone()).unwrap();
