@@ -47,7 +47,7 @@ use prost::Message;
 use tailgate::bench::Config;
 use tailgate::bench::PolicyRuntime;
 use tailgate::bench::WasmChainFactory;
-use tailgate::bench::{BufferedSpan, ResourceHeader, ScopeHeader, Trigger};
+use tailgate::bench::{BufferedSpan, ResourceHeader, ScopeHeader};
 use tailgate::bench::{Decider, DeciderFactory, DefaultDecision, Role, Tally, TraceView, Verdict};
 use tailgate::bench::{PluginMetrics, Registry};
 use tailgate_plugin_sdk::Policy;

@@ -46,6 +46,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
         plugin_metrics.clone(),
         config_path.clone(),
         base_dir,
+        config.clone(),
     );
     let stop_watch = Arc::new(AtomicBool::new(false));
     reloader.watch(config.plugins.watch_interval.0, stop_watch.clone());
@@ -108,7 +109,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
     }
     tracing::info!(
         workers = config.worker_count(),
-        exporter = ?config.exporter.kind,
+        exporter = config.exporter.kind().name(),
         "tailgate ready"
     );
     health.set_ready(true);

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{Compression, ExporterConfig, ExporterKind};
+use crate::config::{Compression, ExporterConfig, ExporterKind, ExporterSink};
 use crate::telemetry::Registry;
 use crate::trace::{BufferedSpan, Stamp};
 
@@ -136,36 +136,36 @@ impl Exporter {
         registry: &Registry,
     ) -> Result<Self, ExporterError> {
         let metrics = ExportMetrics::new(registry);
-        let sink = match config.kind {
-            ExporterKind::File => Sink::File(Arc::new(
-                FileSink::open(&config.path, config.max_file_size.0, config.max_files).map_err(
+        let sink = match &config.sink {
+            ExporterSink::File(file) => Sink::File(Arc::new(
+                FileSink::open(&file.path, file.max_file_size.0, file.max_files).map_err(
                     |source| ExporterError::File {
-                        path: config.path.display().to_string(),
+                        path: file.path.display().to_string(),
                         source,
                     },
                 )?,
             )),
-            ExporterKind::OtlpGrpc | ExporterKind::OtlpHttp => {
+            ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => {
                 let transport = Transport::new(TransportConfig {
-                    protocol: if config.kind == ExporterKind::OtlpGrpc {
+                    protocol: if config.kind() == ExporterKind::OtlpGrpc {
                         Protocol::Grpc
                     } else {
                         Protocol::HttpProtobuf
                     },
-                    endpoint: config.endpoint.clone(),
-                    headers: config
+                    endpoint: otlp.endpoint.clone(),
+                    headers: otlp
                         .headers
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
-                    gzip: config.compression == Compression::Gzip,
-                    timeout: config.timeout.0,
+                    gzip: otlp.compression == Compression::Gzip,
+                    timeout: otlp.timeout.0,
                 })
                 .map_err(|e| ExporterError::Transport(e.to_string()))?;
                 let policy = RetryPolicy {
-                    initial_backoff: config.retry_initial_backoff.0,
-                    max_backoff: config.retry_max_backoff.0,
-                    max_elapsed: config.retry_max_elapsed.0,
+                    initial_backoff: otlp.retry_initial_backoff.0,
+                    max_backoff: otlp.retry_max_backoff.0,
+                    max_elapsed: otlp.retry_max_elapsed.0,
                     ..RetryPolicy::default()
                 };
                 Sink::Otlp(Arc::new(transport), policy)
@@ -175,19 +175,19 @@ impl Exporter {
         let budget = Arc::new(SpanBudget {
             used: Mutex::new(0),
             freed: Condvar::new(),
-            cap: config.queue_max_spans,
+            cap: config.batching.queue_max_spans,
         });
         let (shutdown_deadline, deadline_rx) = watch::channel(None);
         let batcher = Batcher {
             sink: Arc::new(sink),
             budget: budget.clone(),
             metrics: metrics.clone(),
-            max_spans: config.batch_max_spans,
-            timeout: config.batch_timeout.0,
-            in_flight: Arc::new(Semaphore::new(match config.kind {
+            max_spans: config.batching.batch_max_spans,
+            timeout: config.batching.batch_timeout.0,
+            in_flight: Arc::new(Semaphore::new(match &config.sink {
                 // One writer keeps the file's lines whole and in decision order.
-                ExporterKind::File => 1,
-                _ => config.concurrency,
+                ExporterSink::File(_) => 1,
+                ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => otlp.concurrency,
             })),
             deadline: deadline_rx,
         };

@@ -22,7 +22,7 @@ use super::boundary::{CallClock, TraceData};
 use super::index::TraceIndex;
 use super::metrics::PluginMetrics;
 use super::{PolicyRuntime, PolicySet, build_set};
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
 
 /// What the last reload did, for the admin status endpoint.
@@ -44,6 +44,11 @@ pub(crate) struct Reloader {
     /// One reload at a time.
     busy: Mutex<()>,
     last: Mutex<Option<ReloadOutcome>>,
+    /// The config the process started with: a reload applies only the policies and
+    /// `decide.default`, so other keys are compared against this.
+    running: Config,
+    /// Keys changed in the file that take effect only after a restart, for `/status`.
+    restart_needed: Mutex<Vec<String>>,
 }
 
 impl Reloader {
@@ -52,6 +57,7 @@ impl Reloader {
         metrics: Arc<PluginMetrics>,
         config_path: Option<PathBuf>,
         base_dir: PathBuf,
+        running: Config,
     ) -> Arc<Self> {
         let reloader = Arc::new(Self {
             runtime,
@@ -60,6 +66,8 @@ impl Reloader {
             base_dir,
             busy: Mutex::new(()),
             last: Mutex::new(None),
+            running,
+            restart_needed: Mutex::new(Vec::new()),
         });
         reloader.publish_info(&reloader.runtime.live.load());
         reloader
@@ -113,6 +121,14 @@ impl Reloader {
                 );
             }
         };
+        let restart_needed = config::keys_needing_restart(&self.running, &config);
+        if !restart_needed.is_empty() {
+            tracing::warn!(
+                keys = ?restart_needed,
+                "changed config keys take effect only after a restart"
+            );
+        }
+        *self.restart_needed.lock() = restart_needed;
         let generation = self.runtime.live.load().generation + 1;
         let set = build_set(&self.runtime.engine, &config, &self.base_dir, generation)
             .map_err(|e| e.to_string())?;
@@ -189,6 +205,7 @@ impl Reloader {
             "default": set.default.to_string(),
             "policies": policies,
             "last_reload": *self.last.lock(),
+            "restart_needed": *self.restart_needed.lock(),
         })
         .to_string()
     }
