@@ -2369,8 +2369,8 @@ mod tests {
             Some(AnyValueRef::Str("keep-errors"))
         );
         assert_eq!(
-            span_attribute(&out, "min"),
-            Some(AnyValueRef::Int(i64::MIN))
+            span_attribute(&out, "ключ"),
+            Some(AnyValueRef::Str("значение"))
         );
         let wire = request_with_span_long(&out);
         assert_eq!(parse_ok(&wire).rejected_spans, 0);
