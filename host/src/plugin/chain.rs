@@ -429,39 +429,34 @@ impl Decider for WasmChain {
                 if mode == PolicyMode::Enrich {
                     continue;
                 }
-                if summary_only && batched {
+                // This policy's answer for the trace, as an index into the batch's outcomes.
+                let at = if summary_only && batched {
                     // The batch call's answer for this trace (none while quarantined).
                     let answer = &self.answers[next_answer];
                     next_answer += 1;
-                    if let Some((base, codes)) = answer {
-                        let at = base + codes[t];
-                        let (_, outcome) = &self.outcomes[at as usize];
-                        tally.add(
-                            role(&self.set.policies[i]),
-                            i as u32,
-                            at,
-                            outcome.verdict,
-                            outcome.probability,
-                            &mut own_edits,
-                        );
+                    answer.as_ref().map(|(base, codes)| base + codes[t])
+                } else {
+                    match self.run_one(i, &mut slot, &mut own_edits) {
+                        Some(outcome) => {
+                            self.outcomes.push((i, outcome));
+                            Some(self.outcomes.len() as u32 - 1)
+                        }
+                        None => {
+                            own_edits.clear();
+                            None
+                        }
                     }
-                    continue;
-                }
-                match self.run_one(i, &mut slot, &mut own_edits) {
-                    Some(outcome) => {
-                        let at = self.outcomes.len() as u32;
-                        self.outcomes.push((i, outcome));
-                        let (_, outcome) = &self.outcomes[at as usize];
-                        tally.add(
-                            role(&self.set.policies[i]),
-                            i as u32,
-                            at,
-                            outcome.verdict,
-                            outcome.probability,
-                            &mut own_edits,
-                        );
-                    }
-                    None => own_edits.clear(),
+                };
+                if let Some(at) = at {
+                    let (_, outcome) = &self.outcomes[at as usize];
+                    tally.add(
+                        role(&self.set.policies[i]),
+                        i as u32,
+                        at,
+                        outcome.verdict,
+                        outcome.probability,
+                        &mut own_edits,
+                    );
                 }
             }
             let mut decision = tally.decision(
