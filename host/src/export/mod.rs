@@ -374,3 +374,158 @@ pub fn encode_batch(traces: &[KeptTrace]) -> Vec<u8> {
             .flat_map(|t| t.spans.iter().map(move |s| (s, &*t.stamp.encoded))),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::ExporterKind;
+    use crate::trace::{ResourceHeader, ScopeHeader};
+
+    fn kept(spans: usize) -> KeptTrace {
+        let scope = Arc::new(ScopeHeader {
+            resource: Arc::new(ResourceHeader {
+                fields: Box::new([]),
+                resource: Box::new([]),
+                service: Arc::from("svc"),
+            }),
+            fields: Box::new([]),
+        });
+        let span = BufferedSpan {
+            // A valid encoded Span: field 5 (name) = "op".
+            bytes: vec![0x2a, 2, b'o', b'p'].into_boxed_slice(),
+            scope,
+            span_id: [1; 8],
+            parent_span_id: [0; 8],
+            start_unix_nano: 0,
+            end_unix_nano: 0,
+            status_code: 0,
+            kind: 0,
+            has_trace_state: false,
+        };
+        KeptTrace {
+            spans: vec![span; spans],
+            stamp: Arc::new(Stamp {
+                policy: Arc::from("p"),
+                reason: Arc::from("r"),
+                encoded: Box::new([]),
+            }),
+        }
+    }
+
+    /// A file exporter into a fresh folder, with the given batching.
+    fn file_exporter(
+        dir: &std::path::Path,
+        max_spans: usize,
+        timeout: std::time::Duration,
+    ) -> (ExporterConfig, Arc<Registry>) {
+        let mut config = ExporterConfig::default_for(ExporterKind::File);
+        if let ExporterSink::File(file) = &mut config.sink {
+            file.path = dir.join("traces.jsonl");
+        }
+        config.batching.batch_max_spans = max_spans;
+        config.batching.batch_timeout = crate::config::Duration(timeout);
+        (config, Registry::new())
+    }
+
+    fn lines(dir: &std::path::Path) -> Vec<usize> {
+        let text = std::fs::read_to_string(dir.join("traces.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let request = crate::otlp::json::decode_traces(l.as_bytes()).expect("OTLP/JSON");
+                (request.resource_spans.iter())
+                    .flat_map(|r| &r.scope_spans)
+                    .map(|s| s.spans.len())
+                    .sum()
+            })
+            .collect()
+    }
+
+    fn metric(registry: &Registry, series: &str) -> f64 {
+        let text = registry.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tailgate-export-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_close_at_their_span_count_and_finish_flushes_the_rest() {
+        let dir = temp_dir("count");
+        // A timeout no test waits for: only the span count and `finish` close a batch.
+        let (config, registry) = file_exporter(&dir, 10, std::time::Duration::from_secs(3600));
+        let exporter = Exporter::start(&config, &registry).expect("exporter");
+        let queue = exporter.queue.clone();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..5 {
+                queue.push(kept(4));
+            }
+        })
+        .await
+        .expect("pushed");
+        exporter.finish().await;
+        // 4 + 4 + 4 reaches 10: one batch of 12; the last 8 leave with `finish`.
+        assert_eq!(lines(&dir), vec![12, 8]);
+        assert_eq!(metric(&registry, "tailgate_exported_spans_total"), 20.0);
+        assert_eq!(metric(&registry, "tailgate_export_queue_spans"), 0.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_short_of_its_count_leaves_when_its_timeout_passes() {
+        let dir = temp_dir("timeout");
+        let (config, registry) = file_exporter(&dir, 1000, std::time::Duration::from_millis(50));
+        let exporter = Exporter::start(&config, &registry).expect("exporter");
+        exporter.queue.push(kept(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while lines(&dir).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the batch never left on its timeout"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(lines(&dir), vec![3], "sent before finish, on the timeout");
+        exporter.finish().await;
+        assert_eq!(metric(&registry, "tailgate_exported_spans_total"), 3.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_full_queue_holds_the_pusher_until_spans_are_released() {
+        let budget = Arc::new(SpanBudget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            cap: 10,
+        });
+        budget.acquire(8);
+        let waiting = budget.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pusher = std::thread::spawn(move || {
+            waiting.acquire(5);
+            tx.send(()).expect("report");
+        });
+        // Held while 8 + 5 would pass the cap of 10.
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "the pusher went through a full queue"
+        );
+        budget.release(8);
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("released once room was made");
+        pusher.join().expect("pusher");
+        // A trace larger than the whole queue still goes through alone.
+        budget.release(5);
+        budget.acquire(50);
+        assert_eq!(*budget.used.lock(), 50);
+    }
+}

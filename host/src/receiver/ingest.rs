@@ -162,3 +162,203 @@ impl Ingest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    use super::*;
+    use crate::telemetry::Registry;
+
+    struct Setup {
+        ingest: Ingest,
+        shards: Vec<crossbeam_channel::Receiver<ShardMsg>>,
+        memory: Arc<MemoryBudget>,
+        registry: Arc<Registry>,
+    }
+
+    fn setup(shards: usize, memory_limit: usize) -> Setup {
+        let (txs, rxs): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
+        let registry = Registry::new();
+        let memory = Arc::new(MemoryBudget::new(memory_limit));
+        Setup {
+            ingest: Ingest::new(txs, memory.clone(), ReceiverMetrics::new(&registry)),
+            shards: rxs,
+            memory,
+            registry,
+        }
+    }
+
+    impl Setup {
+        fn metric(&self, series: &str) -> f64 {
+            let text = self.registry.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        }
+
+        /// Every span the shards were sent: (shard, trace id byte, cost).
+        fn routed(&self) -> Vec<(usize, u8, usize)> {
+            let mut out = Vec::new();
+            for (i, rx) in self.shards.iter().enumerate() {
+                while let Ok(msg) = rx.try_recv() {
+                    if let ShardMsg::Spans(spans) = msg {
+                        out.extend(spans.iter().map(|s| (i, s.trace_id[0], s.cost)));
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    fn span(trace: u8, id: u8) -> Span {
+        Span {
+            trace_id: vec![trace; 16],
+            span_id: vec![id; 8],
+            name: "op".into(),
+            ..Default::default()
+        }
+    }
+
+    fn request(spans: Vec<Span>) -> Vec<u8> {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue("api".into())),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn spans_go_to_the_shard_of_their_trace_with_their_cost_reserved() {
+        let s = setup(4, 1 << 20);
+        let body = request((1..=8u8).map(|t| span(t, 1)).collect());
+        let accepted = s.ingest.accept_protobuf(&body, "grpc").expect("accepted");
+        assert_eq!(accepted.rejected_spans, 0);
+        let routed = s.routed();
+        assert_eq!(routed.len(), 8);
+        for (shard, trace, _) in &routed {
+            assert_eq!(*shard, shard_of(&[*trace; 16], 4), "trace {trace}");
+        }
+        let reserved: usize = routed.iter().map(|(_, _, c)| c).sum();
+        assert_eq!(
+            s.memory.used(),
+            reserved,
+            "the budget holds what the spans cost"
+        );
+        assert_eq!(
+            s.metric("tailgate_spans_received_total{transport=\"grpc\"}"),
+            8.0
+        );
+    }
+
+    #[test]
+    fn spans_with_bad_ids_are_rejected_and_counted_the_rest_taken() {
+        let s = setup(1, 1 << 20);
+        let mut bad = span(1, 2);
+        bad.trace_id = vec![1, 2, 3];
+        let body = request(vec![span(1, 1), bad]);
+        let accepted = s
+            .ingest
+            .accept_protobuf(&body, "http_protobuf")
+            .expect("taken");
+        assert_eq!(accepted.rejected_spans, 1);
+        assert!(!accepted.message.is_empty());
+        assert_eq!(s.routed().len(), 1);
+        assert_eq!(
+            s.metric("tailgate_spans_received_total{transport=\"http_protobuf\"}"),
+            2.0
+        );
+        assert_eq!(
+            s.metric("tailgate_spans_refused_total{reason=\"invalid_id\"}"),
+            1.0
+        );
+    }
+
+    #[test]
+    fn a_full_budget_refuses_the_whole_request_as_busy_and_reserves_nothing() {
+        let s = setup(2, 200);
+        let body = request((1..=4u8).map(|t| span(t, 1)).collect());
+        assert!(matches!(
+            s.ingest.accept_protobuf(&body, "grpc"),
+            Err(Refusal::Busy)
+        ));
+        assert!(s.routed().is_empty());
+        assert_eq!(s.memory.used(), 0);
+        assert_eq!(
+            s.metric("tailgate_spans_refused_total{reason=\"memory\"}"),
+            4.0
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused_and_json_takes_the_protobuf_path() {
+        let s = setup(1, 1 << 20);
+        assert!(matches!(
+            s.ingest.accept_protobuf(&[0xff, 0xff, 0xff], "grpc"),
+            Err(Refusal::Malformed(_))
+        ));
+        assert!(matches!(
+            s.ingest.accept_json(b"{not json", "http_json"),
+            Err(Refusal::Malformed(_))
+        ));
+        let json = br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"0101010101010101010101010101010a","spanId":"0202020202020202","name":"op"}]}]}]}"#;
+        let accepted = s.ingest.accept_json(json, "http_json").expect("json taken");
+        assert_eq!(accepted.rejected_spans, 0);
+        assert_eq!(s.routed().len(), 1);
+    }
+
+    #[test]
+    fn after_stop_accepting_every_request_is_refused_as_shutting_down() {
+        let s = setup(1, 1 << 20);
+        s.ingest.stop_accepting();
+        assert!(matches!(
+            s.ingest.accept_protobuf(&request(vec![span(1, 1)]), "grpc"),
+            Err(Refusal::ShuttingDown)
+        ));
+        assert_eq!(s.memory.used(), 0);
+    }
+
+    #[test]
+    fn spans_for_a_stopped_shard_are_rejected_and_their_bytes_released() {
+        let mut s = setup(2, 1 << 20);
+        // Shard 1's worker has stopped: its receiver is gone.
+        let stopped = s.shards.pop();
+        drop(stopped);
+        let body = request((1..=16u8).map(|t| span(t, 1)).collect());
+        let to_stopped = (1..=16u8).filter(|t| shard_of(&[*t; 16], 2) == 1).count();
+        assert!(to_stopped > 0, "the ids route some spans to shard 1");
+        let accepted = s.ingest.accept_protobuf(&body, "grpc").expect("taken");
+        assert_eq!(accepted.rejected_spans, to_stopped as u64);
+        let routed = s.routed();
+        assert_eq!(routed.len(), 16 - to_stopped);
+        let held: usize = routed.iter().map(|(_, _, c)| c).sum();
+        assert_eq!(
+            s.memory.used(),
+            held,
+            "only the delivered spans stay reserved"
+        );
+        assert_eq!(
+            s.metric("tailgate_spans_refused_total{reason=\"shutting_down\"}"),
+            to_stopped as f64
+        );
+    }
+}
