@@ -370,3 +370,141 @@ pub(crate) fn base_dir_of(config_path: Option<&Path>) -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Registry;
+
+    /// A config file in a fresh folder, removed on drop.
+    struct ConfigFile {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl ConfigFile {
+        fn new(name: &str, text: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("tailgate-reload-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let path = dir.join("tailgate.toml");
+            let file = Self { dir, path };
+            file.write(text);
+            file
+        }
+
+        fn write(&self, text: &str) {
+            std::fs::write(&self.path, text).expect("write the config");
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const ONE: &str = "[plugins]\ncache_dir = \"\"\n\n[[policies]]\nname = \"errors\"\nplugin = \"keep-errors\"\n";
+
+    fn reloader(file: &ConfigFile) -> (Arc<Reloader>, Arc<Registry>) {
+        let config = Config::load(&file.path).expect("config");
+        let runtime = PolicyRuntime::start(&config, &file.dir).expect("policies load");
+        let registry = Registry::new();
+        let reloader = Reloader::new(
+            runtime,
+            PluginMetrics::new(&registry),
+            Some(file.path.clone()),
+            file.dir.clone(),
+            config,
+        );
+        (reloader, registry)
+    }
+
+    fn status(reloader: &Reloader) -> serde_json::Value {
+        serde_json::from_str(&reloader.status_json()).expect("status is JSON")
+    }
+
+    fn names(status: &serde_json::Value) -> Vec<String> {
+        (status["policies"].as_array().expect("policies").iter())
+            .map(|p| p["name"].as_str().expect("name").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_changed_file_swaps_the_set_and_a_bad_one_leaves_it_running() {
+        let file = ConfigFile::new("swap", ONE);
+        let (reloader, registry) = reloader(&file);
+        let before = status(&reloader);
+        assert_eq!(names(&before), ["errors"]);
+
+        file.write(&format!(
+            "{ONE}\n[[policies]]\nname = \"slow\"\nplugin = \"latency\"\n[policies.config]\nthreshold_ms = 500\n"
+        ));
+        let generation = reloader.reload("test").expect("the new set loads");
+        let after = status(&reloader);
+        assert!(generation > before["generation"].as_u64().expect("generation"));
+        assert_eq!(names(&after), ["errors", "slow"]);
+        assert_eq!(after["last_reload"]["ok"], true);
+
+        // A policy that does not exist: refused, with the reason, and the set stays.
+        file.write(&format!(
+            "{ONE}\n[[policies]]\nname = \"ghost\"\nplugin = \"no-such-policy\"\n"
+        ));
+        let why = reloader.reload("test").expect_err("refused");
+        assert!(why.contains("no-such-policy"), "{why}");
+        let refused = status(&reloader);
+        assert_eq!(
+            names(&refused),
+            ["errors", "slow"],
+            "the old set keeps running"
+        );
+        assert_eq!(refused["generation"], after["generation"]);
+        assert_eq!(refused["last_reload"]["ok"], false);
+
+        let metrics = registry.render();
+        assert!(
+            metrics.contains("tailgate_reloads_total{outcome=\"ok\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("tailgate_reloads_total{outcome=\"refused\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("policy=\"slow\""),
+            "the live set is published: {metrics}"
+        );
+    }
+
+    #[test]
+    fn a_key_that_needs_a_restart_is_named_in_status() {
+        let file = ConfigFile::new("restart", ONE);
+        let (reloader, _) = reloader(&file);
+        file.write(&format!("[buffer]\nroot_grace = \"5s\"\n\n{ONE}"));
+        reloader
+            .reload("test")
+            .expect("policies unchanged, reload ok");
+        let status = status(&reloader);
+        let keys: Vec<&str> = (status["restart_needed"].as_array().expect("restart_needed"))
+            .iter()
+            .filter_map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys, ["buffer.root_grace"]);
+    }
+
+    #[test]
+    fn embedded_defaults_have_no_file_to_reload() {
+        let config = Config::parse(ONE, "embedded").expect("config");
+        let runtime = PolicyRuntime::start(&config, Path::new(".")).expect("policies load");
+        let reloader = Reloader::new(
+            runtime,
+            PluginMetrics::new(&Registry::new()),
+            None,
+            PathBuf::from("."),
+            config,
+        );
+        let why = reloader.reload("test").expect_err("nothing to reload");
+        assert!(why.contains("embedded defaults"), "{why}");
+    }
+}
