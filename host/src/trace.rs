@@ -119,3 +119,26 @@ pub struct Stamp {
     /// `sampling.trigger`, `sampling.policy`, `sampling.reason` as encoded Span attributes.
     pub(crate) encoded: Box<[u8]>,
 }
+
+/// A span of service `svc` with the given ids and wire bytes, for tests of the stages.
+#[cfg(test)]
+pub(crate) fn test_span(span_id: u8, parent: u8, bytes: Vec<u8>) -> BufferedSpan {
+    BufferedSpan {
+        bytes: bytes.into_boxed_slice(),
+        scope: Arc::new(ScopeHeader {
+            resource: Arc::new(ResourceHeader {
+                fields: Box::new([]),
+                resource: Box::new([]),
+                service: Arc::from("svc"),
+            }),
+            fields: Box::new([]),
+        }),
+        span_id: [span_id; 8],
+        parent_span_id: [parent; 8],
+        start_unix_nano: 0,
+        end_unix_nano: 0,
+        status_code: 0,
+        kind: 0,
+        has_trace_state: false,
+    }
+}

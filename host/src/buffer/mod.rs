@@ -289,8 +289,6 @@ pub(crate) fn shard_of(trace_id: &TraceId, shards: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{ResourceHeader, ScopeHeader};
-    use std::sync::Arc;
 
     const MS: Nanos = 1_000_000;
     const S: Nanos = 1_000 * MS;
@@ -306,25 +304,7 @@ mod tests {
     }
 
     pub(crate) fn span(parent: u8, len: usize) -> BufferedSpan {
-        let resource = Arc::new(ResourceHeader {
-            fields: Box::new([]),
-            resource: Box::new([]),
-            service: Arc::from("svc"),
-        });
-        BufferedSpan {
-            bytes: vec![0u8; len].into_boxed_slice(),
-            scope: Arc::new(ScopeHeader {
-                resource,
-                fields: Box::new([]),
-            }),
-            span_id: [1; 8],
-            parent_span_id: [parent; 8],
-            start_unix_nano: 0,
-            end_unix_nano: 0,
-            status_code: 0,
-            kind: 0,
-            has_trace_state: false,
-        }
+        crate::trace::test_span(1, parent, vec![0u8; len])
     }
 
     fn tid(n: u8) -> TraceId {

@@ -381,29 +381,10 @@ mod tests {
 
     use super::*;
     use crate::config::ExporterKind;
-    use crate::trace::{ResourceHeader, ScopeHeader};
 
     fn kept(spans: usize) -> KeptTrace {
-        let scope = Arc::new(ScopeHeader {
-            resource: Arc::new(ResourceHeader {
-                fields: Box::new([]),
-                resource: Box::new([]),
-                service: Arc::from("svc"),
-            }),
-            fields: Box::new([]),
-        });
-        let span = BufferedSpan {
-            // A valid encoded Span: field 5 (name) = "op".
-            bytes: vec![0x2a, 2, b'o', b'p'].into_boxed_slice(),
-            scope,
-            span_id: [1; 8],
-            parent_span_id: [0; 8],
-            start_unix_nano: 0,
-            end_unix_nano: 0,
-            status_code: 0,
-            kind: 0,
-            has_trace_state: false,
-        };
+        // A valid encoded Span: field 5 (name) = "op".
+        let span = crate::trace::test_span(1, 0, vec![0x2a, 2, b'o', b'p']);
         KeptTrace {
             spans: vec![span; spans],
             stamp: Arc::new(Stamp {
@@ -442,13 +423,6 @@ mod tests {
             .collect()
     }
 
-    fn metric(registry: &Registry, series: &str) -> f64 {
-        let text = registry.render();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-
     fn temp_dir(name: &str) -> std::path::PathBuf {
         let dir =
             std::env::temp_dir().join(format!("tailgate-export-{name}-{}", std::process::id()));
@@ -474,8 +448,8 @@ mod tests {
         exporter.finish().await;
         // 4 + 4 + 4 reaches 10: one batch of 12; the last 8 leave with `finish`.
         assert_eq!(lines(&dir), vec![12, 8]);
-        assert_eq!(metric(&registry, "tailgate_exported_spans_total"), 20.0);
-        assert_eq!(metric(&registry, "tailgate_export_queue_spans"), 0.0);
+        assert_eq!(registry.value("tailgate_exported_spans_total"), 20.0);
+        assert_eq!(registry.value("tailgate_export_queue_spans"), 0.0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -495,7 +469,7 @@ mod tests {
         }
         assert_eq!(lines(&dir), vec![3], "sent before finish, on the timeout");
         exporter.finish().await;
-        assert_eq!(metric(&registry, "tailgate_exported_spans_total"), 3.0);
+        assert_eq!(registry.value("tailgate_exported_spans_total"), 3.0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

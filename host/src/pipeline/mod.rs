@@ -353,7 +353,6 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::telemetry::Registry;
-    use crate::trace::{ResourceHeader, ScopeHeader};
 
     const S: Duration = Duration::from_secs(1);
 
@@ -411,24 +410,9 @@ mod tests {
     }
 
     fn span(id: u8, parent: u8, error: bool) -> BufferedSpan {
-        BufferedSpan {
-            bytes: vec![0; 100].into_boxed_slice(),
-            scope: Arc::new(ScopeHeader {
-                resource: Arc::new(ResourceHeader {
-                    fields: Box::new([]),
-                    resource: Box::new([]),
-                    service: Arc::from("svc"),
-                }),
-                fields: Box::new([]),
-            }),
-            span_id: [id; 8],
-            parent_span_id: [parent; 8],
-            start_unix_nano: 0,
-            end_unix_nano: 0,
-            status_code: if error { 2 } else { 0 },
-            kind: 0,
-            has_trace_state: false,
-        }
+        let mut span = crate::trace::test_span(id, parent, vec![0; 100]);
+        span.status_code = if error { 2 } else { 0 };
+        span
     }
 
     impl Harness {
@@ -473,14 +457,6 @@ mod tests {
             }
             out
         }
-
-        /// The value of one series on `/metrics`, 0 when absent.
-        fn metric(&self, series: &str) -> f64 {
-            let text = self.registry.render();
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-                .unwrap_or(0.0)
-        }
     }
 
     #[test]
@@ -496,11 +472,12 @@ mod tests {
         h.tick(S);
         assert_eq!(h.exported(), vec![(1, 3, "root_grace".to_owned())]);
         assert_eq!(
-            h.metric("tailgate_spans_kept_total{trigger=\"root_grace\"}"),
+            h.registry
+                .value("tailgate_spans_kept_total{trigger=\"root_grace\"}"),
             3.0
         );
         assert_eq!(h.memory.used(), 0, "every byte is released");
-        assert_eq!(h.metric("tailgate_buffer_spans"), 0.0);
+        assert_eq!(h.registry.value("tailgate_buffer_spans"), 0.0);
     }
 
     #[test]
@@ -508,14 +485,15 @@ mod tests {
         let mut h = harness(1 << 20, 100);
         h.receive(1, vec![span(2, 1, false), span(3, 1, false)]);
         h.tick(S);
-        assert_eq!(h.metric("tailgate_buffer_spans"), 2.0);
+        assert_eq!(h.registry.value("tailgate_buffer_spans"), 2.0);
         h.tick(9 * S);
         assert!(h.exported().is_empty(), "dropped: nothing exported");
         assert_eq!(
-            h.metric("tailgate_spans_dropped_total{trigger=\"trace_idle\"}"),
+            h.registry
+                .value("tailgate_spans_dropped_total{trigger=\"trace_idle\"}"),
             2.0
         );
-        assert_eq!(h.metric("tailgate_buffer_spans"), 0.0);
+        assert_eq!(h.registry.value("tailgate_buffer_spans"), 0.0);
         assert_eq!(h.memory.used(), 0);
     }
 
@@ -562,15 +540,24 @@ mod tests {
         h.receive(2, vec![span(5, 1, true)]);
         // A late span of a kept trace is exported at once, stamped late.
         assert_eq!(h.exported(), vec![(1, 1, "late".to_owned())]);
-        assert_eq!(h.metric("tailgate_late_spans_total{verdict=\"keep\"}"), 1.0);
-        assert_eq!(h.metric("tailgate_late_spans_total{verdict=\"drop\"}"), 1.0);
         assert_eq!(
-            h.metric("tailgate_spans_dropped_total{trigger=\"late\"}"),
+            h.registry
+                .value("tailgate_late_spans_total{verdict=\"keep\"}"),
+            1.0
+        );
+        assert_eq!(
+            h.registry
+                .value("tailgate_late_spans_total{verdict=\"drop\"}"),
+            1.0
+        );
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_dropped_total{trigger=\"late\"}"),
             1.0
         );
         assert_eq!(h.memory.used(), 0, "late spans release their bytes");
         assert_eq!(
-            h.metric("tailgate_buffer_traces"),
+            h.registry.value("tailgate_buffer_traces"),
             0.0,
             "no new trace opened"
         );
@@ -604,6 +591,6 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(h.memory.used(), 0);
-        assert_eq!(h.metric("tailgate_buffer_traces"), 0.0);
+        assert_eq!(h.registry.value("tailgate_buffer_traces"), 0.0);
     }
 }

@@ -194,13 +194,6 @@ mod tests {
     }
 
     impl Setup {
-        fn metric(&self, series: &str) -> f64 {
-            let text = self.registry.render();
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-                .unwrap_or(0.0)
-        }
-
         /// Every span the shards were sent: (shard, trace id byte, cost).
         fn routed(&self) -> Vec<(usize, u8, usize)> {
             let mut out = Vec::new();
@@ -265,7 +258,8 @@ mod tests {
             "the budget holds what the spans cost"
         );
         assert_eq!(
-            s.metric("tailgate_spans_received_total{transport=\"grpc\"}"),
+            s.registry
+                .value("tailgate_spans_received_total{transport=\"grpc\"}"),
             8.0
         );
     }
@@ -284,11 +278,13 @@ mod tests {
         assert!(!accepted.message.is_empty());
         assert_eq!(s.routed().len(), 1);
         assert_eq!(
-            s.metric("tailgate_spans_received_total{transport=\"http_protobuf\"}"),
+            s.registry
+                .value("tailgate_spans_received_total{transport=\"http_protobuf\"}"),
             2.0
         );
         assert_eq!(
-            s.metric("tailgate_spans_refused_total{reason=\"invalid_id\"}"),
+            s.registry
+                .value("tailgate_spans_refused_total{reason=\"invalid_id\"}"),
             1.0
         );
     }
@@ -304,7 +300,8 @@ mod tests {
         assert!(s.routed().is_empty());
         assert_eq!(s.memory.used(), 0);
         assert_eq!(
-            s.metric("tailgate_spans_refused_total{reason=\"memory\"}"),
+            s.registry
+                .value("tailgate_spans_refused_total{reason=\"memory\"}"),
             4.0
         );
     }
@@ -357,7 +354,8 @@ mod tests {
             "only the delivered spans stay reserved"
         );
         assert_eq!(
-            s.metric("tailgate_spans_refused_total{reason=\"shutting_down\"}"),
+            s.registry
+                .value("tailgate_spans_refused_total{reason=\"shutting_down\"}"),
             to_stopped as f64
         );
     }

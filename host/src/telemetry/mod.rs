@@ -59,6 +59,15 @@ impl Registry {
         self.inner.write().register_collector(collector);
     }
 
+    /// The value of one series (`name{labels}` as rendered), 0 when absent: for tests.
+    #[cfg(test)]
+    pub(crate) fn value(&self, series: &str) -> f64 {
+        self.render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// The registry rendered in the OpenMetrics text format.
     pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(8 << 10);
