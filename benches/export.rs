@@ -31,10 +31,7 @@ fn kept(traces: usize) -> Vec<KeptTrace> {
     let stamp = Arc::new(stamp(&decision, Trigger::RootGrace));
     common::buffered(&common::generated(traces))
         .into_iter()
-        .map(|(_, spans)| KeptTrace {
-            spans,
-            stamp: stamp.clone(),
-        })
+        .map(|(_, spans)| KeptTrace::new(spans, stamp.clone()))
         .collect()
 }
 

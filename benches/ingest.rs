@@ -1,7 +1,7 @@
 //! Ingest: from an OTLP/protobuf request body to spans in the buffer, per span.
 //! - `wire_parse`: the wire-level parse alone (no prost decode);
 //! - `accept`: parse, index each span, charge the memory budget and split by trace to the
-//!   shards' channels (`Ingest::accept_protobuf`, what a receiver calls);
+//!   shards' channels (`Ingest::accept_unlogged`, the path a receiver takes without the storage log);
 //! - `accept_and_insert`: the same plus the worker's side, receiving from the channel and
 //!   inserting every span into its trace in the buffer: the whole ingest + buffering cost.
 //!
@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let body = &requests[i % requests.len()];
             i += 1;
-            let accepted = ingest.accept_protobuf(body, "bench").expect("accepted");
+            let accepted = ingest.accept_unlogged(body, "bench").expect("accepted");
             // Emptying the channel (dropping the spans) is measured too: small beside the
             // accept.
             while rxs[0].try_recv().is_ok() {}
@@ -65,9 +65,9 @@ fn bench(c: &mut Criterion) {
                 i += 1;
                 let now = i as u64 * 1_000;
                 let started = Instant::now();
-                ingest.accept_protobuf(body, "bench").expect("accepted");
+                ingest.accept_unlogged(body, "bench").expect("accepted");
                 for (rx, buffer) in rxs.iter().zip(&mut buffers) {
-                    while let Ok(ShardMsg::Spans(batch)) = rx.try_recv() {
+                    while let Ok(ShardMsg::Spans { spans: batch, .. }) = rx.try_recv() {
                         for s in batch {
                             buffer.insert(s.trace_id, s.span, s.cost, now);
                         }

@@ -84,9 +84,9 @@ fn main() {
     let mut span_bytes = 0usize;
     let mut spans = 0usize;
     for (i, body) in requests.iter().enumerate() {
-        ingest.accept_protobuf(body, "bench").expect("accepted");
+        ingest.accept_unlogged(body, "bench").expect("accepted");
         for (rx, buffer) in rxs.iter().zip(&mut buffers) {
-            while let Ok(ShardMsg::Spans(batch)) = rx.try_recv() {
+            while let Ok(ShardMsg::Spans { spans: batch, .. }) = rx.try_recv() {
                 for s in batch {
                     span_bytes += s.span.bytes.len();
                     spans += 1;

@@ -53,10 +53,10 @@ pub fn buffered(traces: &[GeneratedTrace]) -> Vec<([u8; 16], Vec<BufferedSpan>)>
     for t in traces {
         let body = request_of([t.clone()]).encode_to_vec();
         ingest
-            .accept_protobuf(&body, "bench")
+            .accept_unlogged(&body, "bench")
             .expect("ingest takes it");
         let mut spans = Vec::new();
-        while let Ok(ShardMsg::Spans(batch)) = rxs[0].try_recv() {
+        while let Ok(ShardMsg::Spans { spans: batch, .. }) = rxs[0].try_recv() {
             spans.extend(batch.into_iter().map(|s: ShardSpan| s.span));
         }
         out.push((t.trace_id, spans));

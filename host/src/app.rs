@@ -1,7 +1,10 @@
 //! The running host: builds every stage from the config, starts them in dependency order, and
 //! stops them in the reverse order on SIGTERM or SIGINT so that nothing buffered is lost:
 //! listeners close, every buffered trace is decided (trigger `shutdown`), the exporter flushes
-//! within `shutdown.timeout`.
+//! within `shutdown.timeout`, and what it could not deliver stays in the storage log.
+//!
+//! Before anything listens, the storage log left by the previous run is replayed: decisions
+//! first, then every span record from the checkpoint, on its record time.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,15 +20,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::buffer::{MemoryBudget, Timings};
-use crate::clock::MonotonicClock;
-use crate::config::Config;
+use crate::buffer::{MemoryBudget, Timings, shard_of};
+use crate::clock::{Clock, MonotonicClock};
+use crate::config::{Config, StorageKind};
 use crate::export::Exporter;
-use crate::pipeline::{PipelineMetrics, WorkerContext, Workers};
+use crate::pipeline::{PipelineMetrics, ShardMsg, WorkerContext, Workers};
 use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
 use crate::plugin::{PluginMetrics, PolicyRuntime};
 use crate::receiver::{Ingest, ReceiverMetrics, Receivers, bind, signalled};
+use crate::storage::{RecordKind, Recovery, Storage};
 use crate::telemetry::Registry;
 use crate::telemetry::admin::{self, Health};
 
@@ -62,8 +66,23 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
         None => None,
     };
 
-    let exporter = Exporter::start(&config.exporter, &registry).context("starting the exporter")?;
+    let (storage, recovery) = match config.storage.kind {
+        StorageKind::Local => {
+            let (storage, recovery) =
+                Storage::open(&config.storage, &registry).context("opening the storage log")?;
+            (Some(storage), Some(recovery))
+        }
+        StorageKind::Memory => {
+            tracing::warn!(
+                "storage.kind = \"memory\": buffered and queued spans are lost if the process dies"
+            );
+            (None, None)
+        }
+    };
+    let exporter = Exporter::start(&config.exporter, &registry, storage.clone())
+        .context("starting the exporter")?;
     let memory = Arc::new(MemoryBudget::new(config.buffer.max_buffer_bytes.bytes()));
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::default());
     let workers = Workers::spawn(
         config.worker_count(),
         WorkerContext {
@@ -71,9 +90,10 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
             memory: memory.clone(),
             metrics: PipelineMetrics::new(&registry),
             export: exporter.queue.clone(),
-            clock: Arc::new(MonotonicClock::default()),
+            clock: clock.clone(),
             remember_kept: config.buffer.remember_kept,
             remember_dropped: config.buffer.remember_dropped,
+            storage: storage.clone(),
         },
         &WasmChainFactory {
             runtime,
@@ -82,11 +102,24 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
     )
     .context("starting decision workers")?;
     let receiver_metrics = ReceiverMetrics::new(&registry);
-    let ingest = Arc::new(Ingest::new(
-        workers.senders.clone(),
-        memory,
-        receiver_metrics.clone(),
-    ));
+    let ingest = Arc::new(
+        Ingest::new(
+            workers.senders.clone(),
+            memory.clone(),
+            receiver_metrics.clone(),
+        )
+        .with_storage(storage.clone()),
+    );
+    if let (Some(storage), Some(recovery)) = (&storage, recovery) {
+        let (storage, ingest, senders) = (storage.clone(), ingest.clone(), workers.senders.clone());
+        tokio::task::spawn_blocking(move || {
+            recover(&storage, recovery, &senders, &ingest, &memory, &*clock);
+            storage.start_release()
+        })
+        .await
+        .context("replaying the storage log")?
+        .context("starting the storage log's release")?;
+    }
 
     let (listen_stop_tx, listen_stop_rx) = watch::channel(false);
     let receivers = Receivers::start(
@@ -136,16 +169,76 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
     {
         tracing::warn!("listeners still had connections open; refusing further requests");
     }
-    ingest.stop_accepting();
+    // Requests already admitted reach the shards before the shards are told to stop.
+    ingest.stop_accepting().await;
 
     // Deciding is CPU work on the worker threads; wait for it off the async runtime.
     tokio::task::spawn_blocking(move || workers.shutdown())
         .await
         .context("waiting for decision workers")?;
     exporter.finish().await;
+    if let Some(storage) = storage {
+        tokio::task::spawn_blocking(move || storage.close())
+            .await
+            .context("closing the storage log")?;
+    }
     let _ = stop_tx.send(true);
     tracing::info!("tailgate stopped");
     Ok(())
+}
+
+/// Replays what the previous run left in the log: each shard gets the decisions of its traces,
+/// then every span record from the checkpoint on, arriving at its record time on `clock`.
+fn recover(
+    storage: &Storage,
+    mut recovery: Recovery,
+    senders: &[crossbeam_channel::Sender<ShardMsg>],
+    ingest: &Ingest,
+    memory: &MemoryBudget,
+    clock: &dyn Clock,
+) {
+    let started = std::time::Instant::now();
+    let decisions = recovery.decisions.len();
+    let mut per_shard: Vec<std::collections::HashMap<_, _>> =
+        senders.iter().map(|_| Default::default()).collect();
+    for (trace_id, d) in std::mem::take(&mut recovery.decisions) {
+        per_shard[shard_of(&trace_id, senders.len())].insert(trace_id, d);
+    }
+    for (tx, decisions) in senders.iter().zip(per_shard) {
+        let _ = tx.send(ShardMsg::Recovered(decisions));
+    }
+    let (wall, mono) = (crate::storage::unix_nanos(), clock.now());
+    let mut records = 0u64;
+    recovery.replay(&storage.metrics, |record| {
+        if record.kind != RecordKind::Spans {
+            return;
+        }
+        // The shards shed their oldest traces under pressure; wait for them rather than
+        // holding more than the budget.
+        while memory.is_full() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        storage.pins.pin(record.position);
+        let at = mono.saturating_sub(wall.saturating_sub(record.time));
+        if ingest.replay(&record.payload, record.position, at) {
+            records += 1;
+        } else {
+            storage.metrics.corrupt_records.inc();
+            tracing::warn!(
+                position = record.position,
+                "a span record passed its checksum but does not parse; skipping it"
+            );
+        }
+    });
+    for tx in senders {
+        let _ = tx.send(ShardMsg::ReplayDone);
+    }
+    tracing::info!(
+        records,
+        decisions,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replayed the storage log"
+    );
 }
 
 /// SIGHUP reloads the policy set, as operators expect of a daemon.

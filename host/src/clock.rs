@@ -23,9 +23,14 @@ impl Default for MonotonicClock {
     }
 }
 
+/// Where the monotonic clock starts: about 52 days in, so a record written up to that long
+/// before this process started still maps to a time on this clock (replay on record time
+/// subtracts the record's age from now).
+const START: Nanos = 1 << 52;
+
 impl Clock for MonotonicClock {
     fn now(&self) -> Nanos {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        START.saturating_add(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 }
 

@@ -19,14 +19,32 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("otlp", &["trace"]),
     // Told by every stage; tells none.
     ("telemetry", &[]),
+    // The log under the buffer: appends, pins, the watermark, replay. Knows no stage.
+    ("storage", &["config", "telemetry", "trace"]),
     (
         "receiver",
-        &["buffer", "config", "otlp", "pipeline", "telemetry", "trace"],
+        &[
+            "buffer",
+            "config",
+            "otlp",
+            "pipeline",
+            "storage",
+            "telemetry",
+            "trace",
+        ],
     ),
     ("buffer", &["config", "trace"]),
     (
         "pipeline",
-        &["buffer", "clock", "decide", "export", "telemetry", "trace"],
+        &[
+            "buffer",
+            "clock",
+            "decide",
+            "export",
+            "storage",
+            "telemetry",
+            "trace",
+        ],
     ),
     ("decide", &["config", "otlp", "trace"]),
     // The sandbox knows the trace model, the codec and the decision interface it implements.
@@ -34,7 +52,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "plugin",
         &["config", "decide", "otlp", "telemetry", "trace"],
     ),
-    ("export", &["config", "otlp", "telemetry", "trace"]),
+    (
+        "export",
+        &["config", "otlp", "storage", "telemetry", "trace"],
+    ),
     ("loadgen", &["export", "otlp"]),
 ];
 

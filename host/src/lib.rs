@@ -5,8 +5,10 @@
 //! ```text
 //! trace (the model: shared types, depends on nothing)
 //! receiver/ ──► buffer/ ──► pipeline/ ──► decide/ ──► export/
-//!                                │           ▲
-//!                                │        plugin/ (the sandbox: implements decide's Decider)
+//!     │                          │           ▲            │
+//!     │                          │        plugin/ (the sandbox: implements decide's Decider)
+//!     └───────────► storage/ ◄───┴────────────────────────┘
+//!                   (the log: appended before an answer, decisions before their effects)
 //! otlp/ (wire, JSON, regrouping) is a codec used by receiver, decide, plugin and export
 //! telemetry/ is told by every stage (each registers its own metrics); it imports none
 //! config, cli, app wire the stages together
@@ -21,12 +23,13 @@
 //! | `config` | nothing |
 //! | `otlp` | `trace` |
 //! | `telemetry` | nothing |
-//! | `receiver` | `buffer`, `config`, `otlp`, `pipeline`, `telemetry`, `trace` |
+//! | `storage` | `config`, `telemetry`, `trace` |
+//! | `receiver` | `buffer`, `config`, `otlp`, `pipeline`, `storage`, `telemetry`, `trace` |
 //! | `buffer` | `config`, `trace` |
-//! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `telemetry`, `trace` |
+//! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `storage`, `telemetry`, `trace` |
 //! | `decide` | `config`, `otlp`, `trace` |
 //! | `plugin` | `config`, `decide`, `otlp`, `telemetry`, `trace` |
-//! | `export` | `config`, `otlp`, `telemetry`, `trace` |
+//! | `export` | `config`, `otlp`, `storage`, `telemetry`, `trace` |
 //! | `loadgen` | `export`, `otlp` |
 //! | `app`, `cli`, [`bench`] | anything |
 //!
@@ -45,6 +48,7 @@ pub(crate) mod otlp;
 pub(crate) mod pipeline;
 pub(crate) mod plugin;
 pub(crate) mod receiver;
+pub(crate) mod storage;
 pub(crate) mod telemetry;
 pub(crate) mod trace;
 

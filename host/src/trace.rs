@@ -78,10 +78,14 @@ pub enum Trigger {
     Shutdown,
     /// A span that arrived after its trace was decided.
     Late,
+    /// The storage log passed 90 % of `storage.max_bytes` and this was among the oldest traces.
+    Disk,
 }
 
 impl Trigger {
-    pub(crate) const ALL: [Trigger; 8] = [
+    /// Every trigger, in the order of their index (the decision log stores the index, so new
+    /// triggers go at the end).
+    pub(crate) const ALL: [Trigger; 9] = [
         Trigger::RootGrace,
         Trigger::TraceIdle,
         Trigger::DecisionWait,
@@ -90,6 +94,7 @@ impl Trigger {
         Trigger::Memory,
         Trigger::Shutdown,
         Trigger::Late,
+        Trigger::Disk,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -102,6 +107,7 @@ impl Trigger {
             Trigger::Memory => "memory",
             Trigger::Shutdown => "shutdown",
             Trigger::Late => "late",
+            Trigger::Disk => "disk",
         }
     }
 

@@ -42,6 +42,17 @@ impl MemoryBudget {
         }
     }
 
+    /// Reserves `bytes` even past the limit: for spans that were acknowledged already (replayed
+    /// from the log), which the shards then shed by deciding early.
+    pub(crate) fn force_reserve(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Whether the budget is at or past its limit.
+    pub(crate) fn is_full(&self) -> bool {
+        self.used() >= self.limit
+    }
+
     pub(crate) fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
     }

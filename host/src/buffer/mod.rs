@@ -54,6 +54,9 @@ pub(crate) struct PendingTrace {
     pub(crate) last_seen: Nanos,
     /// When the root span arrived (spans arrive once ended, so the root has ended by then).
     pub(crate) root_seen: Option<Nanos>,
+    /// Log positions of the records this trace's spans came in, each once (none without a
+    /// log). Plain positions: whoever pins them (the pipeline) unpins them.
+    pub(crate) records: Vec<u64>,
 }
 
 impl PendingTrace {
@@ -133,6 +136,19 @@ impl TraceBuffer {
         cost: usize,
         now: Nanos,
     ) -> Inserted {
+        self.insert_from(trace_id, span, cost, now, None).0
+    }
+
+    /// [`Self::insert`] for a span that came in the log record at `record`; also says whether
+    /// the record is new to the trace (so the caller pins it for the trace).
+    pub(crate) fn insert_from(
+        &mut self,
+        trace_id: TraceId,
+        span: BufferedSpan,
+        cost: usize,
+        now: Nanos,
+        record: Option<u64>,
+    ) -> (Inserted, bool) {
         let is_root = span.is_root();
         let timings = self.timings;
         let trace = match self.traces.entry(trace_id) {
@@ -147,8 +163,17 @@ impl TraceBuffer {
                     first_seen: now,
                     last_seen: now,
                     root_seen: None,
+                    records: Vec::new(),
                 })
             }
+        };
+        let new_record = match record {
+            // Spans of one record arrive together, so the last entry is nearly always it.
+            Some(r) if trace.records.last() != Some(&r) && !trace.records.contains(&r) => {
+                trace.records.push(r);
+                true
+            }
+            _ => false,
         };
         trace.spans.push(span);
         trace.cost += cost;
@@ -161,13 +186,14 @@ impl TraceBuffer {
         }
         self.cost += cost;
         self.spans += 1;
-        if trace.spans.len() >= timings.max_spans_per_trace {
+        let inserted = if trace.spans.len() >= timings.max_spans_per_trace {
             Inserted::CapReached(Trigger::SpanCap)
         } else if trace.cost >= timings.max_bytes_per_trace {
             Inserted::CapReached(Trigger::ByteCap)
         } else {
             Inserted::Waiting
-        }
+        };
+        (inserted, new_record)
     }
 
     /// Takes a trace out (after a cap was reached).
@@ -212,13 +238,13 @@ impl TraceBuffer {
         None
     }
 
-    /// The oldest trace, for an early decision under memory pressure.
-    pub(crate) fn pop_oldest(&mut self) -> Option<DueTrace> {
+    /// The oldest trace, for an early decision under memory (or disk) pressure, with `trigger`.
+    pub(crate) fn pop_oldest(&mut self, trigger: Trigger) -> Option<DueTrace> {
         while let Some((first_seen, trace_id)) = self.arrivals.pop_front() {
             let current = self.traces.get(&trace_id).map(|t| t.first_seen);
             if current == Some(first_seen) {
                 let trace = self.traces.remove(&trace_id)?;
-                return Some(self.account_removed(trace_id, trace, Trigger::Memory));
+                return Some(self.account_removed(trace_id, trace, trigger));
             }
         }
         None
@@ -380,10 +406,10 @@ mod tests {
         insert(&mut b, 1, 7, 1);
         insert(&mut b, 2, 7, 2);
         insert(&mut b, 3, 7, 3);
-        let first = b.pop_oldest().unwrap();
+        let first = b.pop_oldest(Trigger::Memory).unwrap();
         assert_eq!((first.trace_id, first.trigger), (tid(3), Trigger::Memory));
         assert_eq!(first.trace.spans.len(), 2);
-        assert_eq!(b.pop_oldest().unwrap().trace_id, tid(1));
+        assert_eq!(b.pop_oldest(Trigger::Memory).unwrap().trace_id, tid(1));
         let rest = b.drain(Trigger::Shutdown);
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].trace_id, tid(2));

@@ -33,6 +33,7 @@ pub struct Config {
     pub(crate) admin: AdminConfig,
     pub(crate) log: LogConfig,
     pub(crate) shutdown: ShutdownConfig,
+    pub(crate) storage: StorageConfig,
     pub plugins: PluginsConfig,
     /// The policy chain, in order. Empty: every trace gets `decide.default`.
     pub policies: Vec<PolicyConfig>,
@@ -300,8 +301,88 @@ pub(crate) struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
-            timeout: Duration::from_secs(30),
+            // Below Kubernetes' 30 s grace, so a rollout's SIGKILL never cuts a drain short;
+            // what is not exported by then stays in the storage log for the next start.
+            timeout: Duration::from_secs(25),
         }
+    }
+}
+
+/// Where the storage log lives, or that there is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StorageKind {
+    /// Segment files under `storage.dir`: nothing acknowledged is lost on a crash.
+    Local,
+    /// No log: buffered and queued spans are lost on a crash (today's behaviour before the log).
+    Memory,
+}
+
+/// When the log is forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Fsync {
+    /// Before every answer (group commit): survives a machine crash.
+    Always,
+    /// Every `storage.fsync_interval`: a machine crash loses at most that much.
+    Interval,
+    /// Never: the page cache only; survives a process crash, not a machine crash.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct StorageConfig {
+    pub(crate) kind: StorageKind,
+    /// The log's folder; one process at a time owns it.
+    pub(crate) dir: PathBuf,
+    pub(crate) fsync: Fsync,
+    /// How often `fsync = "interval"` forces the log.
+    pub(crate) fsync_interval: Duration,
+    /// A segment file is closed at this size and a new one started.
+    pub(crate) segment_bytes: Size,
+    /// Bound on the log on disk. Past 90 % the oldest traces are decided early (trigger
+    /// `disk`); at 100 % new data is refused with a retryable code.
+    pub(crate) max_bytes: Size,
+    /// How long decisions are kept in the log for late spans (the late-span horizon).
+    pub(crate) decision_retention: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: StorageKind::Local,
+            dir: PathBuf::from("tailgate-data/storage"),
+            fsync: Fsync::Interval,
+            fsync_interval: Duration::from_millis(100),
+            segment_bytes: Size(64 << 20),
+            max_bytes: Size(10 << 30),
+            decision_retention: Duration::from_secs(300),
+        }
+    }
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.kind == StorageKind::Memory {
+            return Ok(());
+        }
+        if self.dir.as_os_str().is_empty() {
+            return Err(KeyError::new("dir", "must not be empty"));
+        }
+        if self.fsync == Fsync::Interval && self.fsync_interval.0.is_zero() {
+            return Err(KeyError::new("fsync_interval", "must be greater than zero"));
+        }
+        if self.segment_bytes.0 < 1 << 20 {
+            return Err(KeyError::new("segment_bytes", "must be at least 1MiB"));
+        }
+        if self.max_bytes.0 < 2 * self.segment_bytes.0 {
+            return Err(KeyError::new(
+                "max_bytes",
+                "must be at least twice storage.segment_bytes",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -394,6 +475,7 @@ impl Config {
         self.buffer.validate().map_err(|e| e.within("buffer"))?;
         self.exporter.validate().map_err(|e| e.within("exporter"))?;
         self.log.validate().map_err(|e| e.within("log"))?;
+        self.storage.validate().map_err(|e| e.within("storage"))?;
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
             let entry = format!("policies[{i}]");

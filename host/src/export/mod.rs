@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::{Compression, ExporterConfig, ExporterKind, ExporterSink};
+use crate::storage::{Exported, Storage};
 use crate::telemetry::Registry;
 use crate::trace::{BufferedSpan, Stamp};
 
@@ -32,6 +33,21 @@ use transport::{Protocol, RetryPolicy, SendError, Transport, TransportConfig};
 pub struct KeptTrace {
     pub spans: Vec<BufferedSpan>,
     pub stamp: Arc<Stamp>,
+    /// With the storage log on: the trace and its span records, pinned until delivered. Once
+    /// the batch is settled (delivered, or refused for good) the exporter logs it as exported
+    /// and unpins them; a batch cut short by shutdown stays pinned, for the next start.
+    pub(crate) settle: Option<Exported>,
+}
+
+impl KeptTrace {
+    /// A kept trace with nothing in the storage log to settle (benches, memory-only mode).
+    pub fn new(spans: Vec<BufferedSpan>, stamp: Arc<Stamp>) -> Self {
+        Self {
+            spans,
+            stamp,
+            settle: None,
+        }
+    }
 }
 
 /// Bounds the spans between the workers and the network. A worker that finds it full waits,
@@ -134,6 +150,7 @@ impl Exporter {
     pub(crate) fn start(
         config: &ExporterConfig,
         registry: &Registry,
+        storage: Option<Arc<Storage>>,
     ) -> Result<Self, ExporterError> {
         let metrics = ExportMetrics::new(registry);
         let sink = match &config.sink {
@@ -184,6 +201,7 @@ impl Exporter {
             metrics: metrics.clone(),
             max_spans: config.batching.batch_max_spans,
             timeout: config.batching.batch_timeout.0,
+            storage,
             in_flight: Arc::new(Semaphore::new(match &config.sink {
                 // One writer keeps the file's lines whole and in decision order.
                 ExporterSink::File(_) => 1,
@@ -223,6 +241,7 @@ struct Batcher {
     metrics: Arc<ExportMetrics>,
     max_spans: usize,
     timeout: Duration,
+    storage: Option<Arc<Storage>>,
     in_flight: Arc<Semaphore>,
     deadline: watch::Receiver<Option<Instant>>,
 }
@@ -270,8 +289,10 @@ impl Batcher {
         if batch.is_empty() {
             return;
         }
-        let traces = std::mem::take(batch);
+        let mut traces = std::mem::take(batch);
         let count = std::mem::take(spans);
+        let settles: Vec<Exported> = traces.iter_mut().filter_map(|t| t.settle.take()).collect();
+        let storage = self.storage.clone();
         // Wait for a free slot here, so a slow backend slows the batcher (and through the
         // queue budget, the workers) instead of piling up tasks.
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
@@ -287,6 +308,16 @@ impl Batcher {
             let started = std::time::Instant::now();
             let outcome = deliver(&sink, body, &metrics, deadline).await;
             metrics.latency.observe(started.elapsed().as_secs_f64());
+            // Settled unless shutdown cut it short: then it stays in the log for the next start.
+            let settled = outcome != Err("shutdown_timeout");
+            if let Some(storage) = storage.filter(|_| settled && !settles.is_empty()) {
+                if let Ok(Err(e)) = storage.log_exported(&settles).await {
+                    tracing::warn!(error = %e, "cannot log an export; a restart may send it again");
+                }
+                for s in &settles {
+                    s.records.iter().for_each(|r| storage.pins.unpin(*r));
+                }
+            }
             match outcome {
                 Ok(rejected) => {
                     let rejected = rejected.min(count as u64);
@@ -385,14 +416,14 @@ mod tests {
     fn kept(spans: usize) -> KeptTrace {
         // A valid encoded Span: field 5 (name) = "op".
         let span = crate::trace::test_span(1, 0, vec![0x2a, 2, b'o', b'p']);
-        KeptTrace {
-            spans: vec![span; spans],
-            stamp: Arc::new(Stamp {
+        KeptTrace::new(
+            vec![span; spans],
+            Arc::new(Stamp {
                 policy: Arc::from("p"),
                 reason: Arc::from("r"),
                 encoded: Box::new([]),
             }),
-        }
+        )
     }
 
     /// A file exporter into a fresh folder, with the given batching.
@@ -436,7 +467,7 @@ mod tests {
         let dir = temp_dir("count");
         // A timeout no test waits for: only the span count and `finish` close a batch.
         let (config, registry) = file_exporter(&dir, 10, std::time::Duration::from_secs(3600));
-        let exporter = Exporter::start(&config, &registry).expect("exporter");
+        let exporter = Exporter::start(&config, &registry, None).expect("exporter");
         let queue = exporter.queue.clone();
         tokio::task::spawn_blocking(move || {
             for _ in 0..5 {
@@ -457,7 +488,7 @@ mod tests {
     async fn a_batch_short_of_its_count_leaves_when_its_timeout_passes() {
         let dir = temp_dir("timeout");
         let (config, registry) = file_exporter(&dir, 1000, std::time::Duration::from_millis(50));
-        let exporter = Exporter::start(&config, &registry).expect("exporter");
+        let exporter = Exporter::start(&config, &registry, None).expect("exporter");
         exporter.queue.push(kept(3));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while lines(&dir).is_empty() {

@@ -9,10 +9,17 @@
 //! Receivers send it spans; it buffers them, decides traces as they come due (or early under
 //! memory pressure, or all at shutdown), and passes kept traces to the export queue. It must
 //! release every byte it was given to the memory budget and count every span it lets go.
+//!
+//! With the storage log on, a shard pins the log records its undecided traces came in, logs
+//! each batch of decisions before acting on them, unpins a dropped trace's records once its
+//! decision is logged, and hands a kept trace's records to the exporter, which unpins them
+//! once they are delivered. At start it takes the traces replayed from the log
+//! ([`ShardMsg::Replay`]), on the records' own time, and follows the logged decisions for
+//! spans of traces decided before the stop.
 
 mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +31,8 @@ use crate::buffer::{
 use crate::clock::Clock;
 use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
 use crate::export::{ExportQueue, KeptTrace};
-use crate::trace::{BufferedSpan, Stamp, TraceId, Trigger};
+use crate::storage::{Exported, LoggedDecision, RecoveredDecision, Storage};
+use crate::trace::{BufferedSpan, Nanos, Stamp, TraceId, Trigger};
 pub(crate) use metrics::PipelineMetrics;
 
 /// A span for a shard, with the bytes reserved for it in the memory budget.
@@ -35,9 +43,30 @@ pub struct ShardSpan {
 }
 
 pub enum ShardMsg {
-    Spans(Vec<ShardSpan>),
+    /// Spans of one request; `record` is its log position, pinned once for this message.
+    Spans {
+        spans: Vec<ShardSpan>,
+        record: Option<u64>,
+    },
+    /// Decisions read back from the log at start, before any replayed span.
+    Recovered(HashMap<TraceId, RecoveredDecision>),
+    /// Spans of one record read back from the log, arriving `at` (their record time).
+    Replay {
+        spans: Vec<ShardSpan>,
+        record: u64,
+        at: Nanos,
+    },
+    /// Replay is over: recovered decisions go to the decision memory, the clock is live.
+    ReplayDone,
     /// Decide everything buffered (trigger `shutdown`), then stop.
     Shutdown,
+}
+
+/// A decision followed by the spans replayed after a restart.
+struct Followed {
+    keep: bool,
+    stamp: Arc<Stamp>,
+    exported: HashSet<u64>,
 }
 
 /// What every worker shares.
@@ -50,6 +79,7 @@ pub(crate) struct WorkerContext {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) remember_kept: usize,
     pub(crate) remember_dropped: usize,
+    pub(crate) storage: Option<Arc<Storage>>,
 }
 
 /// How often an idle worker looks at memory pressure; pressure raised by other shards must be
@@ -86,7 +116,18 @@ impl Workers {
             let mut worker = Worker::new(ctx.clone(), deciders.build(), count);
             let handle = std::thread::Builder::new()
                 .name(format!("tailgate-worker-{i}"))
-                .spawn(move || worker.run(rx))?;
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| worker.run(rx));
+                    if std::panic::catch_unwind(run).is_err() {
+                        // A dead shard would take spans and never decide them. Exit so that
+                        // the supervisor restarts tailgate and recovery replays the log.
+                        tracing::error!(
+                            shard = i,
+                            "a decision worker panicked; exiting so that a restart recovers its traces from the storage log"
+                        );
+                        std::process::exit(70);
+                    }
+                })?;
             senders.push(tx);
             handles.push(handle);
         }
@@ -119,6 +160,11 @@ struct Worker {
     decider: Box<dyn Decider>,
     ctx: WorkerContext,
     reported: Reported,
+    /// Decisions from before a restart, while the log is replayed.
+    followed: HashMap<TraceId, Followed>,
+    replaying: bool,
+    /// The record time of the last replayed message: the clock while replaying.
+    replay_now: Nanos,
 }
 
 impl Worker {
@@ -133,6 +179,9 @@ impl Worker {
             decider,
             ctx,
             reported: Reported::default(),
+            followed: HashMap::new(),
+            replaying: false,
+            replay_now: 0,
         }
     }
 
@@ -172,7 +221,12 @@ impl Worker {
                 self.publish_gauges();
                 return;
             }
-            self.decide_due();
+            let now = if self.replaying {
+                self.replay_now
+            } else {
+                self.ctx.clock.now()
+            };
+            self.decide_due(now);
             self.publish_gauges();
         }
     }
@@ -180,30 +234,119 @@ impl Worker {
     /// Returns true when the worker must stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Spans(spans) => {
-                self.insert(spans);
+            ShardMsg::Spans { spans, record } => {
+                let now = self.ctx.clock.now();
+                self.insert(spans, record, now);
+                false
+            }
+            ShardMsg::Recovered(decisions) => {
+                self.replaying = true;
+                self.follow(decisions);
+                false
+            }
+            ShardMsg::Replay { spans, record, at } => {
+                self.replaying = true;
+                self.replay_now = self.replay_now.max(at);
+                self.insert(spans, Some(record), at);
+                // Triggers fire on the records' time, as they would have live.
+                self.decide_due(self.replay_now);
+                false
+            }
+            ShardMsg::ReplayDone => {
+                self.end_replay();
                 false
             }
             ShardMsg::Shutdown => true,
         }
     }
 
-    fn insert(&mut self, spans: Vec<ShardSpan>) {
-        let now = self.ctx.clock.now();
+    fn pin(&self, record: u64) {
+        if let Some(storage) = &self.ctx.storage {
+            storage.pins.pin(record);
+        }
+    }
+
+    fn unpin(&self, records: &[u64]) {
+        if let Some(storage) = &self.ctx.storage {
+            records.iter().for_each(|r| storage.pins.unpin(*r));
+        }
+    }
+
+    /// Takes the decisions logged before a restart, for the replay that follows.
+    fn follow(&mut self, decisions: HashMap<TraceId, RecoveredDecision>) {
+        for (trace_id, r) in decisions {
+            let d = r.decision;
+            let decision = Decision {
+                keep: d.keep,
+                policy: Arc::from(d.policy),
+                reason: Arc::from(d.reason),
+                probability: d.probability,
+                edits: Vec::new(),
+            };
+            self.followed.insert(
+                trace_id,
+                Followed {
+                    keep: d.keep,
+                    stamp: Arc::new(decide::stamp(&decision, d.trigger)),
+                    exported: r.exported,
+                },
+            );
+        }
+    }
+
+    /// Replay is over: the decisions it followed are remembered for late spans.
+    fn end_replay(&mut self) {
+        for (trace_id, f) in std::mem::take(&mut self.followed) {
+            if f.keep {
+                self.decisions.remember_kept(trace_id, f.stamp);
+            } else {
+                self.decisions.remember_dropped(&trace_id);
+            }
+        }
+        self.replaying = false;
+    }
+
+    /// Takes the spans of one request (or one replayed record) at `now`. A trace that reaches
+    /// a cap is decided after the whole message is in, so the spans one record brought a trace
+    /// always leave together (the exporter's record of what it delivered is per trace and
+    /// record).
+    fn insert(&mut self, spans: Vec<ShardSpan>, record: Option<u64>, now: Nanos) {
         let mut late: HashMap<TraceId, (Arc<Stamp>, Vec<BufferedSpan>)> = HashMap::new();
+        let mut reexport: HashMap<TraceId, (Arc<Stamp>, Vec<BufferedSpan>)> = HashMap::new();
+        let mut capped: Vec<(TraceId, Trigger)> = Vec::new();
+        let mut recovered = 0u64;
         for ShardSpan {
             trace_id,
             span,
             cost,
         } in spans
         {
+            if let Some(f) = self.followed.get(&trace_id) {
+                // Decided before the restart: follow the logged decision, never decide anew.
+                self.ctx.memory.release(cost);
+                if f.keep && !record.is_some_and(|r| f.exported.contains(&r)) {
+                    reexport
+                        .entry(trace_id)
+                        .or_insert_with(|| (f.stamp.clone(), Vec::new()))
+                        .1
+                        .push(span);
+                }
+                continue;
+            }
+            if self.replaying {
+                recovered += 1;
+            }
             match self.decisions.recall(&trace_id) {
                 None => {
-                    if let Inserted::CapReached(trigger) =
-                        self.buffer.insert(trace_id, span, cost, now)
-                        && let Some(due) = self.buffer.take(&trace_id, trigger)
+                    let (inserted, new_record) =
+                        self.buffer.insert_from(trace_id, span, cost, now, record);
+                    if new_record && let Some(r) = record {
+                        self.pin(r);
+                    }
+                    if let Inserted::CapReached(trigger) = inserted
+                        && !capped.iter().any(|(t, _)| *t == trace_id)
                     {
-                        self.decide(due);
+                        capped.push((trace_id, trigger));
                     }
                 }
                 Some(Remembered::Kept(stamp)) => {
@@ -220,19 +363,50 @@ impl Worker {
                 }
             }
         }
-        for (stamp, spans) in late.into_values() {
+        for (trace_id, trigger) in capped {
+            if let Some(due) = self.buffer.take(&trace_id, trigger) {
+                self.decide(due);
+            }
+        }
+        let settle = |trace_id: TraceId| {
+            record.map(|r| Exported {
+                trace_id,
+                records: vec![r],
+            })
+        };
+        for (trace_id, (stamp, spans)) in late {
             let n = spans.len() as u64;
             self.ctx.metrics.late(true, n);
             self.ctx.metrics.kept(Trigger::Late, n);
-            self.ctx.export.push(KeptTrace { spans, stamp });
+            record.inspect(|r| self.pin(*r));
+            self.ctx.export.push(KeptTrace {
+                spans,
+                stamp,
+                settle: settle(trace_id),
+            });
+        }
+        for (trace_id, (stamp, spans)) in reexport {
+            if let Some(storage) = &self.ctx.storage {
+                storage.metrics.reexported_spans.inc_by(spans.len() as u64);
+            }
+            record.inspect(|r| self.pin(*r));
+            self.ctx.export.push(KeptTrace {
+                spans,
+                stamp,
+                settle: settle(trace_id),
+            });
+        }
+        if let Some(storage) = &self.ctx.storage {
+            storage.metrics.recovered_spans.inc_by(recovered);
+            // The message's own pin: the traces that need the record hold pins of their own.
+            record.inspect(|r| storage.pins.unpin(*r));
         }
     }
 
     /// Decides every trace that is due, in batches: the decider may then enter each policy
     /// once per batch instead of once per trace, so the busier the worker, the cheaper each
     /// decision.
-    fn decide_due(&mut self) {
-        let now = self.ctx.clock.now();
+    fn decide_due(&mut self, now: Nanos) {
         let mut batch = Vec::new();
         while let Some(due) = self.buffer.pop_due(now) {
             batch.push(due);
@@ -243,9 +417,21 @@ impl Worker {
         self.decide_batch(&mut batch);
         // Under pressure, the oldest traces go a few at a time: pressure is rechecked after
         // each batch has released its bytes.
-        while self.ctx.memory.under_pressure() {
+        loop {
+            let trigger = if self.ctx.memory.under_pressure() {
+                Trigger::Memory
+            } else if self
+                .ctx
+                .storage
+                .as_ref()
+                .is_some_and(|s| s.under_pressure())
+            {
+                Trigger::Disk
+            } else {
+                break;
+            };
             while batch.len() < PRESSURE_BATCH {
-                let Some(due) = self.buffer.pop_oldest() else {
+                let Some(due) = self.buffer.pop_oldest(trigger) else {
                     break;
                 };
                 batch.push(due);
@@ -276,6 +462,22 @@ impl Worker {
                 })
                 .collect();
             self.decider.decide_batch(&mut views, &mut decisions);
+        }
+        if let Some(storage) = &self.ctx.storage {
+            // Before any effect: a restart follows these and never decides the traces anew.
+            let logged: Vec<LoggedDecision> = (batch.iter().zip(&decisions))
+                .map(|(due, d)| LoggedDecision {
+                    trace_id: due.trace_id,
+                    keep: d.keep,
+                    trigger: due.trigger,
+                    probability: d.probability,
+                    policy: d.policy.to_string(),
+                    reason: d.reason.to_string(),
+                })
+                .collect();
+            if let Err(e) = storage.log_decisions(&logged) {
+                tracing::error!(error = %e, "cannot log decisions; acting on them all the same");
+            }
         }
         let mut decisions = decisions.into_iter();
         for due in batch.drain(..) {
@@ -318,13 +520,21 @@ impl Worker {
             metrics.kept(trigger, before - trimmed);
             let stamp = Arc::new(decide::stamp(&decision, trigger));
             self.decisions.remember_kept(trace_id, stamp.clone());
+            // The trace's record pins pass to the exporter, which releases them on delivery.
+            let settle = (!trace.records.is_empty()).then(|| Exported {
+                trace_id,
+                records: std::mem::take(&mut trace.records),
+            });
             self.ctx.export.push(KeptTrace {
                 spans: trace.spans,
                 stamp,
+                settle,
             });
         } else {
             metrics.dropped(trigger, trace.spans.len() as u64);
             self.decisions.remember_dropped(&trace_id);
+            // The drop is logged: nothing needs these records any more.
+            self.unpin(&trace.records);
         }
     }
 
@@ -399,6 +609,7 @@ mod tests {
             clock: clock.clone(),
             remember_kept: 100,
             remember_dropped: 100,
+            storage: None,
         };
         Harness {
             worker: Worker::new(ctx, Box::new(KeepErrors), 1),
@@ -431,12 +642,15 @@ mod tests {
                     }
                 })
                 .collect();
-            assert!(!self.worker.handle(ShardMsg::Spans(spans)));
+            assert!(!self.worker.handle(ShardMsg::Spans {
+                spans,
+                record: None
+            }));
         }
 
         fn tick(&mut self, by: Duration) {
             self.clock.advance(by);
-            self.worker.decide_due();
+            self.worker.decide_due(self.clock.now());
             self.worker.publish_gauges();
         }
 
@@ -572,11 +786,14 @@ mod tests {
             span.bytes = vec![t; 100].into_boxed_slice();
             let cost = span.cost();
             assert!(h.memory.try_reserve(cost));
-            tx.send(ShardMsg::Spans(vec![ShardSpan {
-                trace_id: [t; 16],
-                span,
-                cost,
-            }]))
+            tx.send(ShardMsg::Spans {
+                spans: vec![ShardSpan {
+                    trace_id: [t; 16],
+                    span,
+                    cost,
+                }],
+                record: None,
+            })
             .unwrap();
         }
         tx.send(ShardMsg::Shutdown).unwrap();

@@ -120,8 +120,7 @@ impl UnaryService<Bytes> for ExportCall {
         let service = self.0.clone();
         Box::pin(async move {
             let body = request.into_inner();
-            let result =
-                super::run_ingest(body.len(), || service.ingest.accept_protobuf(&body, "grpc"));
+            let result = service.ingest.accept_protobuf(body, "grpc").await;
             let metrics = &service.metrics;
             match result {
                 Ok(accepted) => {
@@ -141,6 +140,12 @@ impl UnaryService<Bytes> for ExportCall {
                 Err(Refusal::ShuttingDown) => {
                     metrics.request("grpc", "unavailable");
                     Err(Status::unavailable("tailgate is shutting down"))
+                }
+                Err(Refusal::DiskFull(why)) => {
+                    metrics.request("grpc", "unavailable");
+                    Err(Status::unavailable(format!(
+                        "tailgate's storage log is full ({why}); retry later"
+                    )))
                 }
             }
         })

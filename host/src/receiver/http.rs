@@ -113,10 +113,14 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             return status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why);
         }
     };
-    let result = super::run_ingest(body.len(), || match encoding {
-        Encoding::Protobuf => s.ingest.accept_protobuf(&body, "http_protobuf"),
-        Encoding::Json => s.ingest.accept_json(&body, "http_json"),
-    });
+    let result = match encoding {
+        Encoding::Protobuf => {
+            s.ingest
+                .accept_protobuf(bytes::Bytes::from(body), "http_protobuf")
+                .await
+        }
+        Encoding::Json => s.ingest.accept_json(&body, "http_json").await,
+    };
     match result {
         Ok(accepted) => {
             s.metrics.request("http", super::outcome(&accepted));
@@ -131,15 +135,17 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             s.metrics.request("http", "malformed");
             status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why)
         }
-        Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown)) => {
+        Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_))) => {
             s.metrics.request("http", "unavailable");
-            let why = if matches!(refusal, Refusal::Busy) {
-                "tailgate's trace buffer is full; retry later"
-            } else {
-                "tailgate is shutting down"
+            let why = match &refusal {
+                Refusal::Busy => "tailgate's trace buffer is full; retry later".to_owned(),
+                Refusal::DiskFull(why) => {
+                    format!("tailgate's storage log is full ({why}); retry later")
+                }
+                _ => "tailgate is shutting down".to_owned(),
             };
             let mut r =
-                status_response(StatusCode::SERVICE_UNAVAILABLE, encoding, UNAVAILABLE, why);
+                status_response(StatusCode::SERVICE_UNAVAILABLE, encoding, UNAVAILABLE, &why);
             let secs = s.retry_after.as_secs().max(1);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

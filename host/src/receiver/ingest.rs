@@ -2,19 +2,27 @@
 //!
 //! Parses at the wire level (no prost decode on the protobuf path), counts every span, rejects
 //! spans with bad ids into `partial_success`, reserves memory for the rest or refuses the whole
-//! request with a retryable error, and routes each span to the shard that owns its trace.
+//! request with a retryable error, appends the request to the storage log (the answer waits
+//! for it), and routes each span to the shard that owns its trace.
+//!
+//! The append and the routing after it run in a task of their own, so a sender that hangs up
+//! mid-request cannot leave a record in the log that no shard holds. The same routing takes
+//! records read back from the log at start ([`Ingest::replay`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use crossbeam_channel::Sender;
 use prost::Message;
+use tokio::sync::Notify;
 
 use super::metrics::{ReceiverMetrics, RefusedReason};
 use crate::buffer::{MemoryBudget, shard_of};
 use crate::otlp::{json, wire};
 use crate::pipeline::{ShardMsg, ShardSpan};
-use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader};
+use crate::storage::{self, AppendError, Storage};
+use crate::trace::{BufferedSpan, Nanos, ResourceHeader, ScopeHeader};
 
 /// The request was taken; `rejected_spans` of it were refused for bad ids.
 #[derive(Debug, Default)]
@@ -30,6 +38,8 @@ pub enum Refusal {
     Malformed(String),
     /// The buffer is full; retryable.
     Busy,
+    /// The storage log is full or cannot be written; retryable.
+    DiskFull(String),
     /// The host is shutting down; retryable (elsewhere or later).
     ShuttingDown,
 }
@@ -41,7 +51,49 @@ pub struct Ingest {
     shards: Vec<Sender<ShardMsg>>,
     memory: Arc<MemoryBudget>,
     metrics: Arc<ReceiverMetrics>,
+    storage: Option<Arc<Storage>>,
     accepting: AtomicBool,
+    /// Requests between the `accepting` check and their spans reaching the shards.
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// A parsed request, split by shard, with its memory cost.
+struct Split {
+    per_shard: Vec<Vec<ShardSpan>>,
+    cost: usize,
+    accepted: u64,
+    rejected: u64,
+    rejection: Option<String>,
+}
+
+/// Holds the request in flight until dropped.
+struct InFlight<'a>(&'a Ingest);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// [`InFlight`] for a task that carries on a request already admitted.
+struct OwnedInFlight(Arc<Ingest>);
+
+impl OwnedInFlight {
+    fn new(ingest: Arc<Ingest>) -> Self {
+        ingest.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(ingest)
+    }
+}
+
+impl Drop for OwnedInFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Ingest {
@@ -54,38 +106,146 @@ impl Ingest {
             shards,
             memory,
             metrics,
+            storage: None,
             accepting: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
         }
     }
 
-    /// From now on every request is refused as retryable: the host is draining.
-    pub(crate) fn stop_accepting(&self) {
+    /// Appends every accepted request to `storage` before answering it.
+    pub(crate) fn with_storage(mut self, storage: Option<Arc<Storage>>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// From now on every request is refused as retryable: the host is draining. Returns once
+    /// every request already past the check has handed its spans to the shards, so stopping
+    /// the shards after it loses nothing that was acknowledged.
+    pub(crate) async fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::Release);
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
-    /// An OTLP/JSON body: decoded leniently, then taken through the protobuf path so both
-    /// encodings share every rule after decoding.
-    pub(crate) fn accept_json(
-        &self,
-        body: &[u8],
-        transport: &'static str,
-    ) -> Result<Accepted, Refusal> {
-        let request = json::decode_traces(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        self.accept_protobuf(&request.encode_to_vec(), transport)
-    }
-
-    pub fn accept_protobuf(
-        &self,
-        body: &[u8],
-        transport: &'static str,
-    ) -> Result<Accepted, Refusal> {
+    fn enter(&self) -> Result<InFlight<'_>, Refusal> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self);
         if !self.accepting.load(Ordering::Acquire) {
             return Err(Refusal::ShuttingDown);
         }
+        Ok(guard)
+    }
+
+    /// An OTLP/JSON body: decoded leniently, then taken through the protobuf path so both
+    /// encodings share every rule after decoding (and the log holds protobuf only).
+    pub(crate) async fn accept_json(
+        self: &Arc<Self>,
+        body: &[u8],
+        transport: &'static str,
+    ) -> Result<Accepted, Refusal> {
+        let request = super::run_ingest(body.len(), || json::decode_traces(body))
+            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        self.accept_protobuf(Bytes::from(request.encode_to_vec()), transport)
+            .await
+    }
+
+    pub async fn accept_protobuf(
+        self: &Arc<Self>,
+        body: Bytes,
+        transport: &'static str,
+    ) -> Result<Accepted, Refusal> {
+        let guard = self.enter()?;
+        let split = self.admit(&body, transport)?;
+        let Some(storage) = self.storage.clone().filter(|_| split.accepted > 0) else {
+            return Ok(self.route(split, None));
+        };
+        if !storage.has_room(body.len()) {
+            return Err(self.refuse_for_disk(&split, "storage.max_bytes is reached".into()));
+        }
+        // From the append on, the request finishes even if its sender hangs up; it stays in
+        // flight throughout, so a drain waits for it.
+        let owned = OwnedInFlight::new(self.clone());
+        drop(guard);
+        let task = tokio::spawn(async move {
+            let ingest = owned.0.clone();
+            let appended = storage.append_spans(&body, storage::unix_nanos()).await;
+            let result = match appended.unwrap_or(Err(AppendError::Closed)) {
+                Ok(position) => Ok(ingest.route(split, Some(position))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "refusing a request: the storage log cannot take it");
+                    Err(ingest.refuse_for_disk(&split, e.to_string()))
+                }
+            };
+            drop(owned);
+            result
+        });
+        task.await
+            .unwrap_or_else(|e| Err(Refusal::DiskFull(format!("append failed: {e}"))))
+    }
+
+    /// The whole path without the storage log, synchronously: what memory-only mode does, for
+    /// callers outside the async runtime (the benches).
+    pub fn accept_unlogged(
+        &self,
+        body: &[u8],
+        transport: &'static str,
+    ) -> Result<Accepted, Refusal> {
+        let _guard = self.enter()?;
+        let split = self.admit(body, transport)?;
+        Ok(self.route(split, None))
+    }
+
+    /// Parses and counts a request and reserves its memory, or refuses it.
+    fn admit(&self, body: &[u8], transport: &'static str) -> Result<Split, Refusal> {
+        let split = super::run_ingest(body.len(), || self.split(body))?;
+        self.metrics
+            .received(transport, split.accepted + split.rejected);
+        self.metrics
+            .refused(RefusedReason::InvalidId, split.rejected);
+        if split.accepted > 0 && !self.memory.try_reserve(split.cost) {
+            self.metrics.refused(RefusedReason::Memory, split.accepted);
+            return Err(Refusal::Busy);
+        }
+        Ok(split)
+    }
+
+    fn refuse_for_disk(&self, split: &Split, why: String) -> Refusal {
+        self.memory.release(split.cost);
+        self.metrics
+            .refused(RefusedReason::DiskFull, split.accepted);
+        Refusal::DiskFull(why)
+    }
+
+    /// A span record read back from the log at start, routed as if it had just arrived at
+    /// `at` (its record time on the host's clock). The caller has pinned `position` once.
+    /// Returns false for a record that does not parse (it was checked when appended, so this
+    /// is damage the checksum missed).
+    pub(crate) fn replay(&self, body: &[u8], position: u64, at: Nanos) -> bool {
+        let Ok(split) = self.split(body) else {
+            if let Some(storage) = &self.storage {
+                storage.pins.unpin(position);
+            }
+            return false;
+        };
+        // Replay is not refused for memory: the shards shed early under pressure, and the
+        // caller waits for room between records.
+        self.memory.force_reserve(split.cost);
+        self.route_at(split, Some(position), Some(at));
+        true
+    }
+
+    /// Parses a request into spans per shard, with their costs.
+    fn split(&self, body: &[u8]) -> Result<Split, Refusal> {
         let parsed = wire::parse_traces(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        let mut spans_per_shard: Vec<Vec<ShardSpan>> =
+        let mut per_shard: Vec<Vec<ShardSpan>> =
             (0..self.shards.len()).map(|_| Vec::new()).collect();
-        let mut total_cost = 0usize;
+        let mut cost = 0usize;
         let mut accepted = 0u64;
         for resource in parsed.resources {
             let service = match wire::resource_attribute(resource.resource, "service.name") {
@@ -119,47 +279,74 @@ impl Ingest {
                         kind: u8::try_from(s.kind).unwrap_or(0),
                         has_trace_state: s.has_trace_state,
                     };
-                    let cost = span.cost() + SPAN_SLACK + std::mem::take(&mut header_cost);
-                    total_cost += cost;
+                    let span_cost = span.cost() + SPAN_SLACK + std::mem::take(&mut header_cost);
+                    cost += span_cost;
                     accepted += 1;
-                    spans_per_shard[shard_of(&s.trace_id, self.shards.len())].push(ShardSpan {
+                    per_shard[shard_of(&s.trace_id, self.shards.len())].push(ShardSpan {
                         trace_id: s.trace_id,
                         span,
-                        cost,
+                        cost: span_cost,
                     });
                 }
             }
         }
-        self.metrics
-            .received(transport, accepted + parsed.rejected_spans);
-        self.metrics
-            .refused(RefusedReason::InvalidId, parsed.rejected_spans);
-        if accepted > 0 && !self.memory.try_reserve(total_cost) {
-            self.metrics.refused(RefusedReason::Memory, accepted);
-            return Err(Refusal::Busy);
+        Ok(Split {
+            per_shard,
+            cost,
+            accepted,
+            rejected: parsed.rejected_spans,
+            rejection: parsed.rejection,
+        })
+    }
+
+    fn route(&self, split: Split, record: Option<u64>) -> Accepted {
+        self.route_at(split, record, None)
+    }
+
+    /// Hands each shard its spans. The record's one pin (the writer's, or the replay's)
+    /// becomes one per shard message; each shard unpins its own once its traces hold it.
+    fn route_at(&self, split: Split, record: Option<u64>, at: Option<Nanos>) -> Accepted {
+        let messages = split.per_shard.iter().filter(|s| !s.is_empty()).count() as u32;
+        let storage = self.storage.as_ref().zip(record);
+        if let Some((storage, position)) = storage {
+            match messages {
+                0 => storage.pins.unpin(position),
+                n => storage.pins.pin_n(position, n - 1),
+            }
         }
-        let mut message = parsed.rejection.unwrap_or_default();
-        let mut rejected = parsed.rejected_spans;
-        for (shard, spans) in spans_per_shard.into_iter().enumerate() {
+        let mut message = split.rejection.unwrap_or_default();
+        let mut rejected = split.rejected;
+        for (shard, spans) in split.per_shard.into_iter().enumerate() {
             if spans.is_empty() {
                 continue;
             }
             let n = spans.len() as u64;
             let cost: usize = spans.iter().map(|s| s.cost).sum();
-            if self.shards[shard].send(ShardMsg::Spans(spans)).is_err() {
+            let msg = match at {
+                None => ShardMsg::Spans { spans, record },
+                Some(at) => ShardMsg::Replay {
+                    spans,
+                    record: record.unwrap_or(0),
+                    at,
+                },
+            };
+            if self.shards[shard].send(msg).is_err() {
                 // The worker has stopped, which only happens at shutdown, after the listeners
                 // closed. Other shards may have taken their part, so report these spans as
                 // rejected rather than failing (and duplicating) the whole request.
                 self.memory.release(cost);
+                if let Some((storage, position)) = storage {
+                    storage.pins.unpin(position);
+                }
                 self.metrics.refused(RefusedReason::ShuttingDown, n);
                 rejected += n;
                 message = "tailgate is shutting down".into();
             }
         }
-        Ok(Accepted {
+        Accepted {
             rejected_spans: rejected,
             message,
-        })
+        }
     }
 }
 
@@ -174,7 +361,7 @@ mod tests {
     use crate::telemetry::Registry;
 
     struct Setup {
-        ingest: Ingest,
+        ingest: Arc<Ingest>,
         shards: Vec<crossbeam_channel::Receiver<ShardMsg>>,
         memory: Arc<MemoryBudget>,
         registry: Arc<Registry>,
@@ -186,7 +373,11 @@ mod tests {
         let registry = Registry::new();
         let memory = Arc::new(MemoryBudget::new(memory_limit));
         Setup {
-            ingest: Ingest::new(txs, memory.clone(), ReceiverMetrics::new(&registry)),
+            ingest: Arc::new(Ingest::new(
+                txs,
+                memory.clone(),
+                ReceiverMetrics::new(&registry),
+            )),
             shards: rxs,
             memory,
             registry,
@@ -199,7 +390,7 @@ mod tests {
             let mut out = Vec::new();
             for (i, rx) in self.shards.iter().enumerate() {
                 while let Ok(msg) = rx.try_recv() {
-                    if let ShardMsg::Spans(spans) = msg {
+                    if let ShardMsg::Spans { spans, .. } = msg {
                         out.extend(spans.iter().map(|s| (i, s.trace_id[0], s.cost)));
                     }
                 }
@@ -244,7 +435,7 @@ mod tests {
     fn spans_go_to_the_shard_of_their_trace_with_their_cost_reserved() {
         let s = setup(4, 1 << 20);
         let body = request((1..=8u8).map(|t| span(t, 1)).collect());
-        let accepted = s.ingest.accept_protobuf(&body, "grpc").expect("accepted");
+        let accepted = s.ingest.accept_unlogged(&body, "grpc").expect("accepted");
         assert_eq!(accepted.rejected_spans, 0);
         let routed = s.routed();
         assert_eq!(routed.len(), 8);
@@ -272,7 +463,7 @@ mod tests {
         let body = request(vec![span(1, 1), bad]);
         let accepted = s
             .ingest
-            .accept_protobuf(&body, "http_protobuf")
+            .accept_unlogged(&body, "http_protobuf")
             .expect("taken");
         assert_eq!(accepted.rejected_spans, 1);
         assert!(!accepted.message.is_empty());
@@ -294,7 +485,7 @@ mod tests {
         let s = setup(2, 200);
         let body = request((1..=4u8).map(|t| span(t, 1)).collect());
         assert!(matches!(
-            s.ingest.accept_protobuf(&body, "grpc"),
+            s.ingest.accept_unlogged(&body, "grpc"),
             Err(Refusal::Busy)
         ));
         assert!(s.routed().is_empty());
@@ -306,29 +497,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn malformed_bodies_are_refused_and_json_takes_the_protobuf_path() {
+    #[tokio::test]
+    async fn malformed_bodies_are_refused_and_json_takes_the_protobuf_path() {
         let s = setup(1, 1 << 20);
         assert!(matches!(
-            s.ingest.accept_protobuf(&[0xff, 0xff, 0xff], "grpc"),
+            s.ingest.accept_unlogged(&[0xff, 0xff, 0xff], "grpc"),
             Err(Refusal::Malformed(_))
         ));
         assert!(matches!(
-            s.ingest.accept_json(b"{not json", "http_json"),
+            s.ingest.accept_json(b"{not json", "http_json").await,
             Err(Refusal::Malformed(_))
         ));
         let json = br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"0101010101010101010101010101010a","spanId":"0202020202020202","name":"op"}]}]}]}"#;
-        let accepted = s.ingest.accept_json(json, "http_json").expect("json taken");
+        let accepted = s
+            .ingest
+            .accept_json(json, "http_json")
+            .await
+            .expect("json taken");
         assert_eq!(accepted.rejected_spans, 0);
         assert_eq!(s.routed().len(), 1);
     }
 
-    #[test]
-    fn after_stop_accepting_every_request_is_refused_as_shutting_down() {
+    #[tokio::test]
+    async fn after_stop_accepting_every_request_is_refused_as_shutting_down() {
         let s = setup(1, 1 << 20);
-        s.ingest.stop_accepting();
+        s.ingest.stop_accepting().await;
         assert!(matches!(
-            s.ingest.accept_protobuf(&request(vec![span(1, 1)]), "grpc"),
+            s.ingest.accept_unlogged(&request(vec![span(1, 1)]), "grpc"),
             Err(Refusal::ShuttingDown)
         ));
         assert_eq!(s.memory.used(), 0);
@@ -343,7 +538,7 @@ mod tests {
         let body = request((1..=16u8).map(|t| span(t, 1)).collect());
         let to_stopped = (1..=16u8).filter(|t| shard_of(&[*t; 16], 2) == 1).count();
         assert!(to_stopped > 0, "the ids route some spans to shard 1");
-        let accepted = s.ingest.accept_protobuf(&body, "grpc").expect("taken");
+        let accepted = s.ingest.accept_unlogged(&body, "grpc").expect("taken");
         assert_eq!(accepted.rejected_spans, to_stopped as u64);
         let routed = s.routed();
         assert_eq!(routed.len(), 16 - to_stopped);

@@ -13,6 +13,9 @@ pub(crate) enum RefusedReason {
     Memory,
     /// The host is shutting down; the sender was told to retry elsewhere.
     ShuttingDown,
+    /// The storage log is full (`storage.max_bytes` or the disk itself); the sender was told
+    /// to retry.
+    DiskFull,
 }
 
 impl RefusedReason {
@@ -21,6 +24,7 @@ impl RefusedReason {
             RefusedReason::InvalidId => "invalid_id",
             RefusedReason::Memory => "memory",
             RefusedReason::ShuttingDown => "shutting_down",
+            RefusedReason::DiskFull => "disk_full",
         }
     }
 }

@@ -1,0 +1,534 @@
+//! The storage log: what tailgate accepted, in order, durably, with positions.
+//!
+//! Owns two local logs under `storage.dir`: `spans/` (every accepted OTLP trace request, as
+//! protobuf, appended before the sender is answered) and `decisions/` (every decision before
+//! its effects, and which kept spans were exported). It owns the directory lock, the pins and
+//! the low watermark, the checkpoint (the watermark as last written, where replay starts), the
+//! release of segments nothing needs any more, the disk bound, and the reading back of both
+//! logs at start.
+//!
+//! Must never: free a record at or above the low watermark; answer an append before its bytes
+//! are written (and forced, per `storage.fsync`); crash or stop replaying on a damaged record
+//! (it is skipped, counted and named in a warning).
+//!
+//! Retention of the decision log: a closed decision segment is deleted once its newest record
+//! is older than `storage.decision_retention` (the late-span horizon) and the span log's
+//! watermark has passed every span its decisions refer to. Late spans of a trace decided
+//! longer ago than that start a trace of their own, as they do once the in-memory decision
+//! memory has forgotten it.
+
+mod log;
+mod metrics;
+mod pins;
+mod records;
+mod segment;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+pub(crate) use crate::config::Fsync;
+use crate::config::StorageConfig;
+use crate::telemetry::Registry;
+use crate::trace::TraceId;
+pub(crate) use log::AppendError;
+use log::{Log, LogOptions, SegmentInfo};
+pub(crate) use metrics::StorageMetrics;
+pub(crate) use pins::Pins;
+pub(crate) use records::{Exported, LoggedDecision};
+pub(crate) use segment::{Record, RecordKind};
+
+/// How often the watermark is recomputed, segments freed and the checkpoint written.
+const RELEASE_EVERY: Duration = Duration::from_millis(500);
+/// Early decisions (trigger `disk`) start at this share of `storage.max_bytes`.
+const PRESSURE_SHARE: f64 = 0.9;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StorageError {
+    #[error("storage directory {path}: {source}")]
+    Dir { path: String, source: io::Error },
+    #[error(
+        "storage directory {path} is in use by another tailgate ({holder}); one process at a time owns a directory"
+    )]
+    Locked { path: String, holder: String },
+    #[error(transparent)]
+    Segment(#[from] segment::SegmentError),
+}
+
+/// The decision of a trace as the log last recorded it, and which of its span records were
+/// exported since.
+#[derive(Debug)]
+pub struct RecoveredDecision {
+    pub(crate) decision: LoggedDecision,
+    pub(crate) exported: HashSet<u64>,
+}
+
+/// What a start finds in the log: the decisions, and where the span records to replay are.
+pub(crate) struct Recovery {
+    pub(crate) decisions: HashMap<TraceId, RecoveredDecision>,
+    segments: Vec<(u64, PathBuf)>,
+    from: u64,
+}
+
+pub(crate) struct Storage {
+    spans: Log,
+    decisions: Log,
+    pub(crate) pins: Arc<Pins>,
+    pub(crate) metrics: Arc<StorageMetrics>,
+    total_bytes: Arc<AtomicU64>,
+    max_bytes: u64,
+    retention: Duration,
+    fsync: Fsync,
+    dir: PathBuf,
+    checkpoint: Mutex<u64>,
+    /// (log end, unix nanos) as seen by each release round, for the watermark's age.
+    ends_seen: Mutex<VecDeque<(u64, u64)>>,
+    stop: AtomicBool,
+    releaser: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+/// Unix nanoseconds now: the record time of what is appended.
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl Storage {
+    /// Opens (or creates) the log under `config.dir`, takes its lock, and reads what a
+    /// previous run left: the decisions, and where replay of the span records starts.
+    pub(crate) fn open(
+        config: &StorageConfig,
+        registry: &Registry,
+    ) -> Result<(Arc<Self>, Recovery), StorageError> {
+        let dir = config.dir.clone();
+        let dir_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StorageError::Dir { path, source }
+        };
+        let spans_dir = dir.join("spans");
+        let decisions_dir = dir.join("decisions");
+        for d in [&dir, &spans_dir, &decisions_dir] {
+            std::fs::create_dir_all(d).map_err(dir_err(d))?;
+        }
+        let lock = take_lock(&dir)?;
+        let metrics = StorageMetrics::new(registry);
+        let checkpoint = read_checkpoint(&dir).map_err(dir_err(&dir))?;
+
+        // The decision log, whole: the latest decision of each trace, and its exports.
+        let mut decisions: HashMap<TraceId, RecoveredDecision> = HashMap::new();
+        let mut decision_segments = Vec::new();
+        let mut decisions_end = 0;
+        for (base, path) in
+            segment::list_segments(&decisions_dir).map_err(dir_err(&decisions_dir))?
+        {
+            let contents = segment::read_segment(&path, base, 0)?;
+            report_damage(&path, &contents.damage, &metrics);
+            let mut newest = 0;
+            for record in contents.records {
+                newest = newest.max(record.time);
+                apply_decision_record(&mut decisions, &record, &path);
+            }
+            decisions_end = base + contents.len;
+            decision_segments.push(SegmentInfo {
+                base,
+                path,
+                len: contents.len,
+                newest,
+                // Refers to spans up to anywhere in today's log, at most: held until the
+                // watermark passes what this start replays.
+                span_end: u64::MAX,
+            });
+        }
+
+        let span_segments = segment::list_segments(&spans_dir).map_err(dir_err(&spans_dir))?;
+        let mut span_infos = Vec::new();
+        let mut spans_end = 0;
+        for (base, path) in &span_segments {
+            let len = std::fs::metadata(path).map_err(dir_err(path))?.len();
+            spans_end = base + len;
+            span_infos.push(SegmentInfo {
+                base: *base,
+                path: path.clone(),
+                len,
+                newest: 0,
+                span_end: 0,
+            });
+        }
+        // Segments wholly below the checkpoint were released; one left by a crash goes now.
+        span_infos.retain(|s| {
+            let below = s.base + s.len <= checkpoint && s.base + s.len < spans_end;
+            if below {
+                let _ = std::fs::remove_file(&s.path);
+            }
+            !below
+        });
+        let spans_end_at_open = spans_end;
+        for s in &mut decision_segments {
+            s.span_end = spans_end_at_open;
+        }
+
+        let pins = Arc::new(Pins::default());
+        let total_bytes = Arc::new(AtomicU64::new(0));
+        let options = |pins: Option<Arc<Pins>>| LogOptions {
+            fsync: config.fsync,
+            fsync_interval: config.fsync_interval.0,
+            segment_bytes: config.segment_bytes.bytes() as u64,
+            pins,
+            metrics: metrics.clone(),
+            total_bytes: total_bytes.clone(),
+        };
+        let spans = Log::open(
+            "spans",
+            &spans_dir,
+            span_infos,
+            spans_end,
+            options(Some(pins.clone())),
+        )
+        .map_err(dir_err(&spans_dir))?;
+        let decisions_log = Log::open(
+            "decisions",
+            &decisions_dir,
+            decision_segments,
+            decisions_end,
+            options(None),
+        )
+        .map_err(dir_err(&decisions_dir))?;
+        let storage = Arc::new(Self {
+            spans,
+            decisions: decisions_log,
+            pins,
+            metrics,
+            total_bytes,
+            max_bytes: config.max_bytes.bytes() as u64,
+            retention: config.decision_retention.0,
+            fsync: config.fsync,
+            dir,
+            checkpoint: Mutex::new(checkpoint),
+            ends_seen: Mutex::new(VecDeque::from([(spans_end_at_open, unix_nanos())])),
+            stop: AtomicBool::new(false),
+            releaser: Mutex::new(None),
+            _lock: lock,
+        });
+        let recovery = Recovery {
+            decisions,
+            segments: span_segments
+                .into_iter()
+                .filter(|(base, path)| {
+                    path.exists() && (*base >= checkpoint || base + file_len(path) > checkpoint)
+                })
+                .collect(),
+            from: checkpoint,
+        };
+        Ok((storage, recovery))
+    }
+
+    /// Starts freeing what nothing needs. Call once the replay has pinned what it holds, so
+    /// the first release cannot pass a record that is still to be replayed.
+    pub(crate) fn start_release(self: &Arc<Self>) -> io::Result<()> {
+        let releaser = {
+            let storage = Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name("tailgate-storage-release".into())
+                .spawn(move || {
+                    while let Some(s) = storage.upgrade() {
+                        if s.stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        s.release();
+                        drop(s);
+                        std::thread::sleep(RELEASE_EVERY);
+                    }
+                })?
+        };
+        *self.releaser.lock() = Some(releaser);
+        Ok(())
+    }
+
+    /// Appends an accepted trace request; answers with its position, pinned for the caller.
+    pub(crate) fn append_spans(
+        &self,
+        request: &[u8],
+        time: u64,
+    ) -> oneshot::Receiver<Result<u64, AppendError>> {
+        self.spans.append(RecordKind::Spans, time, request, 0, true)
+    }
+
+    /// Records decisions, waiting until they are written: call before acting on them.
+    pub(crate) fn log_decisions(&self, decisions: &[LoggedDecision]) -> Result<(), AppendError> {
+        let payload = records::encode_decisions(decisions);
+        self.decisions
+            .append_blocking(
+                RecordKind::Decisions,
+                unix_nanos(),
+                &payload,
+                self.spans.end(),
+            )
+            .map(drop)
+    }
+
+    /// Records that the kept spans of these traces left through the exporter.
+    pub(crate) fn log_exported(
+        &self,
+        traces: &[Exported],
+    ) -> oneshot::Receiver<Result<u64, AppendError>> {
+        let payload = records::encode_exported(traces);
+        self.decisions.append(
+            RecordKind::Exported,
+            unix_nanos(),
+            &payload,
+            self.spans.end(),
+            false,
+        )
+    }
+
+    /// Whether `bytes` more still fit under `storage.max_bytes`.
+    pub(crate) fn has_room(&self, bytes: usize) -> bool {
+        self.total_bytes.load(Ordering::Relaxed) + bytes as u64 <= self.max_bytes
+    }
+
+    /// True past 90 % of `storage.max_bytes`: the oldest traces are decided early.
+    pub(crate) fn under_pressure(&self) -> bool {
+        self.total_bytes.load(Ordering::Relaxed) as f64 > self.max_bytes as f64 * PRESSURE_SHARE
+    }
+
+    /// The low watermark: nothing below it is needed.
+    pub(crate) fn watermark(&self) -> u64 {
+        // The end first: a record past it is not written yet, and one before it was pinned
+        // before the end moved (see the writer), so the pins read next include it.
+        let end = self.spans.end();
+        self.pins.low().map_or(end, |low| low.min(end))
+    }
+
+    /// Recomputes the watermark, writes the checkpoint, frees what nothing needs.
+    fn release(&self) {
+        let now = unix_nanos();
+        let watermark = self.watermark();
+        {
+            let mut checkpoint = self.checkpoint.lock();
+            if watermark > *checkpoint {
+                match write_checkpoint(&self.dir, watermark, self.fsync) {
+                    Ok(()) => *checkpoint = watermark,
+                    Err(e) => tracing::warn!(error = %e, "cannot write the storage checkpoint"),
+                }
+            }
+        }
+        let checkpoint = *self.checkpoint.lock();
+        let freed = free_segments(&self.spans, |s| s.base + s.len <= checkpoint);
+        let horizon = now.saturating_sub(u64::try_from(self.retention.as_nanos()).unwrap_or(0));
+        let freed_decisions = free_segments(&self.decisions, |s| {
+            s.newest < horizon && s.span_end <= checkpoint
+        });
+        self.total_bytes
+            .fetch_sub(freed + freed_decisions, Ordering::Relaxed);
+        let m = &self.metrics;
+        m.bytes
+            .set(i64::try_from(self.total_bytes.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        let segments =
+            self.spans.state.closed.lock().len() + self.decisions.state.closed.lock().len() + 2;
+        m.segments.set(segments as i64);
+        let mut ends = self.ends_seen.lock();
+        ends.push_back((self.spans.end(), now));
+        // The watermark's record was written when the end first passed it.
+        while ends.len() > 1 && ends[1].0 <= watermark {
+            ends.pop_front();
+        }
+        let age = ends
+            .front()
+            .filter(|(end, _)| *end <= watermark || ends.len() == 1)
+            .map_or(0, |(_, at)| now.saturating_sub(*at));
+        let age = if watermark >= self.spans.end() {
+            0
+        } else {
+            age
+        };
+        m.watermark_age.set(age as f64 / 1e9);
+        while ends.len() > 4096 {
+            ends.pop_front();
+        }
+    }
+
+    /// Stops the release thread, writes what is queued, forces it, and writes the checkpoint.
+    pub(crate) fn close(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.releaser.lock().take() {
+            let _ = t.join();
+        }
+        self.spans.close();
+        self.decisions.close();
+        self.release();
+    }
+}
+
+impl Recovery {
+    /// The span records to replay, oldest first, one segment at a time. Damage is skipped,
+    /// counted and named; a segment that cannot be read at all is named and skipped.
+    pub(crate) fn replay(&self, metrics: &StorageMetrics, mut f: impl FnMut(Record)) {
+        for (base, path) in &self.segments {
+            match segment::read_segment(path, *base, self.from) {
+                Ok(contents) => {
+                    report_damage(path, &contents.damage, metrics);
+                    contents.records.into_iter().for_each(&mut f);
+                }
+                Err(e) => {
+                    metrics.corrupt_records.inc();
+                    tracing::error!(error = %e, "cannot replay a storage segment; skipping it");
+                }
+            }
+        }
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Deletes the closed segments `done` says are no longer needed, oldest first, stopping at the
+/// first that is still needed; returns the bytes freed.
+fn free_segments(log: &Log, done: impl Fn(&SegmentInfo) -> bool) -> u64 {
+    let mut closed = log.state.closed.lock();
+    let mut freed = 0;
+    while let Some(first) = closed.first() {
+        if !done(first) {
+            break;
+        }
+        match std::fs::remove_file(&first.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, segment = %first.path.display(), "cannot delete a released segment");
+                break;
+            }
+        }
+        freed += first.len;
+        log.state.bytes.fetch_sub(first.len, Ordering::Relaxed);
+        closed.remove(0);
+    }
+    freed
+}
+
+fn apply_decision_record(
+    decisions: &mut HashMap<TraceId, RecoveredDecision>,
+    record: &Record,
+    path: &Path,
+) {
+    match record.kind {
+        RecordKind::Decisions => match records::decode_decisions(&record.payload) {
+            Ok(list) => {
+                for d in list {
+                    // The latest record of a trace replaces the earlier ones.
+                    decisions
+                        .entry(d.trace_id)
+                        .and_modify(|r| r.decision = d.clone())
+                        .or_insert_with(|| RecoveredDecision {
+                            decision: d,
+                            exported: HashSet::new(),
+                        });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, segment = %path.display(), position = record.position, "skipping a decision record")
+            }
+        },
+        RecordKind::Exported => match records::decode_exported(&record.payload) {
+            Ok(list) => {
+                for t in list {
+                    if let Some(r) = decisions.get_mut(&t.trace_id) {
+                        r.exported.extend(t.records);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, segment = %path.display(), position = record.position, "skipping an export record")
+            }
+        },
+        RecordKind::Spans => {}
+    }
+}
+
+fn report_damage(path: &Path, damage: &[segment::Damage], metrics: &StorageMetrics) {
+    for d in damage {
+        metrics.corrupt_records.inc();
+        tracing::warn!(
+            segment = %path.display(),
+            offset = d.offset,
+            bytes = d.bytes,
+            torn = d.torn,
+            "skipping a damaged stretch of the storage log"
+        );
+    }
+}
+
+/// Takes the directory's lock, or names the process that holds it.
+fn take_lock(dir: &Path) -> Result<File, StorageError> {
+    let path = dir.join("LOCK");
+    let dir_err = |source| StorageError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(dir_err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(StorageError::Locked {
+                path: dir.display().to_string(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+    }
+    file.set_len(0).map_err(dir_err)?;
+    write!(file, "{}", std::process::id()).map_err(dir_err)?;
+    Ok(file)
+}
+
+fn read_checkpoint(dir: &Path) -> io::Result<u64> {
+    match std::fs::read_to_string(dir.join("CHECKPOINT")) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(dir = %dir.display(), "unreadable storage checkpoint; replaying the whole log");
+            0
+        })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the checkpoint by rename, so a crash leaves the old one or the new one.
+fn write_checkpoint(dir: &Path, position: u64, fsync: Fsync) -> io::Result<()> {
+    let tmp = dir.join("CHECKPOINT.tmp");
+    let mut f = File::create(&tmp)?;
+    writeln!(f, "{position}")?;
+    if fsync != Fsync::Never {
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, dir.join("CHECKPOINT"))?;
+    if fsync != Fsync::Never
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

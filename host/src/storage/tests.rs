@@ -1,0 +1,229 @@
+//! The storage log end to end within the crate: appends survive a reopen, the watermark frees
+//! only what nothing pins, the lock refuses a second owner, decisions read back latest first.
+
+use super::*;
+use crate::config::{Size, StorageConfig};
+
+fn config(dir: &Path) -> StorageConfig {
+    StorageConfig {
+        dir: dir.to_path_buf(),
+        fsync: Fsync::Never,
+        segment_bytes: Size(1 << 20),
+        max_bytes: Size(64 << 20),
+        ..StorageConfig::default()
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tailgate-storage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn append(storage: &Storage, payload: &[u8]) -> u64 {
+    storage
+        .append_spans(payload, unix_nanos())
+        .blocking_recv()
+        .expect("answered")
+        .expect("appended")
+}
+
+fn replayed(recovery: &Recovery, storage: &Storage) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    recovery.replay(&storage.metrics, |r| out.push((r.position, r.payload)));
+    out
+}
+
+#[test]
+fn what_was_appended_and_still_pinned_is_replayed_after_a_reopen() {
+    let dir = temp("reopen");
+    let registry = Registry::new();
+    let positions: Vec<u64> = {
+        let (storage, _) = Storage::open(&config(&dir), &registry).expect("open");
+        let p = (0..3u8).map(|i| append(&storage, &[i; 10])).collect();
+        storage.close();
+        p
+    };
+    let (storage, recovery) = Storage::open(&config(&dir), &Registry::new()).expect("reopen");
+    let got = replayed(&recovery, &storage);
+    assert_eq!(
+        got,
+        positions
+            .iter()
+            .zip(0..3u8)
+            .map(|(p, i)| (*p, vec![i; 10]))
+            .collect::<Vec<_>>(),
+        "every record, at its position, pinned at close"
+    );
+    // New appends go after the old records, never over them.
+    let next = append(&storage, b"after");
+    assert!(next > *positions.last().unwrap());
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn released_records_are_not_replayed_and_their_segments_go() {
+    let dir = temp("release");
+    {
+        let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
+        let big = vec![7u8; 300 << 10];
+        let positions: Vec<u64> = (0..8).map(|_| append(&storage, &big)).collect();
+        let kept = positions[6];
+        // Everyone lets go of all but the last two.
+        for p in &positions[..6] {
+            storage.pins.unpin(*p);
+        }
+        assert_eq!(storage.watermark(), kept);
+        storage.release();
+        let left: Vec<u64> = segment::list_segments(&dir.join("spans"))
+            .unwrap()
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
+        assert!(left.len() < 4, "released segments were deleted: {left:?}");
+        assert!(
+            left.iter().all(|b| *b <= kept),
+            "the pinned record's segment stays"
+        );
+        storage.close();
+    }
+    let (storage, recovery) = Storage::open(&config(&dir), &Registry::new()).expect("reopen");
+    let got = replayed(&recovery, &storage);
+    assert_eq!(got.len(), 2, "only the two records still pinned");
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_owner_is_refused_naming_the_first() {
+    let dir = temp("lock");
+    let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
+    let err = Storage::open(&config(&dir), &Registry::new())
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("in use by another tailgate"), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", std::process::id())),
+        "{text}"
+    );
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unwritable_directory_is_refused_with_its_path() {
+    let file = temp("not-a-dir");
+    std::fs::write(&file, b"a file").expect("write");
+    let err = Storage::open(&config(&file), &Registry::new())
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn the_latest_decision_of_a_trace_wins_and_exports_are_remembered() {
+    let dir = temp("decisions");
+    let d = |keep: bool, reason: &str| LoggedDecision {
+        trace_id: [9; 16],
+        keep,
+        trigger: crate::trace::Trigger::RootGrace,
+        probability: None,
+        policy: "p".into(),
+        reason: reason.into(),
+    };
+    {
+        let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
+        storage.log_decisions(&[d(false, "first")]).expect("logged");
+        storage
+            .log_decisions(&[d(true, "rescued")])
+            .expect("logged");
+        storage
+            .log_exported(&[Exported {
+                trace_id: [9; 16],
+                records: vec![42],
+            }])
+            .blocking_recv()
+            .expect("answered")
+            .expect("logged");
+        storage.close();
+    }
+    let (storage, recovery) = Storage::open(&config(&dir), &Registry::new()).expect("reopen");
+    let r = recovery.decisions.get(&[9; 16]).expect("recovered");
+    assert_eq!(r.decision, d(true, "rescued"));
+    assert!(r.exported.contains(&42));
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_full_log_refuses_room_and_reports_pressure_first() {
+    let dir = temp("full");
+    let mut c = config(&dir);
+    c.max_bytes = Size(2 << 20);
+    let (storage, _) = Storage::open(&c, &Registry::new()).expect("open");
+    assert!(storage.has_room(1 << 20));
+    let chunk = vec![1u8; 400 << 10];
+    let mut n = 0;
+    while !storage.under_pressure() {
+        append(&storage, &chunk);
+        n += 1;
+        assert!(n < 10, "pressure past 90 % of the bound");
+    }
+    assert!(!storage.has_room(400 << 10), "no room for another chunk");
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn torn_and_damaged_segments_keep_every_intact_record_and_count_the_rest() {
+    let dir = temp("damage");
+    let total = {
+        let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
+        let n = 80;
+        for i in 0..n {
+            append(&storage, &[i as u8; 20_000]);
+        }
+        storage.close();
+        n
+    };
+    let segments = segment::list_segments(&dir.join("spans")).unwrap();
+    assert!(segments.len() >= 2, "several segments");
+    // Flip a byte inside an older segment, and tear the newest.
+    let (_, older) = &segments[0];
+    let mut bytes = std::fs::read(older).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(older, &bytes).unwrap();
+    let (_, newest) = segments
+        .iter()
+        .rev()
+        .find(|(_, p)| file_len(p) > 1000)
+        .unwrap();
+    let len = file_len(newest);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(newest)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let registry = Registry::new();
+    let (storage, recovery) = Storage::open(&config(&dir), &registry).expect("reopen");
+    let got = replayed(&recovery, &storage);
+    assert_eq!(
+        got.len(),
+        total - 2,
+        "one record lost to the flip, one to the tear"
+    );
+    assert_eq!(
+        registry.value("tailgate_storage_corrupt_records_total"),
+        2.0
+    );
+    storage.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
