@@ -247,9 +247,10 @@ impl Worker {
             ShardMsg::Replay { spans, record, at } => {
                 self.replaying = true;
                 self.replay_now = self.replay_now.max(at);
-                self.insert(spans, Some(record), at);
-                // Triggers fire on the records' time, as they would have live.
+                // Triggers fire on the records' time, as they would have live: what was due
+                // before this record arrived is decided before it is taken.
                 self.decide_due(self.replay_now);
+                self.insert(spans, Some(record), at);
                 false
             }
             ShardMsg::ReplayDone => {
@@ -809,5 +810,179 @@ mod tests {
         );
         assert_eq!(h.memory.used(), 0);
         assert_eq!(h.registry.value("tailgate_buffer_traces"), 0.0);
+    }
+
+    /// A harness whose worker logs to a real storage log in a fresh folder.
+    fn with_storage(name: &str) -> (Harness, Arc<Storage>, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("tailgate-pipeline-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = crate::config::StorageConfig {
+            dir: dir.clone(),
+            fsync: crate::config::Fsync::Never,
+            ..Default::default()
+        };
+        let (storage, _) = Storage::open(&config, &Registry::new()).expect("storage");
+        let mut h = harness(1 << 20, 100);
+        h.worker.ctx.storage = Some(storage.clone());
+        (h, storage, dir)
+    }
+
+    impl Harness {
+        /// Spans that came in the log record at `record`, pinned once as the writer does.
+        fn receive_from(
+            &mut self,
+            record: u64,
+            trace: u8,
+            spans: Vec<BufferedSpan>,
+            replay_at: Option<Nanos>,
+        ) {
+            if let Some(storage) = &self.worker.ctx.storage {
+                storage.pins.pin(record);
+            }
+            let spans = spans
+                .into_iter()
+                .map(|mut span| {
+                    span.bytes = vec![trace; 100].into_boxed_slice();
+                    let cost = span.cost();
+                    self.memory.force_reserve(cost);
+                    ShardSpan {
+                        trace_id: [trace; 16],
+                        span,
+                        cost,
+                    }
+                })
+                .collect();
+            let msg = match replay_at {
+                None => ShardMsg::Spans {
+                    spans,
+                    record: Some(record),
+                },
+                Some(at) => ShardMsg::Replay { spans, record, at },
+            };
+            assert!(!self.worker.handle(msg));
+        }
+
+        /// The kept traces queued so far, with what they hand the exporter to settle.
+        fn settles(&mut self) -> Vec<(u8, usize, Option<Exported>)> {
+            let mut out = Vec::new();
+            while let Ok(kept) = self.exported.try_recv() {
+                out.push((kept.spans[0].bytes[0], kept.spans.len(), kept.settle));
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn with_the_log_a_drop_releases_its_records_and_a_keep_hands_them_to_the_exporter() {
+        let (mut h, storage, dir) = with_storage("pins");
+        h.receive_from(100, 1, vec![span(1, 0, false)], None);
+        h.receive_from(200, 2, vec![span(1, 0, true)], None);
+        h.receive_from(300, 2, vec![span(2, 1, false)], None);
+        assert_eq!(
+            storage.pins.low(),
+            Some(100),
+            "undecided traces pin their records"
+        );
+        h.tick(3 * S);
+        // Trace 1 was dropped (its decision is logged): nothing pins 100 any more. Trace 2 was
+        // kept: its records stay pinned until the exporter settles them.
+        assert_eq!(storage.pins.low(), Some(200));
+        let settles = h.settles();
+        assert_eq!(settles.len(), 1);
+        let (trace, spans, settle) = &settles[0];
+        assert_eq!((*trace, *spans), (2, 2));
+        assert_eq!(
+            settle.as_ref().expect("kept with the log on").records,
+            vec![200, 300]
+        );
+        storage.close();
+        // The lock goes with the last handle.
+        drop(h);
+        drop(storage);
+        let (reopened, recovery) = Storage::open(
+            &crate::config::StorageConfig {
+                dir: dir.clone(),
+                ..Default::default()
+            },
+            &Registry::new(),
+        )
+        .expect("reopen");
+        let logged = |t: u8| recovery.decisions.get(&[t; 16]).map(|r| r.decision.keep);
+        assert_eq!(
+            (logged(1), logged(2)),
+            (Some(false), Some(true)),
+            "both decisions logged"
+        );
+        reopened.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn replay_follows_logged_decisions_and_decides_the_rest_on_record_time() {
+        let (mut h, storage, dir) = with_storage("replay");
+        let logged = |t: u8, keep: bool, exported: &[u64]| {
+            (
+                [t; 16],
+                RecoveredDecision {
+                    decision: LoggedDecision {
+                        trace_id: [t; 16],
+                        keep,
+                        trigger: Trigger::RootGrace,
+                        probability: None,
+                        policy: "errors".into(),
+                        reason: "logged".into(),
+                    },
+                    exported: exported.iter().copied().collect(),
+                },
+            )
+        };
+        // Trace 1 was kept and its record 10 exported, record 20 not; trace 2 was dropped.
+        assert!(!h.worker.handle(ShardMsg::Recovered(HashMap::from([
+            logged(1, true, &[10]),
+            logged(2, false, &[]),
+        ]))));
+        let at = h.clock.now();
+        h.receive_from(10, 1, vec![span(1, 0, false)], Some(at));
+        h.receive_from(20, 1, vec![span(2, 1, false)], Some(at));
+        h.receive_from(30, 2, vec![span(1, 0, true)], Some(at));
+        // Trace 3 was undecided: rebuilt, and decided by its root grace on record time.
+        h.receive_from(40, 3, vec![span(1, 0, true)], Some(at));
+        h.receive_from(
+            50,
+            3,
+            vec![span(2, 1, false)],
+            Some(at + 3 * S.as_nanos() as u64),
+        );
+        let mut settles = h.settles();
+        settles.sort_by_key(|s| s.0);
+        let summary: Vec<(u8, usize, Vec<u64>)> = settles
+            .into_iter()
+            .map(|(t, n, s)| (t, n, s.map(|s| s.records).unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(1, 1, vec![20]), (3, 1, vec![40]), (3, 1, vec![50])],
+            "trace 1's unexported record again, none of dropped trace 2, trace 3 decided when \
+             its grace passed on record time, so its second span came late"
+        );
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_kept_total{trigger=\"root_grace\"}"),
+            1.0
+        );
+        assert_eq!(storage.metrics.reexported_spans.get(), 1);
+        assert_eq!(storage.metrics.recovered_spans.get(), 2);
+        // After the replay, late spans follow the recovered decisions.
+        assert!(!h.worker.handle(ShardMsg::ReplayDone));
+        h.receive_from(60, 2, vec![span(3, 1, true)], None);
+        assert!(
+            h.settles().is_empty(),
+            "a late span of dropped trace 2 stays dropped"
+        );
+        h.receive_from(70, 1, vec![span(3, 1, false)], None);
+        assert_eq!(h.settles().len(), 1, "a late span of kept trace 1 is kept");
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
