@@ -47,7 +47,7 @@ pub(crate) enum Command {
     /// Send generated agent traces to an OTLP endpoint at a target rate (or write them to a
     /// file), then print a JSON summary on stdout.
     #[command(long_about = LOADGEN_ABOUT)]
-    Loadgen(LoadgenArgs),
+    Loadgen(Box<LoadgenArgs>),
 }
 
 const LOADGEN_ABOUT: &str = "\
@@ -134,6 +134,13 @@ pub(crate) struct LoadgenArgs {
     /// tailgate::loadgen::read_requests. Needs --spans.
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
+    /// List every request answered with success in this file, as the answers arrive: one line
+    /// `<first_seq> <spans>` each (seqs first_seq .. first_seq+spans were acknowledged; a partial
+    /// success is listed whole, its rejected spans counted in spans_rejected). Written line by
+    /// line, unbuffered, so it stays right when the run ends in failures (a target killed
+    /// mid-run); failed requests are never listed.
+    #[arg(long, conflicts_with = "out")]
+    pub(crate) acked_out: Option<PathBuf>,
     /// Also write the JSON summary, pretty-printed, to this file.
     #[arg(long)]
     pub(crate) report: Option<PathBuf>,
@@ -181,6 +188,7 @@ impl LoadgenArgs {
             timeout: self.timeout,
             retry_for: self.retry_for,
             progress: !self.quiet,
+            acked_out: self.acked_out.clone(),
         }
     }
 }

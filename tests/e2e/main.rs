@@ -4,6 +4,7 @@ mod agent;
 mod author;
 mod cli;
 mod conformance;
+mod crash;
 mod exporter;
 mod hostile;
 mod hotswap;

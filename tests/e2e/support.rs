@@ -187,17 +187,14 @@ impl Tailgate {
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> ExitStatus {
         signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tailgate did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(Duration::from_secs(60))
+            .expect("tailgate did not exit after SIGTERM")
+    }
+
+    /// Waits up to `timeout` for the process to exit (after a signal the test sent); None if
+    /// it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for(timeout, || self.child.try_wait().expect("wait on tailgate"))
     }
 
     /// Peak resident memory so far (VmHWM), in bytes.

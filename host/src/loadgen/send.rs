@@ -3,14 +3,17 @@
 //! [`read_requests`]).
 //!
 //! Owns: the pacing (one global schedule shared by every connection), the numbering of requests
-//! (so the whole run's `loadgen.seq` values are exactly `0..seq_count`), and the run's
-//! [`Summary`]. The wire, the OTLP failure classification and the retry loop are the exporter's
-//! ([`crate::export::transport`]): the load generator is one more OTLP client, and must treat
-//! failures exactly as tailgate's own exporter does.
+//! (so the whole run's `loadgen.seq` values are exactly `0..seq_count`), the run's [`Summary`],
+//! and the list of acknowledged requests (`--acked-out`, see [`AckLog`]). The wire, the OTLP
+//! failure classification and the retry loop are the exporter's ([`crate::export::transport`]):
+//! the load generator is one more OTLP client, and must treat failures exactly as tailgate's own
+//! exporter does.
 //!
 //! Must never: reuse a sequence number (a sink counts duplicates by them), leave a gap inside
-//! `0..seq_count` (a gap would read as loss), or send bursts of a second's worth of spans to
-//! make up the rate: a request is due at its own instant of the schedule.
+//! `0..seq_count` (a gap would read as loss), send bursts of a second's worth of spans to
+//! make up the rate (a request is due at its own instant of the schedule), or list a request as
+//! acknowledged before its success answer arrived (a crash test reads the list as what the
+//! target promised to keep).
 //!
 //! ## Numbering
 //!
@@ -82,6 +85,8 @@ pub(crate) struct LoadPlan {
     pub(crate) retry_for: Duration,
     /// Progress lines on stderr every few seconds.
     pub(crate) progress: bool,
+    /// Where to list the acknowledged requests as their answers arrive (`--acked-out`).
+    pub(crate) acked_out: Option<PathBuf>,
 }
 
 impl LoadPlan {
@@ -143,6 +148,55 @@ pub enum LoadgenError {
     },
     #[error("invalid load plan: {0}")]
     Plan(String),
+}
+
+/// The `--acked-out` file: one line `<first_seq> <spans>` per request answered with success,
+/// saying that seqs `first_seq .. first_seq + spans` were acknowledged, in the order the answers
+/// arrived. A partial success is listed whole (its rejected spans are counted in the summary's
+/// `spans_rejected`); a request that failed for good is never listed.
+///
+/// Each line is one unbuffered `write` made as soon as its answer arrives, so the file is right
+/// at every moment, also when the run goes on to fail (a target killed mid-run).
+struct AckLog {
+    path: PathBuf,
+    file: Mutex<File>,
+    /// The first write that failed: the list is then incomplete, and the run is an error.
+    failed: Mutex<Option<io::Error>>,
+}
+
+impl AckLog {
+    fn create(path: &Path) -> Result<Self, LoadgenError> {
+        let file = File::create(path).map_err(|source| LoadgenError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Lists one acknowledged request. A write of a few bytes into the page cache, made on the
+    /// connection's task: cheaper than a hop to a blocking thread, and it keeps the line ahead
+    /// of the connection's next request.
+    fn record(&self, first_seq: u64, spans: u64) {
+        let line = format!("{first_seq} {spans}\n");
+        if let Err(e) = self.file.lock().write_all(line.as_bytes()) {
+            self.failed.lock().get_or_insert(e);
+        }
+    }
+
+    /// Ok when every acknowledged request was listed.
+    fn finish(&self) -> Result<(), LoadgenError> {
+        match self.failed.lock().take() {
+            None => Ok(()),
+            Some(source) => Err(LoadgenError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
 }
 
 /// One request's worth of the schedule.
@@ -303,6 +357,10 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let acked = match &plan.acked_out {
+        Some(path) => Some(Arc::new(AckLog::create(path)?)),
+        None => None,
+    };
     let target = transports
         .first()
         .map(|t| t.endpoint().to_owned())
@@ -339,11 +397,14 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
         .into_iter()
         .enumerate()
         .map(|(i, transport)| {
-            let schedule = schedule.clone();
-            let accepted = accepted.clone();
             let generator = Generator::new(plan.seed.wrapping_add(i as u64), plan.shape.clone());
             tokio::spawn(run_connection(
-                transport, generator, retry, schedule, accepted,
+                transport,
+                generator,
+                retry,
+                schedule.clone(),
+                accepted.clone(),
+                acked.clone(),
             ))
         })
         .collect();
@@ -360,6 +421,9 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
     if let Some(p) = progress {
         p.abort();
     }
+    if let Some(acked) = &acked {
+        acked.finish()?;
+    }
     let seq_count = schedule.seq_count(plan.shape.spans_per_trace.max(1) as u64);
     Ok(summarize(plan, target, seq_count, elapsed, stats))
 }
@@ -370,6 +434,7 @@ async fn run_connection(
     retry: RetryPolicy,
     schedule: Arc<Schedule>,
     accepted: Arc<AtomicU64>,
+    acked: Option<Arc<AckLog>>,
 ) -> ConnectionStats {
     let mut stats = ConnectionStats::default();
     while let Some(claim) = schedule.claim() {
@@ -389,6 +454,9 @@ async fn run_connection(
         stats.retries += retries;
         match result {
             Ok(delivered) => {
+                if let Some(acked) = &acked {
+                    acked.record(claim.seq_start, spans);
+                }
                 let rejected = u64::try_from(delivered.rejected_spans)
                     .unwrap_or(0)
                     .min(spans);
@@ -467,6 +535,11 @@ pub(crate) fn write_requests(plan: &LoadPlan, path: &Path) -> Result<Summary, Lo
             "writing to a file needs a number of spans".into(),
         ));
     }
+    if plan.acked_out.is_some() {
+        return Err(LoadgenError::Plan(
+            "acknowledged requests are listed from an endpoint's answers; a file gives none".into(),
+        ));
+    }
     let io_err = |source| LoadgenError::Io {
         path: path.to_owned(),
         source,
@@ -535,6 +608,11 @@ pub fn read_requests(path: &Path) -> Result<Vec<ExportTraceServiceRequest>, Load
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+
     use super::*;
     use crate::loadgen::seq_of;
 
@@ -556,6 +634,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             retry_for: Duration::from_secs(1),
             progress: false,
+            acked_out: None,
         }
     }
 
@@ -605,6 +684,90 @@ mod tests {
             .collect();
         seqs.sort_unstable();
         assert_eq!(seqs, (0..1_001).collect::<Vec<_>>());
+    }
+
+    /// A gRPC receiver that refuses every third request as a permanent error and records the
+    /// first seq and span count of each request it accepts.
+    struct RefuseEveryThird {
+        calls: std::sync::atomic::AtomicUsize,
+        accepted: std::sync::Arc<Mutex<Vec<(u64, u64)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for RefuseEveryThird {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_multiple_of(3) {
+                return Err(tonic::Status::invalid_argument("refused for the test"));
+            }
+            let seqs: Vec<u64> = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .flat_map(|ss| &ss.spans)
+                .filter_map(seq_of)
+                .collect();
+            let first = seqs.iter().copied().min().unwrap_or(0);
+            self.accepted.lock().push((first, seqs.len() as u64));
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acked_out_lists_exactly_the_requests_answered_with_success() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = RefuseEveryThird {
+            calls: Default::default(),
+            accepted: accepted.clone(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(sink))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+
+        let dir =
+            std::env::temp_dir().join(format!("tailgate-loadgen-acked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acked.txt");
+        let run = LoadPlan {
+            endpoint: format!("http://{addr}"),
+            acked_out: Some(path.clone()),
+            ..plan(Some(700), None, 0.0)
+        };
+        let summary = send(&run).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = stop.send(());
+        let _ = server.await;
+
+        // 700 spans of 7-span traces in requests of 4 traces: 25 requests, 8 of them refused.
+        assert_eq!((summary.requests, summary.requests_failed), (25, 8));
+        let mut listed: Vec<(u64, u64)> = text
+            .lines()
+            .map(|l| {
+                let (first, spans) = l.split_once(' ').expect("two fields");
+                (first.parse().unwrap(), spans.parse().unwrap())
+            })
+            .collect();
+        listed.sort_unstable();
+        let mut want = accepted.lock().clone();
+        want.sort_unstable();
+        assert_eq!(listed, want, "the list is the accepted requests, no more");
+        let spans: u64 = listed.iter().map(|(_, n)| n).sum();
+        assert_eq!(spans, summary.spans_accepted);
     }
 
     #[test]
