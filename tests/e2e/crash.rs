@@ -7,6 +7,9 @@
 //!
 //! "Acknowledged" is what loadgen lists in `--acked-out`: the requests answered with success.
 //! The kill moment comes from a seed each test prints; `TAILGATE_CRASH_SEED=<seed>` replays it.
+//!
+//! Beside them, the log's disk bound under the same load: early decisions (trigger `disk`),
+//! the log within `storage.max_bytes`, and nothing acknowledged lost.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek as _, SeekFrom};
@@ -484,5 +487,77 @@ fn kill9_with_every_trace_undecided_restart_recovers_them_from_the_log() {
         recovered.is_some_and(|n| n > 0.0),
         "the restart rebuilt no buffered span from the log: \
          tailgate_storage_recovered_spans_total = {recovered:?}"
+    );
+}
+
+/// A storage bound far below what the load brings, with traces that only `decision_wait` would
+/// decide in time: past 90 % of the bound the oldest are decided early (trigger `disk`), the
+/// log stays within its bound, and every acknowledged seq is delivered.
+#[test]
+fn a_small_storage_bound_decides_the_oldest_early_and_loses_nothing() {
+    const MAX_BYTES: f64 = (3 << 20) as f64;
+    let dir = TempDir::new("disk-bound");
+    let out = dir.path().join("traces.jsonl");
+    let acked_path = dir.path().join("acked.txt");
+    let config = format!(
+        "[buffer]\nroot_grace = \"60s\"\ntrace_idle = \"60s\"\ndecision_wait = \"120s\"\n\n\
+         [decide]\ndefault = \"keep\"\n\n\
+         [exporter]\ntype = \"file\"\npath = {:?}\nbatch_timeout = \"50ms\"\n\n\
+         [storage]\ndir = {:?}\nsegment_bytes = \"1MiB\"\nmax_bytes = \"3MiB\"\n",
+        out.display().to_string(),
+        dir.path().join("storage").display().to_string()
+    );
+    let mut tg = Tailgate::start(&config);
+    let endpoint = format!("http://{}", tg.grpc);
+    let mut loadgen = ChildGuard(
+        Command::new(BIN)
+            .arg("loadgen")
+            .args(["--endpoint", &endpoint, "--duration", "6s"])
+            .args(["--rate", &RATE.to_string(), "--connections", "2"])
+            .args(["--traces-per-request", &TRACES_PER_REQUEST.to_string()])
+            .args(["--spans-per-trace", &SPANS_PER_TRACE.to_string()])
+            // A full log refuses with a retryable code: retry long enough to get through.
+            .args(["--retry-for", "30s", "--quiet"])
+            .arg("--acked-out")
+            .arg(&acked_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tailgate loadgen"),
+    );
+    let mut peak = 0.0f64;
+    let finished = wait_for(Duration::from_secs(120), || {
+        peak = peak.max(tg.metrics().sum("tailgate_storage_bytes", &[]));
+        loadgen.0.try_wait().ok().flatten()
+    });
+    assert!(finished.is_some(), "loadgen did not finish");
+    let stdout = read_all(loadgen.0.stdout.take());
+    let summary: Value = serde_json::from_str(stdout.trim()).expect("loadgen's JSON summary");
+    assert_eq!(n(&summary, "spans_rejected"), 0, "{summary}");
+    let metrics = tg.metrics();
+    let early = metrics.sum("tailgate_spans_kept_total", &["trigger=\"disk\""]);
+    let status = tg.terminate();
+    assert!(status.success(), "tailgate did not stop cleanly: {status}");
+    let acked = read_acked(&acked_path);
+    let mut file = ExportedFile::new(out);
+    file.poll();
+    let lost = missing(&acked, &file.seqs);
+    eprintln!(
+        "disk bound: {} acknowledged, {} delivered, {early} kept early for disk, storage peak \
+         {peak} bytes of {MAX_BYTES}; loadgen: {summary}",
+        acked.iter().map(|(_, n)| n).sum::<u64>(),
+        file.seqs.len()
+    );
+    assert!(early > 0.0, "nothing was decided early for disk: {summary}");
+    assert!(
+        peak <= MAX_BYTES,
+        "the log grew past its bound: {peak} bytes"
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged seqs never arrived; the first: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
     );
 }
