@@ -72,6 +72,28 @@ struct Scenario {
     deliver_within: Duration,
 }
 
+/// `tailgate loadgen` at the tests' load for `duration`, listing what it gets acknowledged in
+/// `acked`; `extra` are its retry (and seed) flags.
+fn spawn_loadgen(endpoint: &str, duration: &str, extra: &[&str], acked: &Path) -> ChildGuard {
+    ChildGuard(
+        Command::new(BIN)
+            .arg("loadgen")
+            .args(["--endpoint", endpoint, "--duration", duration])
+            .args(["--rate", &RATE.to_string(), "--connections", "2"])
+            .args(["--traces-per-request", &TRACES_PER_REQUEST.to_string()])
+            .args(["--spans-per-trace", &SPANS_PER_TRACE.to_string()])
+            .args(extra)
+            .arg("--quiet")
+            .arg("--acked-out")
+            .arg(acked)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tailgate loadgen"),
+    )
+}
+
 /// `TAILGATE_CRASH_SEED` if set, else the clock.
 fn seed() -> u64 {
     match std::env::var("TAILGATE_CRASH_SEED") {
@@ -284,24 +306,21 @@ fn crash_and_recover(s: Scenario) -> Metrics {
     let endpoint = format!("http://{}", killed.grpc);
     let load_for = format!("{}ms", s.load_for.as_millis());
     let started = Instant::now();
-    let mut loadgen = ChildGuard(
-        Command::new(BIN)
-            .arg("loadgen")
-            .args(["--endpoint", &endpoint, "--duration", &load_for])
-            .args(["--rate", &RATE.to_string(), "--connections", "2"])
-            .args(["--traces-per-request", &TRACES_PER_REQUEST.to_string()])
-            .args(["--spans-per-trace", &SPANS_PER_TRACE.to_string()])
-            // Short retries: after the kill each request fails fast, and the run ends soon
-            // after --duration.
-            .args(["--timeout", "1s", "--retry-for", "300ms"])
-            .args(["--seed", &seed.to_string(), "--quiet"])
-            .arg("--acked-out")
-            .arg(&acked_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tailgate loadgen"),
+    // Short retries: after the kill each request fails fast, and the run ends soon after
+    // --duration.
+    let seed_arg = seed.to_string();
+    let mut loadgen = spawn_loadgen(
+        &endpoint,
+        &load_for,
+        &[
+            "--timeout",
+            "1s",
+            "--retry-for",
+            "300ms",
+            "--seed",
+            &seed_arg,
+        ],
+        &acked_path,
     );
     // A fixed moment on purpose: the seeded instant of the kill is what the test varies.
     std::thread::sleep(kill_after.saturating_sub(started.elapsed()));
@@ -509,23 +528,8 @@ fn a_small_storage_bound_decides_the_oldest_early_and_loses_nothing() {
     );
     let mut tg = Tailgate::start(&config);
     let endpoint = format!("http://{}", tg.grpc);
-    let mut loadgen = ChildGuard(
-        Command::new(BIN)
-            .arg("loadgen")
-            .args(["--endpoint", &endpoint, "--duration", "6s"])
-            .args(["--rate", &RATE.to_string(), "--connections", "2"])
-            .args(["--traces-per-request", &TRACES_PER_REQUEST.to_string()])
-            .args(["--spans-per-trace", &SPANS_PER_TRACE.to_string()])
-            // A full log refuses with a retryable code: retry long enough to get through.
-            .args(["--retry-for", "30s", "--quiet"])
-            .arg("--acked-out")
-            .arg(&acked_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tailgate loadgen"),
-    );
+    // A full log refuses with a retryable code: retry long enough to get through.
+    let mut loadgen = spawn_loadgen(&endpoint, "6s", &["--retry-for", "30s"], &acked_path);
     let mut peak = 0.0f64;
     let finished = wait_for(Duration::from_secs(120), || {
         peak = peak.max(tg.metrics().sum("tailgate_storage_bytes", &[]));

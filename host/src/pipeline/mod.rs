@@ -31,7 +31,7 @@ use crate::buffer::{
 use crate::clock::Clock;
 use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
 use crate::export::{ExportQueue, KeptTrace};
-use crate::storage::{Exported, LoggedDecision, RecoveredDecision, Storage};
+use crate::storage::{DecisionRef, Exported, RecoveredDecision, Storage};
 use crate::trace::{BufferedSpan, Nanos, Stamp, TraceId, Trigger};
 pub(crate) use metrics::PipelineMetrics;
 
@@ -466,14 +466,14 @@ impl Worker {
         }
         if let Some(storage) = &self.ctx.storage {
             // Before any effect: a restart follows these and never decides the traces anew.
-            let logged: Vec<LoggedDecision> = (batch.iter().zip(&decisions))
-                .map(|(due, d)| LoggedDecision {
-                    trace_id: due.trace_id,
+            let logged: Vec<DecisionRef<'_>> = (batch.iter().zip(&decisions))
+                .map(|(due, d)| DecisionRef {
+                    trace_id: &due.trace_id,
                     keep: d.keep,
                     trigger: due.trigger,
                     probability: d.probability,
-                    policy: d.policy.to_string(),
-                    reason: d.reason.to_string(),
+                    policy: &d.policy,
+                    reason: &d.reason,
                 })
                 .collect();
             if let Err(e) = storage.log_decisions(&logged) {
@@ -925,7 +925,7 @@ mod tests {
             (
                 [t; 16],
                 RecoveredDecision {
-                    decision: LoggedDecision {
+                    decision: crate::storage::LoggedDecision {
                         trace_id: [t; 16],
                         keep,
                         trigger: Trigger::RootGrace,

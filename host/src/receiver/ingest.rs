@@ -72,9 +72,7 @@ struct InFlight<'a>(&'a Ingest);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.leave();
     }
 }
 
@@ -90,9 +88,7 @@ impl OwnedInFlight {
 
 impl Drop for OwnedInFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.leave();
     }
 }
 
@@ -130,6 +126,13 @@ impl Ingest {
                 return;
             }
             idle.await;
+        }
+    }
+
+    /// A request in flight is done; the last one wakes a waiting drain.
+    fn leave(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
         }
     }
 
@@ -174,7 +177,7 @@ impl Ingest {
         drop(guard);
         let task = tokio::spawn(async move {
             let ingest = owned.0.clone();
-            let appended = storage.append_spans(&body, storage::unix_nanos()).await;
+            let appended = storage.append_spans(body, storage::unix_nanos()).await;
             let result = match appended.unwrap_or(Err(AppendError::Closed)) {
                 Ok(position) => Ok(ingest.route(split, Some(position))),
                 Err(e) => {

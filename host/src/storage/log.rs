@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -58,13 +59,22 @@ pub(crate) struct SegmentInfo {
 }
 
 struct Append {
-    record: Vec<u8>,
+    kind: RecordKind,
+    /// Shared with the caller (a request body), so it is copied once: into the group's write.
+    payload: Bytes,
     time: u64,
     span_end: u64,
     /// Pin the record's position before answering, so no release passes it meanwhile.
     pin: bool,
     enqueued: Instant,
     done: oneshot::Sender<Result<u64, AppendError>>,
+}
+
+impl Append {
+    /// Its bytes in the segment.
+    fn len(&self) -> usize {
+        segment::RECORD_HEADER_LEN + self.payload.len()
+    }
 }
 
 /// What the writer and the release step share.
@@ -139,15 +149,14 @@ impl Log {
         &self,
         kind: RecordKind,
         time: u64,
-        payload: &[u8],
+        payload: Bytes,
         span_end: u64,
         pin: bool,
     ) -> oneshot::Receiver<Result<u64, AppendError>> {
-        let mut record = Vec::with_capacity(segment::RECORD_HEADER_LEN + payload.len());
-        segment::encode_record(&mut record, kind, time, payload);
         let (done, answer) = oneshot::channel();
         let append = Append {
-            record,
+            kind,
+            payload,
             time,
             span_end,
             pin,
@@ -172,7 +181,7 @@ impl Log {
         &self,
         kind: RecordKind,
         time: u64,
-        payload: &[u8],
+        payload: Bytes,
         span_end: u64,
     ) -> Result<u64, AppendError> {
         self.append(kind, time, payload, span_end, false)
@@ -231,11 +240,11 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut group = vec![first];
-            let mut bytes = group[0].record.len();
+            let mut bytes = group[0].len();
             while bytes < MAX_GROUP_BYTES {
                 match rx.try_recv() {
                     Ok(a) => {
-                        bytes += a.record.len();
+                        bytes += a.len();
                         group.push(a);
                     }
                     Err(_) => break,
@@ -253,11 +262,11 @@ impl Writer {
     /// A position is pinned (for appends that ask) before its bytes move the log's end, so a
     /// release that sees the new end also sees the pin and never frees the record.
     fn commit(&mut self, group: Vec<Append>) {
-        let mut buf = Vec::with_capacity(group.iter().map(|a| a.record.len()).sum());
+        let mut buf = Vec::with_capacity(group.iter().map(Append::len).sum());
         let mut positions = Vec::with_capacity(group.len());
         let mut result: Result<(), AppendError> = Ok(());
         for a in &group {
-            let len = a.record.len() as u64;
+            let len = a.len() as u64;
             let pending = buf.len() as u64;
             let full = self.active.as_ref().is_some_and(|s| {
                 s.len + pending > segment::FILE_HEADER_LEN
@@ -279,7 +288,7 @@ impl Writer {
                 pins.pin(position);
             }
             positions.push(position);
-            buf.extend_from_slice(&a.record);
+            segment::encode_record(&mut buf, a.kind, a.time, &a.payload);
             active.newest = active.newest.max(a.time);
             active.span_end = active.span_end.max(a.span_end);
         }

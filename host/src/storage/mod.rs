@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -42,7 +43,7 @@ pub(crate) use log::AppendError;
 use log::{Log, LogOptions, SegmentInfo};
 pub(crate) use metrics::StorageMetrics;
 pub(crate) use pins::Pins;
-pub(crate) use records::{Exported, LoggedDecision};
+pub(crate) use records::{DecisionRef, Exported, LoggedDecision};
 pub(crate) use segment::{Record, RecordKind};
 
 /// How often the watermark is recomputed, segments freed and the checkpoint written.
@@ -256,20 +257,20 @@ impl Storage {
     /// Appends an accepted trace request; answers with its position, pinned for the caller.
     pub(crate) fn append_spans(
         &self,
-        request: &[u8],
+        request: Bytes,
         time: u64,
     ) -> oneshot::Receiver<Result<u64, AppendError>> {
         self.spans.append(RecordKind::Spans, time, request, 0, true)
     }
 
     /// Records decisions, waiting until they are written: call before acting on them.
-    pub(crate) fn log_decisions(&self, decisions: &[LoggedDecision]) -> Result<(), AppendError> {
+    pub(crate) fn log_decisions(&self, decisions: &[DecisionRef<'_>]) -> Result<(), AppendError> {
         let payload = records::encode_decisions(decisions);
         self.decisions
             .append_blocking(
                 RecordKind::Decisions,
                 unix_nanos(),
-                &payload,
+                Bytes::from(payload),
                 self.spans.end(),
             )
             .map(drop)
@@ -284,7 +285,7 @@ impl Storage {
         self.decisions.append(
             RecordKind::Exported,
             unix_nanos(),
-            &payload,
+            Bytes::from(payload),
             self.spans.end(),
             false,
         )

@@ -17,6 +17,31 @@ pub struct LoggedDecision {
     pub(crate) reason: String,
 }
 
+/// A decision to log, borrowed from the decision step, so logging copies no text twice.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DecisionRef<'a> {
+    pub(crate) trace_id: &'a TraceId,
+    pub(crate) keep: bool,
+    pub(crate) trigger: Trigger,
+    pub(crate) probability: Option<f64>,
+    pub(crate) policy: &'a str,
+    pub(crate) reason: &'a str,
+}
+
+impl LoggedDecision {
+    #[cfg(test)]
+    pub(crate) fn as_ref(&self) -> DecisionRef<'_> {
+        DecisionRef {
+            trace_id: &self.trace_id,
+            keep: self.keep,
+            trigger: self.trigger,
+            probability: self.probability,
+            policy: &self.policy,
+            reason: &self.reason,
+        }
+    }
+}
+
 /// The kept spans of a trace that left through the exporter: its span records' positions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Exported {
@@ -38,16 +63,16 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..end]);
 }
 
-pub(crate) fn encode_decisions(decisions: &[LoggedDecision]) -> Vec<u8> {
+pub(crate) fn encode_decisions(decisions: &[DecisionRef<'_>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + decisions.len() * 96);
     out.extend_from_slice(&(decisions.len() as u32).to_le_bytes());
     for d in decisions {
-        out.extend_from_slice(&d.trace_id);
+        out.extend_from_slice(d.trace_id);
         out.push(u8::from(d.keep));
         out.push(d.trigger.index() as u8);
         out.extend_from_slice(&d.probability.unwrap_or(f64::NAN).to_bits().to_le_bytes());
-        put_str(&mut out, &d.policy);
-        put_str(&mut out, &d.reason);
+        put_str(&mut out, d.policy);
+        put_str(&mut out, d.reason);
     }
     out
 }
@@ -166,8 +191,9 @@ mod tests {
                 reason: String::new(),
             },
         ];
+        let refs: Vec<DecisionRef<'_>> = decisions.iter().map(LoggedDecision::as_ref).collect();
         assert_eq!(
-            decode_decisions(&encode_decisions(&decisions)).expect("decoded"),
+            decode_decisions(&encode_decisions(&refs)).expect("decoded"),
             decisions
         );
         let exported = vec![
@@ -188,13 +214,13 @@ mod tests {
 
     #[test]
     fn a_short_payload_is_an_error_not_a_panic() {
-        let bytes = encode_decisions(&[LoggedDecision {
-            trace_id: [7; 16],
+        let bytes = encode_decisions(&[DecisionRef {
+            trace_id: &[7; 16],
             keep: true,
             trigger: Trigger::Late,
             probability: None,
-            policy: "p".into(),
-            reason: "r".into(),
+            policy: "p",
+            reason: "r",
         }]);
         for cut in 0..bytes.len() {
             assert!(decode_decisions(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -22,7 +22,7 @@ fn temp(name: &str) -> PathBuf {
 
 fn append(storage: &Storage, payload: &[u8]) -> u64 {
     storage
-        .append_spans(payload, unix_nanos())
+        .append_spans(bytes::Bytes::copy_from_slice(payload), unix_nanos())
         .blocking_recv()
         .expect("answered")
         .expect("appended")
@@ -139,9 +139,11 @@ fn the_latest_decision_of_a_trace_wins_and_exports_are_remembered() {
     };
     {
         let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
-        storage.log_decisions(&[d(false, "first")]).expect("logged");
         storage
-            .log_decisions(&[d(true, "rescued")])
+            .log_decisions(&[d(false, "first").as_ref()])
+            .expect("logged");
+        storage
+            .log_decisions(&[d(true, "rescued").as_ref()])
             .expect("logged");
         storage
             .log_exported(&[Exported {
