@@ -76,6 +76,7 @@ pub mod bench {
     pub use crate::plugin::chain::WasmChainFactory;
     pub use crate::plugin::{PluginEngine, PluginMetrics, PolicyRuntime, TraceIndex};
     pub use crate::receiver::{Ingest, ReceiverMetrics};
+    pub use crate::storage::bench::BenchLog;
     pub use crate::telemetry::Registry;
     pub use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, Stamp, Trigger};
 }

@@ -565,3 +565,128 @@ fn a_small_storage_bound_decides_the_oldest_early_and_loses_nothing() {
         &lost[..lost.len().min(10)]
     );
 }
+
+/// A backend down for 30 s under load. Kept spans wait in the log (spilled export batches), not
+/// in memory; the log stays within `storage.max_bytes`; back-pressure (retryable refusals,
+/// `reason="disk_full"`) starts when the bound is reached, and not before; retries have no
+/// time limit with the log on, so once the backend is back every acknowledged seq arrives and
+/// no span is counted failed. The 10-minute version is in the soak command.
+#[test]
+fn a_backend_outage_waits_in_the_log_within_its_bound_and_loses_nothing() {
+    const MAX_BYTES: f64 = (16 << 20) as f64;
+    const OUTAGE: Duration = Duration::from_secs(30);
+    let dir = TempDir::new("outage");
+    let acked_path = dir.path().join("acked.txt");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime for the test backend");
+    let backend = runtime.block_on(start_backend(true, Behaviour::RefuseFirst(0)));
+    backend.received.lock().unwrap().down = true;
+    // A small memory queue (spilling starts at half of it) and no retry limit set: the default
+    // with the log on is to retry while there is disk.
+    let config = format!(
+        "[buffer]\n{DECIDE_FAST}\n[decide]\ndefault = \"keep\"\n\n\
+         [exporter]\ntype = \"otlp_grpc\"\nendpoint = \"http://{}\"\nconcurrency = {CONCURRENCY}\n\
+         retry_initial_backoff = \"100ms\"\nretry_max_backoff = \"1s\"\n\
+         batch_max_spans = {BATCH_MAX_SPANS}\nbatch_timeout = \"50ms\"\nqueue_max_spans = 4096\n\n\
+         [storage]\ndir = {:?}\nsegment_bytes = \"1MiB\"\nmax_bytes = \"16MiB\"\n",
+        backend.addr,
+        dir.path().join("storage").display().to_string()
+    );
+    let mut tg = Tailgate::start(&config);
+    let endpoint = format!("http://{}", tg.grpc);
+    let mut loadgen = spawn_loadgen(
+        &endpoint,
+        "40s",
+        &["--timeout", "5s", "--retry-for", "90s"],
+        &acked_path,
+    );
+    let started = Instant::now();
+    let (mut peak, mut peak_spilled) = (0.0f64, 0.0f64);
+    // The largest log size seen before the first refusal for disk, and the memory refusals.
+    let mut first_refusal: Option<(Duration, f64)> = None;
+    while started.elapsed() < OUTAGE {
+        let m = tg.metrics();
+        let bytes = m.sum("tailgate_storage_bytes", &[]);
+        peak = peak.max(bytes);
+        peak_spilled = peak_spilled.max(m.sum("tailgate_export_queue_spilled_spans", &[]));
+        let disk_full = m.sum("tailgate_spans_refused_total", &["reason=\"disk_full\""]);
+        if first_refusal.is_none() && disk_full > 0.0 {
+            first_refusal = Some((started.elapsed(), peak));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let during = tg.metrics();
+    backend.received.lock().unwrap().down = false;
+    let finished = wait_for(Duration::from_secs(150), || {
+        peak = peak.max(tg.metrics().sum("tailgate_storage_bytes", &[]));
+        loadgen.0.try_wait().ok().flatten()
+    });
+    assert!(finished.is_some(), "loadgen did not finish");
+    let stdout = read_all(loadgen.0.stdout.take());
+    let summary: Value = serde_json::from_str(stdout.trim()).expect("loadgen's JSON summary");
+    let acked = read_acked(&acked_path);
+    let arrived = wait_for(Duration::from_secs(120), || {
+        let seqs = backend.received.lock().unwrap().seqs.clone();
+        missing(&acked, &seqs).is_empty().then_some(())
+    });
+    let after = tg.metrics();
+    let status = tg.terminate();
+    let seqs = backend.received.lock().unwrap().seqs.clone();
+    let lost = missing(&acked, &seqs);
+    let duplicates: usize = seqs.values().map(|n| n - 1).sum();
+    let memory_refused = during.sum("tailgate_spans_refused_total", &["reason=\"memory\""]);
+    eprintln!(
+        "outage: {} acknowledged, {} delivered, {} lost, {duplicates} duplicated; storage peak \
+         {peak} of {MAX_BYTES} bytes, spilled peak {peak_spilled} spans, first disk_full \
+         refusal {first_refusal:?}, memory refusals {memory_refused}; loadgen: {summary}",
+        acked.iter().map(|(_, n)| n).sum::<u64>(),
+        seqs.len(),
+        lost.len(),
+    );
+    assert!(status.success(), "tailgate did not stop cleanly: {status}");
+    assert_eq!(n(&summary, "spans_rejected"), 0, "{summary}");
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged seqs never arrived; the first: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        arrived.is_some(),
+        "the acknowledged seqs arrived only in the SIGTERM drain"
+    );
+    assert!(
+        peak_spilled > 0.0,
+        "no kept span waited in the log during the outage"
+    );
+    assert!(
+        peak <= MAX_BYTES,
+        "the log grew past its bound: {peak} bytes"
+    );
+    let (at, bytes_before) = first_refusal.expect("the outage never filled the log to its bound");
+    assert!(
+        bytes_before >= 0.8 * MAX_BYTES,
+        "senders were refused for disk at {at:?} with the log at {bytes_before} of {MAX_BYTES} bytes"
+    );
+    assert_eq!(
+        memory_refused, 0.0,
+        "back-pressure came from memory, not from the log's bound"
+    );
+    assert_eq!(
+        after.sum("tailgate_export_failed_spans_total", &[]),
+        0.0,
+        "spans were given up on during the outage"
+    );
+    assert!(
+        duplicates as u64 <= CONCURRENCY * BATCH_MAX_SPANS,
+        "{duplicates} duplicate deliveries without a crash"
+    );
+    assert_eq!(
+        after.received(),
+        after.kept() + after.dropped() + after.refused(),
+        "received = kept + dropped + refused"
+    );
+}

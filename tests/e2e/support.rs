@@ -567,6 +567,8 @@ pub struct Received {
     pub refused: usize,
     /// The span ids of each request, accepted or not, in arrival order.
     pub request_spans: Vec<Vec<Vec<u8>>>,
+    /// While set, every request is refused as temporarily unavailable: an outage.
+    pub down: bool,
 }
 
 #[derive(Clone)]
@@ -590,6 +592,7 @@ impl Downstream {
         r.request_spans
             .push(spans.iter().map(|(_, s)| s.span_id.clone()).collect());
         let refusal = match self.behaviour {
+            _ if r.down => Some(Refusal::Unavailable),
             Behaviour::RefuseFirst(n) if r.requests <= n => Some(Refusal::Unavailable),
             Behaviour::RefuseFirst(_) => None,
             Behaviour::Reject => Some(Refusal::Permanent),

@@ -118,8 +118,9 @@ pub(crate) struct OtlpExporterConfig {
     pub(crate) concurrency: usize,
     pub(crate) retry_initial_backoff: Duration,
     pub(crate) retry_max_backoff: Duration,
-    /// Give up on a batch (counted as failed) after retrying this long.
-    pub(crate) retry_max_elapsed: Duration,
+    /// Give up on a batch (counted as failed) after retrying this long. Unset: no limit with
+    /// the storage log on (retry while there is disk), 5 minutes in memory-only mode.
+    pub(crate) retry_max_elapsed: Option<Duration>,
 }
 
 impl Default for OtlpExporterConfig {
@@ -134,7 +135,7 @@ impl Default for OtlpExporterConfig {
             // that a short blip of a backend costs less queue time.
             retry_initial_backoff: Duration::from_secs(1),
             retry_max_backoff: Duration::from_secs(30),
-            retry_max_elapsed: Duration::from_secs(300),
+            retry_max_elapsed: None,
         }
     }
 }
@@ -305,7 +306,7 @@ impl ExporterTable {
                         .retry_initial_backoff
                         .unwrap_or(d.retry_initial_backoff),
                     retry_max_backoff: self.retry_max_backoff.unwrap_or(d.retry_max_backoff),
-                    retry_max_elapsed: self.retry_max_elapsed.unwrap_or(d.retry_max_elapsed),
+                    retry_max_elapsed: self.retry_max_elapsed.or(d.retry_max_elapsed),
                 };
                 if kind == ExporterKind::OtlpGrpc {
                     ExporterSink::OtlpGrpc(otlp)
@@ -387,7 +388,8 @@ mod tests {
     fn serializes_flat_with_its_type() {
         let v = serde_json::to_value(ExporterConfig::default_for(ExporterKind::OtlpGrpc)).unwrap();
         assert_eq!(v["type"], "otlp_grpc");
-        assert_eq!(v["retry_max_elapsed"], "5m");
+        // Unset by default: its limit depends on the storage mode (see `Exporter::start`).
+        assert!(v["retry_max_elapsed"].is_null(), "{v}");
         assert_eq!(v["batch_timeout"], "200ms");
         assert!(v.get("path").is_none(), "{v}");
     }

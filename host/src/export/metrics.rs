@@ -10,6 +10,8 @@ use crate::telemetry::{CounterFamily, Registry, label};
 
 pub(crate) struct ExportMetrics {
     pub(super) queue_spans: Gauge,
+    pub(super) spilled_spans: Gauge,
+    pub(super) spilled_total: Counter,
     pub(super) exported_spans: Counter,
     failed_spans: CounterFamily,
     pub(super) retries: Counter,
@@ -24,6 +26,16 @@ impl ExportMetrics {
                 "export_queue_spans",
                 "Kept spans waiting for or in an export",
                 Gauge::default(),
+            ),
+            spilled_spans: registry.register(
+                "export_queue_spilled_spans",
+                "Kept spans of the export queue that wait in the storage log, not in memory",
+                Gauge::default(),
+            ),
+            spilled_total: registry.register(
+                "export_spilled_spans",
+                "Kept spans moved from the export queue's memory to the storage log",
+                Counter::default(),
             ),
             exported_spans: registry.register(
                 "exported_spans",

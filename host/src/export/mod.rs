@@ -3,19 +3,23 @@
 //! Owns the bounded queue between the decision workers and the network, batching by size and
 //! time, regrouping kept spans by resource and scope (a resource is written once per batch,
 //! never copied per span), and the sinks: the OTLP/JSON-lines file (the embedded default) and
-//! OTLP over gRPC or HTTP. It never drops a span without counting it: every span pushed here
-//! ends up counted as exported or as failed with a reason.
+//! OTLP over gRPC or HTTP. With the storage log on, a batch formed while the memory queue is
+//! half full waits in the log (a `Spill` record) until a slot to the backend frees, so a long
+//! outage costs disk rather than memory, and retries have no time limit unless one is set. It
+//! never drops a span without counting it: every span pushed here ends up counted as exported
+//! or as failed with a reason.
 
 mod file;
 mod metrics;
 pub(crate) mod transport;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -27,6 +31,9 @@ use crate::trace::{BufferedSpan, Stamp};
 pub(crate) use file::FileSink;
 use metrics::ExportMetrics;
 use transport::{Protocol, RetryPolicy, SendError, Transport, TransportConfig};
+
+/// `exporter.retry_max_elapsed` when unset in memory-only mode.
+const MEMORY_RETRY_MAX_ELAPSED: Duration = Duration::from_secs(300);
 
 /// A trace decided keep, on its way out.
 #[derive(Debug)]
@@ -72,6 +79,10 @@ impl SpanBudget {
     fn release(&self, spans: usize) {
         *self.used.lock() -= spans;
         self.freed.notify_all();
+    }
+
+    fn used(&self) -> usize {
+        *self.used.lock()
     }
 }
 
@@ -179,10 +190,17 @@ impl Exporter {
                     timeout: otlp.timeout.0,
                 })
                 .map_err(|e| ExporterError::Transport(e.to_string()))?;
+                // Unset: with the log on, retry while there is disk (the batch waits there);
+                // without it, give up after 5 minutes, as the OTel Collector does.
+                let max_elapsed = match (otlp.retry_max_elapsed, &storage) {
+                    (Some(limit), _) => limit.0,
+                    (None, Some(_)) => Duration::MAX,
+                    (None, None) => MEMORY_RETRY_MAX_ELAPSED,
+                };
                 let policy = RetryPolicy {
                     initial_backoff: otlp.retry_initial_backoff.0,
                     max_backoff: otlp.retry_max_backoff.0,
-                    max_elapsed: otlp.retry_max_elapsed.0,
+                    max_elapsed,
                     ..RetryPolicy::default()
                 };
                 Sink::Otlp(Arc::new(transport), policy)
@@ -208,6 +226,7 @@ impl Exporter {
                 ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => otlp.concurrency,
             })),
             deadline: deadline_rx,
+            spill_refused: false,
         };
         let task = tokio::spawn(batcher.run(rx));
         Ok(Self {
@@ -235,6 +254,20 @@ impl Exporter {
     }
 }
 
+/// A batch formed and waiting for a slot to the sink.
+struct Ready {
+    count: usize,
+    settles: Vec<Exported>,
+    body: Body,
+}
+
+enum Body {
+    /// Held in memory; its spans still hold their share of the queue budget.
+    Memory(Bytes),
+    /// Written to the storage log at this position (pinned); its budget is released.
+    Spilled(u64),
+}
+
 struct Batcher {
     sink: Arc<Sink>,
     budget: Arc<SpanBudget>,
@@ -244,15 +277,23 @@ struct Batcher {
     storage: Option<Arc<Storage>>,
     in_flight: Arc<Semaphore>,
     deadline: watch::Receiver<Option<Instant>>,
+    /// A spill was refused (the disk bound) and not yet followed by one that worked: warn once.
+    spill_refused: bool,
 }
 
 impl Batcher {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<KeptTrace>) {
+    /// Forms batches from what the workers queue and sends each as a slot frees, oldest first.
+    /// With the storage log on, a batch formed while the memory queue is half full (the backend
+    /// is slow or down) waits in the log instead, so an outage costs disk, not memory, and the
+    /// workers keep deciding until the disk bound makes the receivers refuse.
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<KeptTrace>) {
         let mut sends = JoinSet::new();
+        let mut ready: VecDeque<Ready> = VecDeque::new();
         let mut batch: Vec<KeptTrace> = Vec::new();
         let mut spans = 0usize;
         let mut flush_at: Option<Instant> = None;
-        loop {
+        let mut open = true;
+        while open || !ready.is_empty() {
             let timer = async {
                 match flush_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -260,7 +301,7 @@ impl Batcher {
                 }
             };
             tokio::select! {
-                msg = rx.recv() => match msg {
+                msg = rx.recv(), if open => match msg {
                     Some(trace) => {
                         if batch.is_empty() {
                             flush_at = Some(Instant::now() + self.timeout);
@@ -268,54 +309,134 @@ impl Batcher {
                         spans += trace.spans.len();
                         batch.push(trace);
                         if spans >= self.max_spans {
-                            self.flush(&mut batch, &mut spans, &mut sends).await;
+                            self.form(&mut batch, &mut spans, &mut ready).await;
                             flush_at = None;
                         }
                     }
-                    None => break,
+                    None => {
+                        open = false;
+                        self.form(&mut batch, &mut spans, &mut ready).await;
+                        flush_at = None;
+                    }
                 },
                 _ = timer => {
-                    self.flush(&mut batch, &mut spans, &mut sends).await;
+                    self.form(&mut batch, &mut spans, &mut ready).await;
                     flush_at = None;
+                }
+                permit = self.in_flight.clone().acquire_owned(), if !ready.is_empty() => {
+                    let (Ok(permit), Some(next)) = (permit, ready.pop_front()) else {
+                        break;
+                    };
+                    self.send(next, permit, &mut sends);
                 }
             }
             while sends.try_join_next().is_some() {}
         }
-        self.flush(&mut batch, &mut spans, &mut sends).await;
         while sends.join_next().await.is_some() {}
     }
 
-    async fn flush(&self, batch: &mut Vec<KeptTrace>, spans: &mut usize, sends: &mut JoinSet<()>) {
+    /// Closes the batch being built: encodes it, and queues it in memory or in the log.
+    async fn form(
+        &mut self,
+        batch: &mut Vec<KeptTrace>,
+        spans: &mut usize,
+        ready: &mut VecDeque<Ready>,
+    ) {
         if batch.is_empty() {
             return;
         }
         let mut traces = std::mem::take(batch);
         let count = std::mem::take(spans);
         let settles: Vec<Exported> = traces.iter_mut().filter_map(|t| t.settle.take()).collect();
-        let storage = self.storage.clone();
-        // Wait for a free slot here, so a slow backend slows the batcher (and through the
-        // queue budget, the workers) instead of piling up tasks.
-        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
-            return;
+        let body = Bytes::from(encode_batch(&traces));
+        drop(traces);
+        // Spill while the memory queue is half full, and go on while anything spilled waits,
+        // so that batches leave in the order they were formed.
+        let spill = self.budget.used() * 2 >= self.budget.cap
+            || ready.iter().any(|r| matches!(r.body, Body::Spilled(_)));
+        let body = match &self.storage {
+            Some(storage) if spill => match storage.spill(body.clone()).await {
+                Ok(Ok(position)) => {
+                    self.spill_refused = false;
+                    self.budget.release(count);
+                    self.metrics.spilled_spans.inc_by(count as i64);
+                    self.metrics.spilled_total.inc_by(count as u64);
+                    Body::Spilled(position)
+                }
+                refused => {
+                    if !self.spill_refused {
+                        let why = match refused {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "the storage log is closed".to_owned(),
+                        };
+                        tracing::warn!(error = %why, "cannot move export batches to the storage log; they wait in memory");
+                        self.spill_refused = true;
+                    }
+                    Body::Memory(body)
+                }
+            },
+            _ => Body::Memory(body),
         };
+        ready.push_back(Ready {
+            count,
+            settles,
+            body,
+        });
+    }
+
+    /// Sends one ready batch in a task of its own, holding a slot until it is settled.
+    fn send(&self, ready: Ready, permit: OwnedSemaphorePermit, sends: &mut JoinSet<()>) {
         let sink = self.sink.clone();
         let budget = self.budget.clone();
         let metrics = self.metrics.clone();
         let deadline = self.deadline.clone();
+        let storage = self.storage.clone();
         sends.spawn(async move {
-            let body = Bytes::from(encode_batch(&traces));
-            drop(traces);
-            let started = std::time::Instant::now();
-            let outcome = deliver(&sink, body, &metrics, deadline).await;
-            metrics.latency.observe(started.elapsed().as_secs_f64());
-            // Settled unless shutdown cut it short: then it stays in the log for the next start.
-            let settled = outcome != Err("shutdown_timeout");
-            if let Some(storage) = storage.filter(|_| settled && !settles.is_empty()) {
-                if let Ok(Err(e)) = storage.log_exported(&settles).await {
+            let Ready {
+                count,
+                settles,
+                body,
+            } = ready;
+            let spilled = match body {
+                Body::Spilled(position) => Some(position),
+                Body::Memory(_) => None,
+            };
+            let shutdown_passed = || deadline.borrow().is_some_and(|at| Instant::now() >= at);
+            let body = match (body, &storage) {
+                // Past the shutdown deadline nothing more is sent: it stays in the log.
+                _ if shutdown_passed() => Err("shutdown_timeout"),
+                (Body::Memory(body), _) => Ok(body),
+                (Body::Spilled(position), Some(storage)) => read_spill(storage, position).await,
+                (Body::Spilled(_), None) => Err("spill_unreadable"),
+            };
+            let outcome = match body {
+                Ok(body) => {
+                    let started = std::time::Instant::now();
+                    let outcome = deliver(&sink, body, &metrics, deadline).await;
+                    metrics.latency.observe(started.elapsed().as_secs_f64());
+                    outcome
+                }
+                Err(reason) => Err(reason),
+            };
+            if let Some(storage) = &storage {
+                // Settled unless shutdown cut it short (then it stays in the log for the next
+                // start) or its spilled copy could not be read (the span records are kept
+                // from then on only if a restart comes before their segments are freed).
+                let cut_short = outcome == Err("shutdown_timeout");
+                if !cut_short
+                    && outcome != Err("spill_unreadable")
+                    && !settles.is_empty()
+                    && let Ok(Err(e)) = storage.log_exported(&settles).await
+                {
                     tracing::warn!(error = %e, "cannot log an export; a restart may send it again");
                 }
-                for s in &settles {
-                    s.records.iter().for_each(|r| storage.pins.unpin(*r));
+                if !cut_short {
+                    for s in &settles {
+                        s.records.iter().for_each(|r| storage.pins.unpin(*r));
+                    }
+                }
+                if let Some(position) = spilled {
+                    storage.pins.unpin(position);
                 }
             }
             match outcome {
@@ -333,9 +454,26 @@ impl Batcher {
                 }
             }
             metrics.queue_spans.dec_by(count as i64);
-            budget.release(count);
+            if spilled.is_some() {
+                metrics.spilled_spans.dec_by(count as i64);
+            } else {
+                budget.release(count);
+            }
             drop(permit);
         });
+    }
+}
+
+/// Reads a spilled batch back from the log, off the async threads.
+async fn read_spill(storage: &Arc<Storage>, position: u64) -> Result<Bytes, &'static str> {
+    let storage = storage.clone();
+    match tokio::task::spawn_blocking(move || storage.read_spill(position)).await {
+        Ok(Ok(body)) => Ok(Bytes::from(body)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot read a spilled export batch back from the storage log");
+            Err("spill_unreadable")
+        }
+        Err(_) => Err("spill_unreadable"),
     }
 }
 

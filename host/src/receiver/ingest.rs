@@ -229,7 +229,7 @@ impl Ingest {
     /// `at` (its record time on the host's clock). The caller has pinned `position` once.
     /// Returns false for a record that does not parse (it was checked when appended, so this
     /// is damage the checksum missed).
-    pub(crate) fn replay(&self, body: &[u8], position: u64, at: Nanos) -> bool {
+    pub fn replay(&self, body: &[u8], position: u64, at: Nanos) -> bool {
         let Ok(split) = self.split(body) else {
             if let Some(storage) = &self.storage {
                 storage.pins.unpin(position);

@@ -1,8 +1,9 @@
 //! The storage log: what tailgate accepted, in order, durably, with positions.
 //!
 //! Owns two local logs under `storage.dir`: `spans/` (every accepted OTLP trace request, as
-//! protobuf, appended before the sender is answered) and `decisions/` (every decision before
-//! its effects, and which kept spans were exported). It owns the directory lock, the pins and
+//! protobuf, appended before the sender is answered; and export batches spilled there while
+//! the backend is slow or down) and `decisions/` (every decision before its effects, and which
+//! kept spans were exported). It owns the directory lock, the pins and
 //! the low watermark, the checkpoint (the watermark as last written, where replay starts), the
 //! release of segments nothing needs any more, the disk bound, and the reading back of both
 //! logs at start.
@@ -291,6 +292,42 @@ impl Storage {
         )
     }
 
+    /// Writes an export batch that would otherwise wait in memory; answers with its position,
+    /// pinned until [`Self::read_spill`]'s caller unpins it. Refused when the disk bound leaves
+    /// no room for it: the batch then waits in memory and back-pressure follows.
+    pub(crate) fn spill(&self, batch: Bytes) -> oneshot::Receiver<Result<u64, AppendError>> {
+        if !self.has_room(batch.len()) {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(AppendError::DiskFull(
+                "storage.max_bytes leaves no room".into(),
+            )));
+            return rx;
+        }
+        self.spans
+            .append(RecordKind::Spill, unix_nanos(), batch, 0, true)
+    }
+
+    /// Reads back a batch written by [`Self::spill`]. Blocking file I/O.
+    pub(crate) fn read_spill(&self, position: u64) -> io::Result<Vec<u8>> {
+        let segments = segment::list_segments(&self.dir.join("spans"))?;
+        let (base, path) = segments
+            .iter()
+            .rev()
+            .find(|(base, _)| *base <= position)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no segment holds it"))?;
+        let record = segment::read_record_at(path, *base, position)?;
+        if record.kind != RecordKind::Spill {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: position {position} is not a spilled batch",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(record.payload)
+    }
+
     /// Whether `bytes` more still fit under `storage.max_bytes`.
     pub(crate) fn has_room(&self, bytes: usize) -> bool {
         self.total_bytes.load(Ordering::Relaxed) + bytes as u64 <= self.max_bytes
@@ -451,7 +488,7 @@ fn apply_decision_record(
                 tracing::warn!(error = %e, segment = %path.display(), position = record.position, "skipping an export record")
             }
         },
-        RecordKind::Spans => {}
+        RecordKind::Spans | RecordKind::Spill => {}
     }
 }
 
@@ -529,6 +566,53 @@ fn write_checkpoint(dir: &Path, position: u64, fsync: Fsync) -> io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The log alone, for the criterion benches (`benches/storage.rs`): append, and read back.
+pub mod bench {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::{RecordKind, Recovery, Storage, StorageError};
+    use crate::config::Config;
+    use crate::telemetry::Registry;
+
+    /// A storage log opened on `config`'s `[storage]` section.
+    pub struct BenchLog {
+        storage: Arc<Storage>,
+        recovery: Recovery,
+    }
+
+    impl BenchLog {
+        pub fn open(config: &Config, registry: &Registry) -> Result<Self, String> {
+            let (storage, recovery) = Storage::open(&config.storage, registry)
+                .map_err(|e: StorageError| e.to_string())?;
+            Ok(Self { storage, recovery })
+        }
+
+        /// Appends a trace request and waits until the log answers (per `storage.fsync`).
+        pub fn append(&self, request: Bytes) -> u64 {
+            self.storage
+                .append_spans(request, super::unix_nanos())
+                .blocking_recv()
+                .expect("the writer answers")
+                .expect("appended")
+        }
+
+        /// Reads every span record left at open, in order, as a restart replays them.
+        pub fn replay(&self, mut f: impl FnMut(u64, &[u8])) {
+            self.recovery.replay(&self.storage.metrics, |r| {
+                if r.kind == RecordKind::Spans {
+                    f(r.position, &r.payload);
+                }
+            });
+        }
+
+        pub fn close(self) {
+            self.storage.close();
+        }
+    }
 }
 
 #[cfg(test)]

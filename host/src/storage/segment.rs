@@ -26,7 +26,8 @@ use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 
 /// The record format this build writes. A reader accepts this version and every older one.
-pub(crate) const FORMAT_VERSION: u16 = 1;
+/// Version 2 added `Spill` records.
+pub(crate) const FORMAT_VERSION: u16 = 2;
 const FILE_MAGIC: &[u8; 6] = b"TGLOG\0";
 pub(crate) const FILE_HEADER_LEN: u64 = 16;
 const RECORD_MAGIC: [u8; 4] = *b"TGR1";
@@ -45,6 +46,10 @@ pub(crate) enum RecordKind {
     Decisions = 2,
     /// Traces whose kept spans left through the exporter.
     Exported = 3,
+    /// An export batch (an encoded `ExportTraceServiceRequest`, policies' edits included) that
+    /// waits here rather than in memory while the backend is slow or down. Only the running
+    /// process reads it back; a restart re-exports from the span records, which stay pinned.
+    Spill = 4,
 }
 
 impl RecordKind {
@@ -53,6 +58,7 @@ impl RecordKind {
             1 => Some(Self::Spans),
             2 => Some(Self::Decisions),
             3 => Some(Self::Exported),
+            4 => Some(Self::Spill),
             _ => None,
         }
     }
@@ -197,6 +203,43 @@ pub(crate) fn read_segment(
     })
 }
 
+/// Reads the one record at `position` of the segment at `path` whose first byte is at `base`.
+pub(crate) fn read_record_at(path: &Path, base: u64, position: u64) -> io::Result<Record> {
+    use std::io::{Seek as _, SeekFrom};
+    let invalid = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {what} at position {position}", path.display()),
+        )
+    };
+    let offset = position
+        .checked_sub(base)
+        .filter(|o| *o >= FILE_HEADER_LEN)
+        .ok_or_else(|| invalid("no record"))?;
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut bytes = vec![0; RECORD_HEADER_LEN];
+    file.read_exact(&mut bytes)?;
+    let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(invalid("a bad record length"));
+    }
+    bytes.resize(RECORD_HEADER_LEN + len, 0);
+    file.read_exact(&mut bytes[RECORD_HEADER_LEN..])?;
+    match parse_at(&bytes, 0) {
+        Parsed::Record(kind, time, _, _) => {
+            bytes.drain(..RECORD_HEADER_LEN);
+            Ok(Record {
+                position,
+                kind,
+                time,
+                payload: bytes,
+            })
+        }
+        Parsed::Torn | Parsed::Bad => Err(invalid("a damaged record")),
+    }
+}
+
 /// The records of a segment's bytes, and the stretches that held none.
 fn scan(bytes: &[u8], base: u64, from: u64) -> (Vec<Record>, Vec<Damage>) {
     let mut records = Vec::new();
@@ -298,6 +341,32 @@ mod tests {
 
     fn payloads(records: &[Record]) -> Vec<Vec<u8>> {
         records.iter().map(|r| r.payload.clone()).collect()
+    }
+
+    #[test]
+    fn one_record_reads_back_by_its_position_and_damage_is_an_error() {
+        let (mut bytes, offsets) = segment(&[b"one", b"two", b"three"]);
+        let path = std::env::temp_dir().join(format!("tailgate-seg-at-{}", std::process::id()));
+        std::fs::write(&path, &bytes).expect("write");
+        let base = 5000;
+        for (i, want) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
+            let position = base + offsets[i] as u64;
+            let r = read_record_at(&path, base, position).expect("intact");
+            assert_eq!(
+                (r.payload.as_slice(), r.position, r.time),
+                (*want, position, i as u64)
+            );
+        }
+        // Inside the header, below the segment, or not at a record: errors, not data.
+        assert!(read_record_at(&path, base, base).is_err());
+        assert!(read_record_at(&path, base, base - 1).is_err());
+        assert!(read_record_at(&path, base, base + offsets[1] as u64 + 1).is_err());
+        // A flipped payload byte fails the checksum.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("write");
+        assert!(read_record_at(&path, base, base + offsets[2] as u64).is_err());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
