@@ -41,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "clock",
             "decide",
             "export",
+            "otlp",
             "storage",
             "telemetry",
             "trace",

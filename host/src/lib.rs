@@ -26,7 +26,7 @@
 //! | `storage` | `config`, `telemetry`, `trace` |
 //! | `receiver` | `buffer`, `config`, `otlp`, `pipeline`, `storage`, `telemetry`, `trace` |
 //! | `buffer` | `config`, `trace` |
-//! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `storage`, `telemetry`, `trace` |
+//! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `otlp`, `storage`, `telemetry`, `trace` |
 //! | `decide` | `config`, `otlp`, `trace` |
 //! | `plugin` | `config`, `decide`, `otlp`, `telemetry`, `trace` |
 //! | `export` | `config`, `otlp`, `storage`, `telemetry`, `trace` |

@@ -61,6 +61,11 @@ impl MemoryBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// One of `shards` equal parts of the level where pressure starts.
+    pub(crate) fn pressure_share(&self, shards: usize) -> usize {
+        self.pressure_at / shards.max(1)
+    }
+
     /// True while the buffer should shed its oldest traces by deciding them.
     pub(crate) fn under_pressure(&self) -> bool {
         self.used() > self.pressure_at

@@ -57,9 +57,26 @@ pub(crate) struct PendingTrace {
     /// Log positions of the records this trace's spans came in, each once (none without a
     /// log). Plain positions: whoever pins them (the pipeline) unpins them.
     pub(crate) records: Vec<u64>,
+    /// Records whose spans of this trace were parked: dropped from memory, to be read back
+    /// from the log when the trace is decided. Always a prefix of `records`.
+    pub(crate) parked: usize,
+    /// The spans and bytes parked, for the caps and the gauges.
+    pub(crate) parked_spans: usize,
+    pub(crate) parked_bytes: usize,
+}
+
+/// What a parked trace still costs the memory budget: its entry in the trace table, the
+/// schedule and the arrival queue, and its record positions.
+pub(crate) fn parked_cost(records: usize) -> usize {
+    std::mem::size_of::<PendingTrace>() + 96 + 8 * records
 }
 
 impl PendingTrace {
+    /// Spans held in memory or parked.
+    pub(crate) fn span_total(&self) -> usize {
+        self.spans.len() + self.parked_spans
+    }
+
     /// When this trace is due, and which rule makes it due first.
     fn due(&self, t: &Timings) -> (Nanos, Trigger) {
         let mut due = (
@@ -105,6 +122,10 @@ pub struct TraceBuffer {
     timings: Timings,
     cost: usize,
     spans: usize,
+    /// With parking enabled: traces holding spans in memory, in the order they began to.
+    /// Entries of traces decided or parked since are skipped when met.
+    in_memory: VecDeque<TraceId>,
+    parking: bool,
 }
 
 /// What happened to a span offered to the buffer.
@@ -125,6 +146,8 @@ impl TraceBuffer {
             timings,
             cost: 0,
             spans: 0,
+            in_memory: VecDeque::new(),
+            parking: false,
         }
     }
 
@@ -164,6 +187,9 @@ impl TraceBuffer {
                     last_seen: now,
                     root_seen: None,
                     records: Vec::new(),
+                    parked: 0,
+                    parked_spans: 0,
+                    parked_bytes: 0,
                 })
             }
         };
@@ -175,6 +201,9 @@ impl TraceBuffer {
             }
             _ => false,
         };
+        if self.parking && trace.spans.is_empty() {
+            self.in_memory.push_back(trace_id);
+        }
         trace.spans.push(span);
         trace.cost += cost;
         trace.last_seen = now;
@@ -186,9 +215,9 @@ impl TraceBuffer {
         }
         self.cost += cost;
         self.spans += 1;
-        let inserted = if trace.spans.len() >= timings.max_spans_per_trace {
+        let inserted = if trace.span_total() >= timings.max_spans_per_trace {
             Inserted::CapReached(Trigger::SpanCap)
-        } else if trace.cost >= timings.max_bytes_per_trace {
+        } else if trace.cost + trace.parked_bytes >= timings.max_bytes_per_trace {
             Inserted::CapReached(Trigger::ByteCap)
         } else {
             Inserted::Waiting
@@ -209,7 +238,7 @@ impl TraceBuffer {
         trigger: Trigger,
     ) -> DueTrace {
         self.cost -= trace.cost;
-        self.spans -= trace.spans.len();
+        self.spans -= trace.span_total();
         DueTrace {
             trace_id,
             trace,
@@ -250,11 +279,49 @@ impl TraceBuffer {
         None
     }
 
+    /// From now on, traces can be parked (the storage log is on): the buffer tracks which
+    /// traces hold spans in memory, oldest first.
+    pub(crate) fn enable_parking(&mut self) {
+        self.parking = true;
+    }
+
+    /// Parks the trace that has held spans in memory the longest: its spans are dropped from
+    /// memory (the log records hold them, pinned) and read back when it is decided. Returns
+    /// the bytes it no longer costs and the spans parked, or None when no trace can be parked.
+    /// A parked trace that gets new spans holds them in memory and queues again, at the back:
+    /// memory keeps the most recent spans. Only with parking enabled, where every span came
+    /// in a log record.
+    pub(crate) fn park_oldest(&mut self) -> Option<(usize, usize)> {
+        while let Some(trace_id) = self.in_memory.pop_front() {
+            let Some(trace) = self.traces.get_mut(&trace_id) else {
+                continue;
+            };
+            if trace.spans.is_empty() || trace.records.is_empty() {
+                continue;
+            }
+            let residual = parked_cost(trace.records.len());
+            let freed = trace.cost.saturating_sub(residual);
+            if freed == 0 {
+                continue;
+            }
+            let spans = trace.spans.len();
+            trace.parked = trace.records.len();
+            trace.parked_spans += spans;
+            trace.parked_bytes += freed;
+            trace.spans = Vec::new();
+            trace.cost = residual;
+            self.cost -= freed;
+            return Some((freed, spans));
+        }
+        None
+    }
+
     /// Every trace still buffered, for shutdown.
     pub fn drain(&mut self, trigger: Trigger) -> Vec<DueTrace> {
         let traces = std::mem::take(&mut self.traces);
         self.schedule.clear();
         self.arrivals.clear();
+        self.in_memory.clear();
         let mut out: Vec<DueTrace> = traces
             .into_iter()
             .map(|(trace_id, trace)| DueTrace {
@@ -269,8 +336,19 @@ impl TraceBuffer {
         out
     }
 
-    /// Drops arrival entries of traces already decided, so the queue tracks live traces.
+    /// Drops arrival entries of traces already decided, so the queue tracks live traces; the
+    /// same for the front of the in-memory queue.
     fn prune_arrivals(&mut self) {
+        while let Some(trace_id) = self.in_memory.front() {
+            if self
+                .traces
+                .get(trace_id)
+                .is_some_and(|t| !t.spans.is_empty())
+            {
+                break;
+            }
+            self.in_memory.pop_front();
+        }
         while let Some((first_seen, trace_id)) = self.arrivals.front() {
             let live = self.traces.get(trace_id).map(|t| t.first_seen) == Some(*first_seen);
             if live {
@@ -415,6 +493,43 @@ mod tests {
         assert_eq!(rest[0].trace_id, tid(2));
         assert!(b.is_empty() && b.cost() == 0 && b.span_count() == 0);
         assert!(b.pop_due(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn parking_takes_the_longest_in_memory_first_and_a_parked_trace_queues_again_with_new_spans() {
+        let mut b = TraceBuffer::new(timings());
+        b.enable_parking();
+        let add = |b: &mut TraceBuffer, id: u8, record: u64, now: Nanos| {
+            let s = span(7, 1000);
+            let cost = s.cost();
+            b.insert_from(tid(id), s, cost, now, Some(record));
+        };
+        add(&mut b, 1, 100, 0);
+        add(&mut b, 2, 200, 1);
+        add(&mut b, 1, 300, 2);
+        let before = b.cost();
+        let (freed, spans) = b.park_oldest().expect("trace 1 parks");
+        assert_eq!(spans, 2);
+        assert_eq!(b.cost(), before - freed);
+        // Trace 1 gets a new span: it is in memory again, behind trace 2.
+        add(&mut b, 1, 400, 3);
+        assert_eq!(b.park_oldest().map(|(_, n)| n), Some(1), "trace 2 next");
+        assert_eq!(
+            b.park_oldest().map(|(_, n)| n),
+            Some(1),
+            "then trace 1's new span"
+        );
+        assert_eq!(b.park_oldest(), None, "everything is parked");
+        let due = b.take(&tid(1), Trigger::SpanCap).expect("trace 1");
+        let t = &due.trace;
+        assert_eq!((t.parked, t.parked_spans, t.spans.len()), (3, 3, 0));
+        assert_eq!(t.records, vec![100, 300, 400]);
+        assert_eq!(
+            t.cost,
+            parked_cost(3),
+            "a parked trace costs its index entry"
+        );
+        assert_eq!(b.span_count(), 1, "trace 2's parked span is still counted");
     }
 
     #[test]

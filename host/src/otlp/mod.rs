@@ -1,9 +1,11 @@
 //! OTLP encodings: the protobuf wire format read and written without decoding it
-//! ([`wire`]), OTLP/JSON ([`json`]), regrouping buffered spans into a request ([`regroup`]),
-//! and the `google.rpc.Status` error body.
+//! ([`wire`]), OTLP/JSON ([`json`]), a request's spans in the buffer's form ([`spans`]),
+//! regrouping buffered spans into a request ([`regroup`]), and the `google.rpc.Status` error
+//! body.
 
 pub(crate) mod json;
 pub(crate) mod regroup;
+pub(crate) mod spans;
 pub mod wire;
 
 /// `google.rpc.Status` (google/rpc/status.proto): the payload of `grpc-status-details-bin`, and

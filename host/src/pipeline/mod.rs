@@ -16,6 +16,11 @@
 //! once they are delivered. At start it takes the traces replayed from the log
 //! ([`ShardMsg::Replay`]), on the records' own time, and follows the logged decisions for
 //! spans of traces decided before the stop.
+//!
+//! Under memory pressure with the log on, a shard first parks its oldest traces (their spans
+//! leave memory; the pinned records in the log hold them) and reads a parked trace back just
+//! before its decision, so a long `decision_wait` can hold far more than memory. Only when
+//! parking frees nothing more does it decide the oldest early (trigger `memory`).
 
 mod metrics;
 
@@ -26,7 +31,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::buffer::{
-    DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer,
+    DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer, shard_of,
 };
 use crate::clock::Clock;
 use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
@@ -97,6 +102,13 @@ const MAX_BATCH: usize = 256;
 /// Oldest traces decided per batch under memory pressure, before pressure is looked at again.
 const PRESSURE_BATCH: usize = 32;
 
+/// Most parked spans read back for one batch of decisions.
+const MAX_PARKED_PER_BATCH: usize = 1024;
+
+/// Log records a shard keeps parsed while it reads parked traces back: the traces of one
+/// request arrive, wait and come due together, so one read serves them all.
+const PARKED_RECORDS_CACHED: usize = 16;
+
 pub(crate) struct Workers {
     pub(crate) senders: Vec<Sender<ShardMsg>>,
     handles: Vec<std::thread::JoinHandle<()>>,
@@ -114,6 +126,7 @@ impl Workers {
         for i in 0..count {
             let (tx, rx) = crossbeam_channel::unbounded();
             let mut worker = Worker::new(ctx.clone(), deciders.build(), count);
+            worker.shard = i;
             let handle = std::thread::Builder::new()
                 .name(format!("tailgate-worker-{i}"))
                 .spawn(move || {
@@ -165,13 +178,22 @@ struct Worker {
     replaying: bool,
     /// The record time of the last replayed message: the clock while replaying.
     replay_now: Nanos,
+    /// How many shards share the memory budget, and which one this is.
+    shards: usize,
+    shard: usize,
+    /// Log records read back for parked traces, parsed by trace, newest last.
+    parked_records: std::collections::VecDeque<(u64, HashMap<TraceId, Vec<BufferedSpan>>)>,
 }
 
 impl Worker {
     /// One of `shards` workers: its share of the decision memory.
     fn new(ctx: WorkerContext, decider: Box<dyn Decider>, shards: usize) -> Self {
+        let mut buffer = TraceBuffer::new(ctx.timings);
+        if ctx.storage.is_some() {
+            buffer.enable_parking();
+        }
         Worker {
-            buffer: TraceBuffer::new(ctx.timings),
+            buffer,
             decisions: DecisionMemory::new(
                 ctx.remember_kept.div_ceil(shards),
                 ctx.remember_dropped.div_ceil(shards),
@@ -182,6 +204,9 @@ impl Worker {
             followed: HashMap::new(),
             replaying: false,
             replay_now: 0,
+            shards,
+            shard: 0,
+            parked_records: std::collections::VecDeque::new(),
         }
     }
 
@@ -409,17 +434,27 @@ impl Worker {
     /// decision.
     fn decide_due(&mut self, now: Nanos) {
         let mut batch = Vec::new();
+        let mut parked = 0;
         while let Some(due) = self.buffer.pop_due(now) {
+            parked += due.trace.parked_spans;
             batch.push(due);
-            if batch.len() == MAX_BATCH {
+            // Parked spans are read back for the batch: bound what it holds at once.
+            if batch.len() == MAX_BATCH || parked >= MAX_PARKED_PER_BATCH {
                 self.decide_batch(&mut batch);
+                parked = 0;
             }
         }
         self.decide_batch(&mut batch);
         // Under pressure, the oldest traces go a few at a time: pressure is rechecked after
         // each batch has released its bytes.
         loop {
-            let trigger = if self.ctx.memory.under_pressure() {
+            self.park_under_pressure();
+            // With parking, what memory still holds past it is mostly in flight to the shards
+            // (and refused at the receivers when full): a shard decides early only once its
+            // own buffer, the parked traces' index and its recent spans, holds its share.
+            let holds_its_share = self.ctx.storage.is_none()
+                || self.buffer.cost() >= self.ctx.memory.pressure_share(self.shards);
+            let trigger = if self.ctx.memory.under_pressure() && holds_its_share {
                 Trigger::Memory
             } else if self
                 .ctx
@@ -444,6 +479,80 @@ impl Worker {
         }
     }
 
+    /// With the log on, parks the oldest traces while memory is under pressure.
+    fn park_under_pressure(&mut self) {
+        let Some(storage) = &self.ctx.storage else {
+            return;
+        };
+        while self.ctx.memory.under_pressure() {
+            let Some((freed, spans)) = self.buffer.park_oldest() else {
+                break;
+            };
+            self.ctx.memory.release(freed);
+            storage.metrics.parked_spans.inc_by(spans as i64);
+        }
+    }
+
+    /// Reads a parked trace's spans back from the log before its decision: those it parked,
+    /// then those that arrived since. A span that cannot be read back (the record is damaged)
+    /// is counted dropped, with an error naming the record.
+    fn unpark(&mut self, due: &mut DueTrace) {
+        let trace = &mut due.trace;
+        let Some(storage) = self.ctx.storage.clone().filter(|_| trace.parked > 0) else {
+            return;
+        };
+        let mut spans = Vec::with_capacity(trace.span_total());
+        for &position in &trace.records[..trace.parked] {
+            let cached = self.parked_records.iter().position(|(p, _)| *p == position);
+            let index = match cached {
+                Some(i) => i,
+                None => match storage.read_spans(position) {
+                    Ok(body) => {
+                        // Only this shard's traces: the others read their own.
+                        let mut by_trace: HashMap<TraceId, Vec<BufferedSpan>> = HashMap::new();
+                        let (shard, shards) = (self.shard, self.shards);
+                        let parsed = crate::otlp::spans::for_each_span(&body, |id, span, _| {
+                            if shard_of(&id, shards) == shard {
+                                by_trace.entry(id).or_default().push(span);
+                            }
+                        });
+                        if let Err(e) = parsed {
+                            tracing::error!(position, error = %e, "a parked trace's record does not parse");
+                            continue;
+                        }
+                        if self.parked_records.len() == PARKED_RECORDS_CACHED {
+                            self.parked_records.pop_front();
+                        }
+                        self.parked_records.push_back((position, by_trace));
+                        self.parked_records.len() - 1
+                    }
+                    Err(e) => {
+                        tracing::error!(position, error = %e, "cannot read a parked trace's record back");
+                        continue;
+                    }
+                },
+            };
+            if let Some(own) = self.parked_records[index].1.remove(&due.trace_id) {
+                spans.extend(own);
+            }
+        }
+        let parked = std::mem::take(&mut trace.parked_spans);
+        storage.metrics.parked_spans.dec_by(parked as i64);
+        if spans.len() < parked {
+            let lost = (parked - spans.len()) as u64;
+            storage.metrics.corrupt_records.inc();
+            self.ctx.metrics.dropped(due.trigger, lost);
+            tracing::error!(
+                lost,
+                "spans of a parked trace could not be read back from the log"
+            );
+        }
+        spans.append(&mut trace.spans);
+        trace.spans = spans;
+        trace.parked = 0;
+        trace.parked_bytes = 0;
+    }
+
     /// Decides one trace on its own (a trace that hit a cap while its spans arrived).
     fn decide(&mut self, due: DueTrace) {
         self.decide_batch(&mut vec![due]);
@@ -453,6 +562,9 @@ impl Worker {
     fn decide_batch(&mut self, batch: &mut Vec<DueTrace>) {
         if batch.is_empty() {
             return;
+        }
+        for due in batch.iter_mut() {
+            self.unpark(due);
         }
         let mut decisions = Vec::with_capacity(batch.len());
         {
@@ -825,6 +937,7 @@ mod tests {
         let (storage, _) = Storage::open(&config, &Registry::new()).expect("storage");
         let mut h = harness(1 << 20, 100);
         h.worker.ctx.storage = Some(storage.clone());
+        h.worker.buffer.enable_parking();
         (h, storage, dir)
     }
 
@@ -871,6 +984,144 @@ mod tests {
             }
             out
         }
+    }
+
+    /// An OTLP request of one span of trace `[trace; 16]`, with a 1 KB attribute; the root
+    /// (parent 0) has an error status, so `KeepErrors` keeps the trace.
+    fn request_body(trace: u8, span: u8, parent: u8) -> Vec<u8> {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+        use prost::Message as _;
+        let span = Span {
+            trace_id: vec![trace; 16],
+            span_id: vec![span; 8],
+            parent_span_id: if parent == 0 { vec![] } else { vec![parent; 8] },
+            name: format!("span {span}"),
+            attributes: vec![KeyValue {
+                key: "payload".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("x".repeat(1000))),
+                }),
+                ..Default::default()
+            }],
+            status: (parent == 0).then(|| Status {
+                code: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    impl Harness {
+        /// Appends a request to the log and hands its spans to the worker, as a receiver does.
+        fn receive_logged(&mut self, storage: &Storage, body: Vec<u8>) {
+            let position = storage
+                .append_spans(
+                    bytes::Bytes::from(body.clone()),
+                    crate::storage::unix_nanos(),
+                )
+                .blocking_recv()
+                .expect("answered")
+                .expect("appended");
+            let mut spans = Vec::new();
+            crate::otlp::spans::for_each_span(&body, |trace_id, span, cost| {
+                self.memory.force_reserve(cost);
+                spans.push(ShardSpan {
+                    trace_id,
+                    span,
+                    cost,
+                });
+            })
+            .expect("parses");
+            let msg = ShardMsg::Spans {
+                spans,
+                record: Some(position),
+            };
+            assert!(!self.worker.handle(msg));
+            self.worker.decide_due(self.clock.now());
+        }
+    }
+
+    #[test]
+    fn under_memory_pressure_the_oldest_traces_park_in_the_log_and_are_decided_whole() {
+        let (mut h, storage, dir) = with_storage("park");
+        // Room for about 6 spans of 1 KB: 8 traces of 3 children each are far more.
+        let memory = Arc::new(MemoryBudget::new(8 << 10));
+        h.memory = memory.clone();
+        h.worker.ctx.memory = memory.clone();
+        let mut originals: HashMap<u8, Vec<Box<[u8]>>> = HashMap::new();
+        for child in 1..=3u8 {
+            for trace in 1..=8u8 {
+                let body = request_body(trace, 10 + child, 1);
+                crate::otlp::spans::for_each_span(&body, |_, s, _| {
+                    originals.entry(trace).or_default().push(s.bytes);
+                })
+                .expect("parses");
+                h.receive_logged(&storage, body);
+            }
+        }
+        assert!(
+            storage.metrics.parked_spans.get() > 0,
+            "nothing was parked: memory {} of {}, buffer {} bytes",
+            memory.used(),
+            8 << 10,
+            h.worker.buffer.cost()
+        );
+        assert!(
+            !memory.under_pressure(),
+            "parking freed the memory: {} of {}",
+            memory.used(),
+            8 << 10
+        );
+        // Nothing was decided early: parking came first.
+        assert!(h.exported.try_recv().is_err(), "a trace was decided early");
+        // The roots arrive last; each trace is then decided with every span, parked or not.
+        for trace in 1..=8u8 {
+            let body = request_body(trace, 1, 0);
+            crate::otlp::spans::for_each_span(&body, |_, s, _| {
+                originals.entry(trace).or_default().push(s.bytes);
+            })
+            .expect("parses");
+            h.receive_logged(&storage, body);
+        }
+        h.tick(3 * S);
+        let mut kept = Vec::new();
+        while let Ok(k) = h.exported.try_recv() {
+            kept.push(k);
+        }
+        assert_eq!(kept.len(), 8, "every trace kept, once");
+        for k in &kept {
+            let trace = k.spans.last().expect("spans").bytes.clone();
+            let id = originals
+                .iter()
+                .find(|(_, spans)| spans.contains(&trace))
+                .map(|(t, _)| *t)
+                .expect("a known span");
+            let got: Vec<&Box<[u8]>> = k.spans.iter().map(|s| &s.bytes).collect();
+            let want: Vec<&Box<[u8]>> = originals[&id].iter().collect();
+            assert_eq!(got, want, "trace {id}: every span, in arrival order");
+        }
+        assert_eq!(storage.metrics.parked_spans.get(), 0);
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_kept_total{trigger=\"root_grace\"}"),
+            32.0
+        );
+        drop(kept);
+        assert_eq!(memory.used(), 0, "every byte released");
+        storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

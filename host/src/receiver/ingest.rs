@@ -19,10 +19,10 @@ use tokio::sync::Notify;
 
 use super::metrics::{ReceiverMetrics, RefusedReason};
 use crate::buffer::{MemoryBudget, shard_of};
-use crate::otlp::{json, wire};
+use crate::otlp::{json, spans};
 use crate::pipeline::{ShardMsg, ShardSpan};
 use crate::storage::{self, AppendError, Storage};
-use crate::trace::{BufferedSpan, Nanos, ResourceHeader, ScopeHeader};
+use crate::trace::Nanos;
 
 /// The request was taken; `rejected_spans` of it were refused for bad ids.
 #[derive(Debug, Default)]
@@ -43,9 +43,6 @@ pub enum Refusal {
     /// The host is shutting down; retryable (elsewhere or later).
     ShuttingDown,
 }
-
-/// Growth slack of a trace's span vector, charged per span so the budget tracks real usage.
-const SPAN_SLACK: usize = 16;
 
 pub struct Ingest {
     shards: Vec<Sender<ShardMsg>>,
@@ -245,60 +242,26 @@ impl Ingest {
 
     /// Parses a request into spans per shard, with their costs.
     fn split(&self, body: &[u8]) -> Result<Split, Refusal> {
-        let parsed = wire::parse_traces(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        let mut per_shard: Vec<Vec<ShardSpan>> =
-            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        let shards = self.shards.len();
+        let mut per_shard: Vec<Vec<ShardSpan>> = (0..shards).map(|_| Vec::new()).collect();
         let mut cost = 0usize;
         let mut accepted = 0u64;
-        for resource in parsed.resources {
-            let service = match wire::resource_attribute(resource.resource, "service.name") {
-                Some(wire::AnyValueRef::Str(s)) => Arc::from(s),
-                _ => Arc::from(""),
-            };
-            let resource_header = Arc::new(ResourceHeader {
-                resource: Box::from(resource.resource),
-                fields: resource.fields.into_boxed_slice(),
-                service,
+        let rejected = spans::for_each_span(body, |trace_id, span, span_cost| {
+            cost += span_cost;
+            accepted += 1;
+            per_shard[shard_of(&trace_id, shards)].push(ShardSpan {
+                trace_id,
+                span,
+                cost: span_cost,
             });
-            for scope in resource.scopes {
-                let header = Arc::new(ScopeHeader {
-                    resource: resource_header.clone(),
-                    fields: scope.fields.into_boxed_slice(),
-                });
-                // Headers are shared by their spans; charge them to the first one.
-                let mut header_cost = header.fields.len()
-                    + header.resource.fields.len()
-                    + header.resource.resource.len()
-                    + 64;
-                for s in scope.spans {
-                    let span = BufferedSpan {
-                        bytes: Box::from(s.bytes),
-                        scope: header.clone(),
-                        span_id: s.span_id,
-                        parent_span_id: s.parent_span_id,
-                        start_unix_nano: s.start_time_unix_nano,
-                        end_unix_nano: s.end_time_unix_nano,
-                        status_code: u8::try_from(s.status_code).unwrap_or(0),
-                        kind: u8::try_from(s.kind).unwrap_or(0),
-                        has_trace_state: s.has_trace_state,
-                    };
-                    let span_cost = span.cost() + SPAN_SLACK + std::mem::take(&mut header_cost);
-                    cost += span_cost;
-                    accepted += 1;
-                    per_shard[shard_of(&s.trace_id, self.shards.len())].push(ShardSpan {
-                        trace_id: s.trace_id,
-                        span,
-                        cost: span_cost,
-                    });
-                }
-            }
-        }
+        })
+        .map_err(|e| Refusal::Malformed(e.to_string()))?;
         Ok(Split {
             per_shard,
             cost,
             accepted,
-            rejected: parsed.rejected_spans,
-            rejection: parsed.rejection,
+            rejected: rejected.spans,
+            rejection: rejected.first,
         })
     }
 

@@ -17,6 +17,7 @@ pub(crate) struct StorageMetrics {
     pub(crate) recovered_spans: Counter,
     pub(crate) reexported_spans: Counter,
     pub(crate) corrupt_records: Counter,
+    pub(crate) parked_spans: Gauge,
 }
 
 impl StorageMetrics {
@@ -57,6 +58,11 @@ impl StorageMetrics {
                 "storage_reexported_spans",
                 "Kept spans not yet exported at a stop, exported again from the log at start",
                 Counter::default(),
+            ),
+            parked_spans: registry.register(
+                "storage_parked_spans",
+                "Spans of waiting traces held only in the log, read back when their trace is decided",
+                Gauge::default(),
             ),
             corrupt_records: registry.register(
                 "storage_corrupt_records",

@@ -309,19 +309,43 @@ impl Storage {
 
     /// Reads back a batch written by [`Self::spill`]. Blocking file I/O.
     pub(crate) fn read_spill(&self, position: u64) -> io::Result<Vec<u8>> {
-        let segments = segment::list_segments(&self.dir.join("spans"))?;
-        let (base, path) = segments
-            .iter()
-            .rev()
-            .find(|(base, _)| *base <= position)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no segment holds it"))?;
-        let record = segment::read_record_at(path, *base, position)?;
-        if record.kind != RecordKind::Spill {
+        self.read_record(position, RecordKind::Spill)
+    }
+
+    /// Reads back an accepted trace request, for the spans of a parked trace. Blocking file
+    /// I/O; the caller holds a pin on `position`.
+    pub(crate) fn read_spans(&self, position: u64) -> io::Result<Vec<u8>> {
+        self.read_record(position, RecordKind::Spans)
+    }
+
+    /// The span log's record at `position`, which must be of `kind`.
+    fn read_record(&self, position: u64, kind: RecordKind) -> io::Result<Vec<u8>> {
+        // A closed segment is found in the log's list; one past them all is the active one,
+        // found in the folder.
+        let closed = {
+            let closed = self.spans.state.closed.lock();
+            let i = closed.partition_point(|s| s.base <= position);
+            i.checked_sub(1)
+                .map(|i| &closed[i])
+                .filter(|s| position < s.base + s.len)
+                .map(|s| (s.base, s.path.clone()))
+        };
+        let (base, path) = match closed {
+            Some(found) => found,
+            None => segment::list_segments(&self.dir.join("spans"))?
+                .into_iter()
+                .rev()
+                .find(|(base, _)| *base <= position)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no segment holds it"))?,
+        };
+        let record = segment::read_record_at(&path, base, position)?;
+        if record.kind != kind {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "{}: position {position} is not a spilled batch",
-                    path.display()
+                    "{}: position {position} holds a {:?} record, not {kind:?}",
+                    path.display(),
+                    record.kind
                 ),
             ));
         }
