@@ -5,6 +5,7 @@ mod author;
 mod cli;
 mod conformance;
 mod crash;
+mod diskfull;
 mod exporter;
 mod hostile;
 mod hotswap;

@@ -5,6 +5,8 @@
 //! and writes it to `benches/results/load.md`.
 //!
 //! Run: `cargo run --release -p tailgate-load` (add `-- --quick` for a smoke run; `-- --help`).
+//! `cargo run --release -p tailgate-load -- soak` is the storage log's soak instead: `kill -9`
+//! cycles and a backend outage under load (see `soak.rs`).
 //!
 //! Each (collector, phase) pair gets a fresh collector process and a reset sink, so every
 //! number belongs to exactly one phase: phase 1 sends a fixed rate, phase 2 as fast as the load
@@ -16,6 +18,7 @@
 mod http;
 mod process;
 mod sink;
+mod soak;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
@@ -45,6 +48,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
 
 const USAGE: &str = "\
 usage: cargo run --release -p tailgate-load -- [options]
+       cargo run --release -p tailgate-load -- soak [soak options]   (soak --help)
 
   --quick             short phases (20,000 spans/s for 5 s, saturation for 5 s): a smoke run
   --rate N            fixed-rate phase, spans/s (default 50000)
@@ -108,8 +112,15 @@ fn parse_args() -> anyhow::Result<Options> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
+    let soak = std::env::args().nth(1).is_some_and(|a| a == "soak");
+    let outcome = if soak {
+        soak::run(std::env::args().skip(2))
+    } else {
+        run().map(|()| true)
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -195,21 +206,29 @@ impl PhaseResult {
     }
 }
 
+impl Paths {
+    /// The workspace, a freshly built release tailgate, and the scratch folder (created).
+    fn prepare() -> anyhow::Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .context("workspace root")?;
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let paths = Paths {
+            tailgate: build_tailgate(&root, &target)?,
+            work: target.join("load"),
+            root,
+        };
+        std::fs::create_dir_all(&paths.work)?;
+        Ok(paths)
+    }
+}
+
 fn run() -> anyhow::Result<()> {
     let opts = parse_args()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .context("workspace root")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let paths = Paths {
-        tailgate: build_tailgate(&root, &target)?,
-        work: target.join("load"),
-        root,
-    };
-    std::fs::create_dir_all(&paths.work)?;
+    let paths = Paths::prepare()?;
     // One plugin cache for every tailgate phase, emptied now: the first phase starts cold
     // (compiling the policies, as a first deployment does) and the next restarts on a warm
     // cache (as every later restart does); the table shows the idle RSS of both.
@@ -409,14 +428,24 @@ fn start_tailgate(
     config.insert("plugins".into(), plugins.into());
     let config_path = dir.join("tailgate.toml");
     std::fs::write(&config_path, toml::to_string(&config)?)?;
+    launch_tailgate(binary, &config_path, dir, &dir.join("tailgate.log"))
+}
 
+/// Runs `tailgate run --config <config_path>` in `dir` (its stderr copied to `log_file`) and
+/// waits until it has logged its gRPC and admin addresses and `/readyz` answers 200.
+fn launch_tailgate(
+    binary: &Path,
+    config_path: &Path,
+    dir: &Path,
+    log_file: &Path,
+) -> anyhow::Result<Running> {
     let mut command = Command::new(binary);
     command
         .args(["run", "--config"])
-        .arg(&config_path)
+        .arg(config_path)
         .current_dir(dir)
         .env("RUST_LOG", "info");
-    let guard = Guard::spawn("tailgate", command, &dir.join("tailgate.log"))?;
+    let guard = Guard::spawn("tailgate", command, log_file)?;
     let ports = process::wait_for(Duration::from_secs(60), || {
         let find = |kind: &str| guard.log_after(&format!("{kind} listening on "));
         Some((find("grpc")?, find("admin")?))

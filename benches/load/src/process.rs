@@ -81,15 +81,27 @@ impl Guard {
         }
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
-            unsafe {
-                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let _ = self.wait(grace);
+    /// SIGKILL (`kill -9`: no chance to clean up) and reaps it. An error if it had already
+    /// exited by itself, with that exit's status.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} had already exited by itself ({status})", self.name);
         }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`. The exit status of a process
+    /// that stopped by itself (or had already exited); None if it had to be killed.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.wait(grace).ok()
     }
 }
 

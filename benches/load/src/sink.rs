@@ -4,11 +4,15 @@
 //!
 //! It decodes only the fields it needs (a partial mirror of the OTLP messages: prost skips the
 //! rest) so that it takes as little as possible of the CPU the collectors are measured on.
+//!
+//! For the soak's outage it can be taken down ([`Sink::set_down`]): it then answers every export
+//! with gRPC `UNAVAILABLE` (a code OTLP says to retry) and records nothing but the refusal.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -72,6 +76,8 @@ struct AnyValue {
 pub struct Seen {
     pub spans: u64,
     pub requests: u64,
+    /// Exports answered `UNAVAILABLE` while the sink was down (not in `requests`).
+    pub refused_requests: u64,
     pub distinct_seqs: u64,
     pub duplicate_seqs: u64,
     pub spans_without_seq: u64,
@@ -93,6 +99,14 @@ impl Seen {
             self.bitmap[word] |= mask;
             self.distinct_seqs += 1;
         }
+    }
+
+    /// Whether `seq` arrived at least once.
+    pub fn contains(&self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        self.bitmap
+            .get(word)
+            .is_some_and(|w| w & (1u64 << bit) != 0)
     }
 
     /// Seqs below `n` never seen.
@@ -129,6 +143,8 @@ impl Seen {
 #[derive(Clone, Default)]
 pub struct Sink {
     seen: Arc<Mutex<Seen>>,
+    /// Down: every export is refused as temporarily unavailable.
+    down: Arc<AtomicBool>,
 }
 
 impl Sink {
@@ -162,6 +178,19 @@ impl Sink {
 
     pub fn reset(&self) {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
+    }
+
+    /// Takes the sink down (every export answered `UNAVAILABLE`) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    fn refuse(&self) -> tonic::Status {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refused_requests += 1;
+        tonic::Status::unavailable("the test backend is down (soak outage); retry later")
     }
 
     fn record(&self, request: &Request) {
@@ -209,6 +238,9 @@ impl tonic::server::UnaryService<Request> for Export {
     type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<Request>) -> Self::Future {
+        if self.0.down.load(Ordering::Relaxed) {
+            return std::future::ready(Err(self.0.refuse()));
+        }
         self.0.record(request.get_ref());
         std::future::ready(Ok(tonic::Response::new(
             ExportTraceServiceResponse::default(),
@@ -243,6 +275,8 @@ impl Service<http::Request<Body>> for SinkService {
 
 #[cfg(test)]
 mod tests {
+    use tonic::server::UnaryService as _;
+
     use super::*;
 
     #[test]
@@ -255,5 +289,21 @@ mod tests {
         assert_eq!(s.missing_below(3), 0);
         assert_eq!(s.missing_below(65), 65 - 4);
         assert_eq!(s.missing_below(200), 200 - 5);
+        assert!(s.contains(130) && s.contains(0) && !s.contains(3) && !s.contains(1 << 20));
+    }
+
+    #[test]
+    fn a_down_sink_refuses_as_unavailable_and_records_nothing() {
+        let sink = Sink::default();
+        sink.set_down(true);
+        let answer = Export(sink.clone()).call(tonic::Request::new(Request::default()));
+        let status = answer.into_inner().expect_err("refused while down");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let seen = sink.snapshot();
+        assert_eq!((seen.requests, seen.refused_requests), (0, 1));
+        sink.set_down(false);
+        let answer = Export(sink.clone()).call(tonic::Request::new(Request::default()));
+        assert!(answer.into_inner().is_ok(), "accepted once back up");
+        assert_eq!(sink.snapshot().requests, 1);
     }
 }

@@ -2,9 +2,16 @@
 //!
 //! Appends from any thread go to one writer thread, which takes every append waiting, writes
 //! them with one `write`, forces them to disk as `storage.fsync` says (group commit), and only
-//! then answers each with its position. A failed write (a full disk) answers every append of
-//! its batch with the error; the half-written bytes stay behind as a torn tail, which a reader
-//! skips, and the writer goes on in a new segment.
+//! then answers each with its position.
+//!
+//! A full disk (`ENOSPC`): a failed write answers the appends it carried with the error, and
+//! its half-written bytes are cut off again, so a refused record is never replayed and its
+//! space goes back to the disk; appends of the group written whole before the failure keep
+//! their positions. (Should the cut fail, the bytes stay as a torn tail, which a reader
+//! skips, and the writer goes on in a new segment.) Intake, the appends that pin (accepted
+//! requests), never takes the file system's last [`INTAKE_RESERVE`] bytes: they are refused
+//! as a full disk first, so the log's own records (decisions, exports) and the checkpoint,
+//! whose writes are what frees segments, still fit when the disk is full.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
@@ -25,6 +32,10 @@ use super::segment::{self, RecordKind};
 
 /// Most bytes one group commit writes; the rest wait for the next.
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// Free space on the log's file system that intake leaves to the records that free space: the
+/// checkpoint (a page), a new decision segment's header, and the decision and export records
+/// (about 60 bytes a trace) of some 15,000 traces decided while intake is refused.
+const INTAKE_RESERVE: u64 = 1 << 20;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum AppendError {
@@ -262,8 +273,12 @@ impl Writer {
     /// A position is pinned (for appends that ask) before its bytes move the log's end, so a
     /// release that sees the new end also sees the pin and never frees the record.
     fn commit(&mut self, group: Vec<Append>) {
+        let group = self.refuse_intake_past_reserve(group);
         let mut buf = Vec::with_capacity(group.iter().map(Append::len).sum());
         let mut positions = Vec::with_capacity(group.len());
+        // Appends whose bytes are in a segment whole: answered with their position even when
+        // a later write of the group fails.
+        let mut written = 0;
         let mut result: Result<(), AppendError> = Ok(());
         for a in &group {
             let len = a.len() as u64;
@@ -272,11 +287,17 @@ impl Writer {
                 s.len + pending > segment::FILE_HEADER_LEN
                     && s.len + pending + len > self.options.segment_bytes
             });
-            if (full || self.active.is_none())
-                && let Err(e) = self.write_out(&mut buf).and_then(|()| self.roll())
-            {
-                result = Err(AppendError::of(&e));
-                break;
+            if full || self.active.is_none() {
+                if let Err(e) = self.write_out(&mut buf) {
+                    result = Err(AppendError::of(&e));
+                    break;
+                }
+                // Forced by the roll (unless `fsync = never`) before it opens the next.
+                written = positions.len();
+                if let Err(e) = self.roll() {
+                    result = Err(AppendError::of(&e));
+                    break;
+                }
             }
             let Some(active) = self.active.as_mut() else {
                 break;
@@ -292,10 +313,11 @@ impl Writer {
             active.newest = active.newest.max(a.time);
             active.span_end = active.span_end.max(a.span_end);
         }
-        if result.is_ok()
-            && let Err(e) = self.write_out(&mut buf)
-        {
-            result = Err(AppendError::of(&e));
+        if result.is_ok() {
+            match self.write_out(&mut buf) {
+                Ok(()) => written = positions.len(),
+                Err(e) => result = Err(AppendError::of(&e)),
+            }
         }
         if result.is_ok() {
             match self.options.fsync {
@@ -308,7 +330,7 @@ impl Writer {
         }
         for (i, a) in group.into_iter().enumerate() {
             let answer = match (&result, positions.get(i)) {
-                (Ok(()), Some(&position)) => {
+                (_, Some(&position)) if i < written => {
                     self.metrics
                         .append_seconds
                         .observe(a.enqueued.elapsed().as_secs_f64());
@@ -321,13 +343,43 @@ impl Writer {
                     }
                     Err(e.clone())
                 }
-                (Ok(()), None) => Err(AppendError::Closed),
+                (Ok(()), _) => Err(AppendError::Closed),
             };
             let _ = a.done.send(answer);
         }
     }
 
-    /// Writes `buf` at the end of the active segment.
+    /// Answers the intake of `group` (the appends that pin) with a full disk when writing it
+    /// would leave less than [`INTAKE_RESERVE`] free on the log's file system; the rest goes on.
+    fn refuse_intake_past_reserve(&self, group: Vec<Append>) -> Vec<Append> {
+        let intake: u64 = (group.iter().filter(|a| a.pin))
+            .map(|a| a.len() as u64)
+            .sum();
+        if intake == 0 {
+            return group;
+        }
+        // A file system that cannot say how full it is is left to answer ENOSPC itself.
+        let Ok(free) = free_bytes(&self.dir) else {
+            return group;
+        };
+        if free >= intake + INTAKE_RESERVE {
+            return group;
+        }
+        let full = AppendError::DiskFull(format!(
+            "{free} bytes free in {}, and the last {INTAKE_RESERVE} are kept for the log's own \
+             records",
+            self.dir.display()
+        ));
+        let (refused, rest): (Vec<Append>, Vec<Append>) = group.into_iter().partition(|a| a.pin);
+        for a in refused {
+            let _ = a.done.send(Err(full.clone()));
+        }
+        rest
+    }
+
+    /// Writes `buf` at the end of the active segment. On failure nothing of it stays: the
+    /// bytes that reached the file are cut off again (or, should the cut fail, left as a torn
+    /// tail behind which the writer goes on in a new segment).
     fn write_out(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -336,22 +388,28 @@ impl Writer {
             return Err(io::Error::other("no active segment"));
         };
         let written = active.file.write_all(buf);
-        // Whatever reached the file counts, whole or torn: positions never move back.
+        let wanted = buf.len() as u64;
+        buf.clear();
         let len = match &written {
-            Ok(()) => active.len + buf.len() as u64,
-            Err(_) => active.file.metadata().map_or(active.len, |m| m.len()),
+            Ok(()) => active.len + wanted,
+            Err(_) => {
+                if active.file.set_len(active.len).is_ok() {
+                    // As if never written: no position moved, and the space is free again.
+                    return written;
+                }
+                // Whatever stayed in the file counts, torn or not: positions never move back.
+                active.file.metadata().map_or(active.len, |m| m.len())
+            }
         };
-        let grown = len - active.len;
-        active.len = len;
+        let grown = len.saturating_sub(active.len);
+        active.len += grown;
         self.state.bytes.fetch_add(grown, Ordering::Relaxed);
         self.total_bytes.fetch_add(grown, Ordering::Relaxed);
         self.state
             .end
             .store(active.base + active.len, Ordering::Release);
         self.dirty = true;
-        buf.clear();
         if written.is_err() {
-            // Go on in a fresh segment after the torn bytes.
             let _ = self.roll();
         }
         written
@@ -419,4 +477,18 @@ impl Writer {
         });
         Ok(())
     }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir` (statvfs(3)
+/// `f_bavail × f_frsize`).
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a storage path with a NUL byte"))?;
+    // SAFETY: statvfs(3) fills the zeroed struct we own from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
