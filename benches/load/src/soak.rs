@@ -9,8 +9,8 @@
 //!    spans acknowledged in its window (answered with success between the previous restart and
 //!    its kill), how many of them were delivered by the end, lost, and the duplicate deliveries
 //!    that arrived after its kill.
-//! 2. **Outage.** A fresh tailgate with a small `storage.max_bytes` and
-//!    `exporter.retry_max_elapsed = "1h"`; the sink goes down (gRPC `UNAVAILABLE`) for
+//! 2. **Outage.** A fresh tailgate with a small `storage.max_bytes` and the default retry
+//!    budget (no limit with the log on); the sink goes down (gRPC `UNAVAILABLE`) for
 //!    `--outage-secs` and comes back. `/metrics` is sampled every second: the log's size
 //!    against its bound, and refusals by reason, to show where back-pressure starts.
 //!
@@ -620,7 +620,7 @@ fn outage(
         config(
             0,
             sink_addr,
-            "retry_max_elapsed = \"1h\"\n",
+            "",
             &format!(
                 "dir = {}\nmax_bytes = \"{}MiB\"\nsegment_bytes = \"{}MiB\"\n",
                 toml_path(&dir.join("storage")),
@@ -870,7 +870,8 @@ fn render(
             md,
             "A fresh tailgate with `storage.max_bytes = \"{} MiB\"` (filled in about {:.0} s at \
              {:.0} log bytes per span), `storage.segment_bytes = \"{} MiB\"`, \
-             `exporter.retry_max_elapsed = \"1h\"` and the default `exporter.queue_max_spans`. \
+             the default `exporter.retry_max_elapsed` (unset: no limit with the log on) and \
+             `exporter.queue_max_spans`. \
              Load for {} s, then the sink answers `UNAVAILABLE` for {} s, then {} s more load \
              with the sink back; `/metrics` sampled every second.\n",
             o.max_bytes >> 20,

@@ -384,7 +384,12 @@ impl Storage {
             }
         }
         let checkpoint = *self.checkpoint.lock();
-        let freed = free_segments(&self.spans, |s| s.base + s.len <= checkpoint);
+        // Span segments go by the watermark, not the checkpoint: nothing below it is needed
+        // whether or not the checkpoint could be written (a full disk may refuse it, and
+        // freeing is what makes room). A replay that starts at an older checkpoint finds those
+        // segments gone and begins at the first one left.
+        let below = watermark.max(checkpoint);
+        let freed = free_segments(&self.spans, |s| s.base + s.len <= below);
         let horizon = now.saturating_sub(u64::try_from(self.retention.as_nanos()).unwrap_or(0));
         let freed_decisions = free_segments(&self.decisions, |s| {
             s.newest < horizon && s.span_end <= checkpoint
