@@ -1,6 +1,7 @@
-//! The load harness: tailgate (with the agent policy chain of `config/agent.toml`) and rotel (a
-//! plain OTLP pass-through) under the same `tailgate loadgen` load, one after the other, in one
-//! run, measured per collector process: CPU per million spans, idle, steady and peak RSS,
+//! The load harness: tailgate (with the agent policy chain of `config/agent.toml`, the storage
+//! log on as by default), the same tailgate with `storage.kind = "memory"` (the log's cost) and
+//! rotel (a plain OTLP pass-through) under the same `tailgate loadgen` load, one after the other,
+//! in one run, measured per collector process: CPU per million spans, idle, steady and peak RSS,
 //! sustained spans/s at saturation, decision lag, loss and duplicates. Prints a Markdown report
 //! and writes it to `benches/results/load.md`.
 //!
@@ -138,7 +139,10 @@ struct Paths {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Collector {
+    /// The default: the storage log on (`fsync = "interval"`).
     Tailgate,
+    /// The same with `storage.kind = "memory"`: the baseline of the log's cost.
+    TailgateMemory,
     Rotel,
 }
 
@@ -146,6 +150,7 @@ impl Collector {
     fn name(self) -> &'static str {
         match self {
             Collector::Tailgate => "tailgate",
+            Collector::TailgateMemory => "tailgate (storage.kind = memory)",
             Collector::Rotel => "rotel",
         }
     }
@@ -260,7 +265,10 @@ fn run() -> anyhow::Result<()> {
             secs: opts.secs,
         },
     ];
-    let mut collectors = vec![(Collector::Tailgate, paths.tailgate.clone())];
+    let mut collectors = vec![
+        (Collector::Tailgate, paths.tailgate.clone()),
+        (Collector::TailgateMemory, paths.tailgate.clone()),
+    ];
     if let Some(r) = &rotel {
         collectors.push((Collector::Rotel, r.binary.clone()));
     }
@@ -396,6 +404,7 @@ fn start_tailgate(
     binary: &Path,
     dir: &Path,
     sink: SocketAddr,
+    memory_only: bool,
 ) -> anyhow::Result<Running> {
     let source = paths.root.join("config/agent.toml");
     let text =
@@ -426,6 +435,11 @@ fn start_tailgate(
         paths.work.join("plugin-cache").display().to_string().into(),
     );
     config.insert("plugins".into(), plugins.into());
+    if memory_only {
+        let mut storage = toml::Table::new();
+        storage.insert("kind".into(), "memory".into());
+        config.insert("storage".into(), storage.into());
+    }
     let config_path = dir.join("tailgate.toml");
     std::fs::write(&config_path, toml::to_string(&config)?)?;
     launch_tailgate(binary, &config_path, dir, &dir.join("tailgate.log"))
@@ -547,7 +561,8 @@ fn run_phase(
     std::fs::create_dir_all(&dir)?;
     sink.reset();
     let mut running = match collector {
-        Collector::Tailgate => start_tailgate(paths, binary, &dir, sink_addr)?,
+        Collector::Tailgate => start_tailgate(paths, binary, &dir, sink_addr, false)?,
+        Collector::TailgateMemory => start_tailgate(paths, binary, &dir, sink_addr, true)?,
         Collector::Rotel => start_rotel(binary, &dir, sink_addr)?,
     };
     let pid = running.guard.pid();
@@ -984,6 +999,61 @@ fn render(
             if r.drained { "" } else { " (not settled)" },
         );
     }
+
+    let _ = writeln!(
+        md,
+        "\n## The storage log's cost\n\ntailgate as above (the storage log on, its default \
+         `fsync = \"interval\"`, under the phase's own directory) against the same with \
+         `[storage] kind = \"memory\"`, in this run.\n\n\
+         | Metric | log on | memory only | on / off | Target |\n|---|---:|---:|---:|---|"
+    );
+    let storage_row = |md: &mut String,
+                       name: &str,
+                       value: &dyn Fn(&PhaseResult) -> f64,
+                       phase: &str,
+                       target: &str| {
+        let on = find(Collector::Tailgate, phase).map(value);
+        let off = find(Collector::TailgateMemory, phase).map(value);
+        let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.2}"));
+        let ratio = match (on, off) {
+            (Some(on), Some(off)) if off != 0.0 => format!("{:.2}", on / off),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {ratio} | {target} |",
+            fmt(on),
+            fmt(off)
+        );
+    };
+    storage_row(
+        &mut md,
+        &format!("CPU s per 1M spans at {} spans/s", opts.rate),
+        &|r| r.cpu_per_million(),
+        "fixed",
+        "≤ 1.15×",
+    );
+    storage_row(
+        &mut md,
+        "Sustained spans/s, saturation",
+        &|r| r.spans_in() / (r.lg("elapsed_seconds") + r.drain_seconds).max(1e-9),
+        "saturation",
+        "log on: ≥ 150,000 with zero loss",
+    );
+    storage_row(
+        &mut md,
+        "Lost spans, saturation",
+        &|r| r.loss(),
+        "saturation",
+        "0",
+    );
+    storage_row(
+        &mut md,
+        "Peak RSS, saturation (MiB)",
+        &|r| mib(r.peak_rss),
+        "saturation",
+        "",
+    );
 
     let _ = writeln!(md, "\n## Checks\n");
     for r in results {
