@@ -182,52 +182,100 @@ fn a_full_log_refuses_room_and_reports_pressure_first() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A small deterministic generator for the damage tests (xorshift64*), seeded per round.
+fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed.max(1);
+    move |below| {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D) % below.max(1)
+    }
+}
+
 #[test]
 fn torn_and_damaged_segments_keep_every_intact_record_and_count_the_rest() {
-    let dir = temp("damage");
-    let total = {
-        let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
-        let n = 80;
-        for i in 0..n {
-            append(&storage, &[i as u8; 20_000]);
-        }
+    for round in 0..12u64 {
+        let mut random = rng(0x7a11_6a7e + round);
+        let dir = temp(&format!("damage-{round}"));
+        let total = {
+            let (storage, _) = Storage::open(&config(&dir), &Registry::new()).expect("open");
+            let n = 150;
+            for i in 0..n {
+                // Sizes vary, so record boundaries fall anywhere.
+                append(&storage, &vec![i as u8; 5_000 + random(30_000) as usize]);
+            }
+            storage.close();
+            n
+        };
+        let segments = segment::list_segments(&dir.join("spans")).unwrap();
+        assert!(segments.len() >= 3, "several segments");
+        // Where each record of a segment starts and ends, read before the damage.
+        let layout = |base: u64, path: &Path| -> Vec<(u64, u64)> {
+            let bytes = std::fs::read(path).unwrap();
+            let contents = segment::read_segment(path, base, 0).unwrap();
+            let mut spans = Vec::new();
+            for r in &contents.records {
+                let start = r.position - base;
+                spans.push((
+                    start,
+                    start + (segment::RECORD_HEADER_LEN + r.payload.len()) as u64,
+                ));
+            }
+            assert_eq!(spans.last().map(|s| s.1), Some(bytes.len() as u64));
+            spans
+        };
+        // Flip one byte anywhere in an older segment's records: one record is lost.
+        let (old_base, older) = &segments[random(segments.len() as u64 - 1) as usize];
+        let old_layout = layout(*old_base, older);
+        let mut bytes = std::fs::read(older).unwrap();
+        let flip = segment::FILE_HEADER_LEN + random(bytes.len() as u64 - segment::FILE_HEADER_LEN);
+        bytes[flip as usize] ^= 1 << random(8);
+        std::fs::write(older, &bytes).unwrap();
+        // Cut the newest segment that holds records at a random offset: the records wholly
+        // before the cut stay; one cut through is torn, unless the cut falls on a boundary.
+        let (new_base, newest) = segments
+            .iter()
+            .rev()
+            .find(|(_, p)| file_len(p) > segment::FILE_HEADER_LEN)
+            .unwrap();
+        assert_ne!(
+            new_base, old_base,
+            "the flip and the cut are in different segments"
+        );
+        let new_layout = layout(*new_base, newest);
+        let len = file_len(newest);
+        let cut = segment::FILE_HEADER_LEN + random(len - segment::FILE_HEADER_LEN);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(newest)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let cut_away = new_layout.iter().filter(|(_, end)| *end > cut).count();
+        let torn = new_layout
+            .iter()
+            .any(|(start, end)| *start < cut && cut < *end);
+        assert!(old_layout.iter().any(|(s, e)| *s <= flip && flip < *e));
+
+        let registry = Registry::new();
+        let (storage, recovery) = Storage::open(&config(&dir), &registry).expect("reopen");
+        let got = replayed(&recovery, &storage);
+        assert_eq!(
+            got.len(),
+            total - 1 - cut_away,
+            "round {round}: one record lost to the flip at {flip}, {cut_away} to the cut at {cut}"
+        );
+        // Every record read back is intact: its payload is one byte value, its index.
+        assert!(got.iter().all(|(_, p)| p.iter().all(|b| *b == p[0])));
+        assert_eq!(
+            registry.value("tailgate_storage_corrupt_records_total"),
+            1.0 + f64::from(u8::from(torn)),
+            "round {round}: the flip, and the tear if the cut split a record"
+        );
         storage.close();
-        n
-    };
-    let segments = segment::list_segments(&dir.join("spans")).unwrap();
-    assert!(segments.len() >= 2, "several segments");
-    // Flip a byte inside an older segment, and tear the newest.
-    let (_, older) = &segments[0];
-    let mut bytes = std::fs::read(older).unwrap();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0xff;
-    std::fs::write(older, &bytes).unwrap();
-    let (_, newest) = segments
-        .iter()
-        .rev()
-        .find(|(_, p)| file_len(p) > 1000)
-        .unwrap();
-    let len = file_len(newest);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(newest)
-        .unwrap()
-        .set_len(len - 7)
-        .unwrap();
-    let registry = Registry::new();
-    let (storage, recovery) = Storage::open(&config(&dir), &registry).expect("reopen");
-    let got = replayed(&recovery, &storage);
-    assert_eq!(
-        got.len(),
-        total - 2,
-        "one record lost to the flip, one to the tear"
-    );
-    assert_eq!(
-        registry.value("tailgate_storage_corrupt_records_total"),
-        2.0
-    );
-    storage.close();
-    let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
