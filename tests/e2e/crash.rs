@@ -218,19 +218,6 @@ impl Delivered<'_> {
     }
 }
 
-/// `--acked-out`: `<first_seq> <spans>` per acknowledged request.
-fn read_acked(path: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(path).expect("read the --acked-out file");
-    text.lines()
-        .map(|line| {
-            let parsed = line
-                .split_once(' ')
-                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-            parsed.unwrap_or_else(|| panic!("--acked-out line {line:?}"))
-        })
-        .collect()
-}
-
 fn missing(acked: &[(u64, u64)], delivered: &HashMap<u64, usize>) -> Vec<u64> {
     let mut lost: Vec<u64> = acked
         .iter()

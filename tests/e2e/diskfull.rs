@@ -76,19 +76,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Spans listed in `--acked-out` so far: `<first_seq> <spans>` per acknowledged request.
-fn acked(path: &Path) -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|line| {
-            let parsed = line
-                .split_once(' ')
-                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-            parsed.unwrap_or_else(|| panic!("--acked-out line {line:?}"))
-        })
-        .collect()
-}
-
 fn u(summary: &Value, key: &str) -> u64 {
     summary[key]
         .as_u64()
@@ -144,7 +131,7 @@ impl Load {
 
     /// Requests acknowledged so far.
     fn acked(&self) -> Vec<(u64, u64)> {
-        acked(&self.acked)
+        read_acked(&self.acked)
     }
 
     /// Polls every 200 ms until loadgen exits, checking that tailgate stays up and handing

@@ -443,6 +443,20 @@ pub async fn post(
     (status, headers, body)
 }
 
+/// `tailgate loadgen --acked-out`: `<first_seq> <spans>` per acknowledged request (none while
+/// the file does not exist yet).
+pub fn read_acked(path: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let parsed = line
+                .split_once(' ')
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            parsed.unwrap_or_else(|| panic!("--acked-out line {line:?}"))
+        })
+        .collect()
+}
+
 /// A child process killed and reaped on drop, for tests that start the binary themselves.
 pub struct ChildGuard(pub Child);
 

@@ -451,7 +451,10 @@ fn kill_cycles(
         drained,
         final_stop,
         took: started.elapsed(),
-        storage,
+        // As the report shows it: relative to the repository, not this machine's path.
+        storage: storage
+            .strip_prefix(&paths.root)
+            .map_or_else(|_| storage.clone(), Path::to_path_buf),
     })
 }
 
