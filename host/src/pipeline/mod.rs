@@ -1030,6 +1030,7 @@ mod tests {
                 .append_spans(
                     bytes::Bytes::from(body.clone()),
                     crate::storage::unix_nanos(),
+                    None,
                 )
                 .blocking_recv()
                 .expect("answered")

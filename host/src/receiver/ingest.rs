@@ -165,16 +165,18 @@ impl Ingest {
         let Some(storage) = self.storage.clone().filter(|_| split.accepted > 0) else {
             return Ok(self.route(split, None));
         };
-        if !storage.has_room(body.len()) {
+        let Some(admission) = storage.admit(body.len()) else {
             return Err(self.refuse_for_disk(&split, "storage.max_bytes is reached".into()));
-        }
+        };
         // From the append on, the request finishes even if its sender hangs up; it stays in
         // flight throughout, so a drain waits for it.
         let owned = OwnedInFlight::new(self.clone());
         drop(guard);
         let task = tokio::spawn(async move {
             let ingest = owned.0.clone();
-            let appended = storage.append_spans(body, storage::unix_nanos()).await;
+            let appended = storage
+                .append_spans(body, storage::unix_nanos(), Some(admission))
+                .await;
             let result = match appended.unwrap_or(Err(AppendError::Closed)) {
                 Ok(position) => Ok(ingest.route(split, Some(position))),
                 Err(e) => {

@@ -79,6 +79,23 @@ struct Append {
     pin: bool,
     enqueued: Instant,
     done: oneshot::Sender<Result<u64, AppendError>>,
+    /// Dropped with the append, once it is answered: by then its bytes are in the written
+    /// total (or were never written).
+    _admission: Option<Admission>,
+}
+
+/// Intake bytes held against `storage.max_bytes` from admission until the record is written
+/// or refused (see `Storage::admit`).
+#[must_use]
+pub(crate) struct Admission {
+    pub(super) admitted: Arc<AtomicU64>,
+    pub(super) bytes: u64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Append {
@@ -164,6 +181,20 @@ impl Log {
         span_end: u64,
         pin: bool,
     ) -> oneshot::Receiver<Result<u64, AppendError>> {
+        self.append_admitted(kind, time, payload, span_end, pin, None)
+    }
+
+    /// [`Self::append`] of an admitted intake record: `admission` is released once it is
+    /// answered.
+    pub(crate) fn append_admitted(
+        &self,
+        kind: RecordKind,
+        time: u64,
+        payload: Bytes,
+        span_end: u64,
+        pin: bool,
+        admission: Option<Admission>,
+    ) -> oneshot::Receiver<Result<u64, AppendError>> {
         let (done, answer) = oneshot::channel();
         let append = Append {
             kind,
@@ -173,6 +204,7 @@ impl Log {
             pin,
             enqueued: Instant::now(),
             done,
+            _admission: admission,
         };
         match &*self.tx.lock() {
             Some(tx) => {

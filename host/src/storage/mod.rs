@@ -40,6 +40,7 @@ pub(crate) use crate::config::Fsync;
 use crate::config::StorageConfig;
 use crate::telemetry::Registry;
 use crate::trace::TraceId;
+pub(crate) use log::Admission;
 pub(crate) use log::AppendError;
 use log::{Log, LogOptions, SegmentInfo};
 pub(crate) use metrics::StorageMetrics;
@@ -51,6 +52,11 @@ pub(crate) use segment::{Record, RecordKind};
 const RELEASE_EVERY: Duration = Duration::from_millis(500);
 /// Early decisions (trigger `disk`) start at this share of `storage.max_bytes`.
 const PRESSURE_SHARE: f64 = 0.9;
+/// The share of `storage.max_bytes` (at most [`MAX_HEADROOM`]) that intake leaves to the
+/// decision log: decision and export records are never refused, so they must have room when
+/// intake is refused. 1 MiB holds the records of some 15,000 traces.
+const HEADROOM_SHARE: u64 = 16;
+const MAX_HEADROOM: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StorageError {
@@ -85,6 +91,9 @@ pub(crate) struct Storage {
     pub(crate) pins: Arc<Pins>,
     pub(crate) metrics: Arc<StorageMetrics>,
     total_bytes: Arc<AtomicU64>,
+    /// Intake bytes admitted and not yet written: they count against the bound with what is
+    /// written, so requests admitted at the same moment cannot together overshoot it.
+    admitted: Arc<AtomicU64>,
     max_bytes: u64,
     retention: Duration,
     fsync: Fsync,
@@ -210,6 +219,7 @@ impl Storage {
             pins,
             metrics,
             total_bytes,
+            admitted: Arc::new(AtomicU64::new(0)),
             max_bytes: config.max_bytes.bytes() as u64,
             retention: config.decision_retention.0,
             fsync: config.fsync,
@@ -256,12 +266,17 @@ impl Storage {
     }
 
     /// Appends an accepted trace request; answers with its position, pinned for the caller.
+    /// Appends an accepted trace request, pinned. With an `admission` (from [`Self::admit`];
+    /// the receivers always have one), its bytes stay held against the bound until the
+    /// record is written or refused.
     pub(crate) fn append_spans(
         &self,
         request: Bytes,
         time: u64,
+        admission: Option<Admission>,
     ) -> oneshot::Receiver<Result<u64, AppendError>> {
-        self.spans.append(RecordKind::Spans, time, request, 0, true)
+        self.spans
+            .append_admitted(RecordKind::Spans, time, request, 0, true, admission)
     }
 
     /// Records decisions, waiting until they are written: call before acting on them.
@@ -296,15 +311,21 @@ impl Storage {
     /// pinned until [`Self::read_spill`]'s caller unpins it. Refused when the disk bound leaves
     /// no room for it: the batch then waits in memory and back-pressure follows.
     pub(crate) fn spill(&self, batch: Bytes) -> oneshot::Receiver<Result<u64, AppendError>> {
-        if !self.has_room(batch.len()) {
+        let Some(admission) = self.admit(batch.len()) else {
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(AppendError::DiskFull(
                 "storage.max_bytes leaves no room".into(),
             )));
             return rx;
-        }
-        self.spans
-            .append(RecordKind::Spill, unix_nanos(), batch, 0, true)
+        };
+        self.spans.append_admitted(
+            RecordKind::Spill,
+            unix_nanos(),
+            batch,
+            0,
+            true,
+            Some(admission),
+        )
     }
 
     /// Reads back a batch written by [`Self::spill`]. Blocking file I/O.
@@ -352,9 +373,45 @@ impl Storage {
         Ok(record.payload)
     }
 
-    /// Whether `bytes` more still fit under `storage.max_bytes`.
+    /// What intake may fill: `storage.max_bytes` less the decision log's headroom.
+    fn intake_limit(&self) -> u64 {
+        self.max_bytes - (self.max_bytes / HEADROOM_SHARE).min(MAX_HEADROOM)
+    }
+
+    /// Admits a record of `bytes` payload for intake (a trace request, a spilled batch) if it
+    /// fits under the bound with everything written and everything admitted before it, its
+    /// framing and a new segment's header included; None when it does not. The bytes stay
+    /// counted until the [`Admission`] is dropped, after the record is written (when they
+    /// are in the written total).
+    pub(crate) fn admit(&self, bytes: usize) -> Option<Admission> {
+        let need = bytes as u64 + segment::RECORD_HEADER_LEN as u64 + segment::FILE_HEADER_LEN;
+        let limit = self.intake_limit();
+        let mut admitted = self.admitted.load(Ordering::Acquire);
+        loop {
+            if self.total_bytes.load(Ordering::Acquire) + admitted + need > limit {
+                return None;
+            }
+            match self.admitted.compare_exchange_weak(
+                admitted,
+                admitted + need,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(Admission {
+                        admitted: self.admitted.clone(),
+                        bytes: need,
+                    });
+                }
+                Err(now) => admitted = now,
+            }
+        }
+    }
+
+    /// Whether a record of `bytes` would be admitted now.
+    #[cfg(test)]
     pub(crate) fn has_room(&self, bytes: usize) -> bool {
-        self.total_bytes.load(Ordering::Relaxed) + bytes as u64 <= self.max_bytes
+        self.admit(bytes).is_some()
     }
 
     /// True past 90 % of `storage.max_bytes`: the oldest traces are decided early.
@@ -623,7 +680,7 @@ pub mod bench {
         /// Appends a trace request and waits until the log answers (per `storage.fsync`).
         pub fn append(&self, request: Bytes) -> u64 {
             self.storage
-                .append_spans(request, super::unix_nanos())
+                .append_spans(request, super::unix_nanos(), None)
                 .blocking_recv()
                 .expect("the writer answers")
                 .expect("appended")

@@ -22,7 +22,7 @@ fn temp(name: &str) -> PathBuf {
 
 fn append(storage: &Storage, payload: &[u8]) -> u64 {
     storage
-        .append_spans(bytes::Bytes::copy_from_slice(payload), unix_nanos())
+        .append_spans(bytes::Bytes::copy_from_slice(payload), unix_nanos(), None)
         .blocking_recv()
         .expect("answered")
         .expect("appended")
