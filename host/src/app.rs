@@ -28,7 +28,7 @@ use crate::pipeline::{PipelineMetrics, ShardMsg, WorkerContext, Workers};
 use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
 use crate::plugin::{PluginMetrics, PolicyRuntime};
-use crate::receiver::{Ingest, ReceiverMetrics, Receivers, bind, signalled};
+use crate::receiver::{Ingest, ReceiverMetrics, Receivers, RequestLimits, bind, signalled};
 use crate::storage::{RecordKind, Recovery, Storage};
 use crate::telemetry::Registry;
 use crate::telemetry::admin::{self, Health};
@@ -108,7 +108,8 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
             memory.clone(),
             receiver_metrics.clone(),
         )
-        .with_storage(storage.clone()),
+        .with_storage(storage.clone())
+        .with_limits(RequestLimits::from_config(&config.receivers)),
     );
     if let (Some(storage), Some(recovery)) = (&storage, recovery) {
         let (storage, ingest, senders) = (storage.clone(), ingest.clone(), workers.senders.clone());

@@ -306,6 +306,103 @@ async fn gzip_bomb_is_refused_without_inflating_it() {
     assert_eq!(tg.metrics().received(), 0.0);
 }
 
+/// Gzip of `head`, then `item` `n` times joined by `sep`, then `tail`, streamed: the inflated
+/// body is never held here.
+fn gzip_repeated(head: &[u8], item: &[u8], sep: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(head).unwrap();
+    let chunk: Vec<u8> = [item, sep].concat().repeat(1 << 16);
+    let mut left = n - 1;
+    while left > 0 {
+        let k = left.min(1 << 16);
+        e.write_all(&chunk[..k * (item.len() + sep.len())]).unwrap();
+        left -= k;
+    }
+    e.write_all(item).unwrap();
+    e.write_all(tail).unwrap();
+    e.finish().unwrap()
+}
+
+/// Twenty million empty spans, a body that is small on the wire and under the 64 MiB limit
+/// once inflated, but would cost gigabytes as decoded spans.
+const EMPTY_SPANS: usize = 20_000_000;
+const PEAK_RSS_LIMIT: u64 = 512 << 20;
+
+/// The hardening issue's request: 58 KB of gzip OTLP/JSON holding 20 million `{}` spans took
+/// the process to 5 GB. Decoding now stops at `receivers.max_spans_per_request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_million_empty_json_spans_are_refused_within_bounded_memory() {
+    let tg = Tailgate::start("");
+    let body = gzip_repeated(
+        br#"{"resourceSpans":[{"scopeSpans":[{"spans":["#,
+        b"{}",
+        b",",
+        EMPTY_SPANS,
+        b"]}]}]}",
+    );
+    assert!(body.len() < 100 << 10, "{} bytes of gzip", body.len());
+    let (code, _, reply) = post(tg.http, "application/json", Some("gzip"), body).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(code, 413, "{reply}");
+    assert!(
+        reply.contains("\"code\":8") && reply.contains("more than 100000 spans"),
+        "a google.rpc.Status with RESOURCE_EXHAUSTED naming the limit: {reply}"
+    );
+    let peak = tg.peak_rss();
+    assert!(peak < PEAK_RSS_LIMIT, "peak RSS {} MiB", peak >> 20);
+    eprintln!("20M empty JSON spans: refused, peak RSS {} MiB", peak >> 20);
+
+    // A well-formed request right after it is served.
+    let ok = request("svc", &[SpanSpec::new(1, 1, 0)]).encode_to_vec();
+    let (code, _, _) = post(tg.http, "application/x-protobuf", None, ok).await;
+    assert_eq!(code, 200);
+    assert_eq!(tg.metrics().received(), 1.0);
+}
+
+/// The same shape in protobuf, where an empty span is two bytes, eight such requests at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_protobuf_requests_of_twenty_million_empty_spans_are_refused_within_bounded_memory() {
+    let tg = Tailgate::start("");
+    let spans = 2 * EMPTY_SPANS;
+    let scope_head = [&[0x12][..], &varint(spans as u64)].concat();
+    let resource_len = scope_head.len() + spans;
+    let head = [&[0x0a][..], &varint(resource_len as u64), &scope_head].concat();
+    // ResourceSpans { ScopeSpans { spans: [Span {}; 20M] } }, field 2 of each.
+    let body = gzip_repeated(&head, &[0x12, 0x00], b"", EMPTY_SPANS, b"");
+    let sends: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, body) = (tg.http, body.clone());
+            tokio::spawn(
+                async move { post(addr, "application/x-protobuf", Some("gzip"), body).await },
+            )
+        })
+        .collect();
+    for send in sends {
+        let (code, _, reply) = send.await.unwrap();
+        assert_eq!(code, 413, "{}", String::from_utf8_lossy(&reply));
+    }
+    let peak = tg.peak_rss();
+    assert!(peak < PEAK_RSS_LIMIT, "peak RSS {} MiB", peak >> 20);
+    eprintln!(
+        "8 x 20M empty protobuf spans: refused, peak RSS {} MiB",
+        peak >> 20
+    );
+    let ok = request("svc", &[SpanSpec::new(1, 1, 0)]).encode_to_vec();
+    let (code, _, _) = post(tg.http, "application/x-protobuf", None, ok).await;
+    assert_eq!(code, 200);
+    assert_eq!(tg.metrics().received(), 1.0);
+}
+
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_ids_are_rejected_in_partial_success_and_the_rest_is_kept() {
     let tg = Tailgate::start("[buffer]\nroot_grace = \"100ms\"\n");

@@ -410,6 +410,38 @@ async fn repeated_failures_quarantine_the_policy() {
     assert!(tg.exported().is_empty());
 }
 
+/// Traffic that fails every call must not flood the host's log: its lines about a policy share
+/// the policy's `log_per_second`, while every failure is still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_logs_are_rate_limited_and_failures_still_counted() {
+    let plugins = Plugins::new(&["hostile-panic"]);
+    let tg = Tailgate::start(&format!(
+        "{HEAD}[[policies]]\nname = \"fragile\"\npath = {}\non_error = \"abstain\"\n\
+         log_per_second = 2\nquarantine_after = 1000\n",
+        plugins.path("hostile-panic")
+    ));
+    let started = Instant::now();
+    let mut burst = trace(1, "panic");
+    for n in 2..=60 {
+        burst
+            .resource_spans
+            .extend(trace(n, "panic").resource_spans);
+    }
+    send(&tg, &burst).await;
+    let m = wait_decided(&tg, 60.0);
+    let seconds = started.elapsed().as_secs() + 1;
+    assert_eq!(failures(&m, "fragile", "trap"), 60.0, "{:?}", m.0);
+    let lines = tg
+        .log()
+        .iter()
+        .filter(|l| l.contains("policy call failed"))
+        .count() as u64;
+    assert!(
+        (1..=2 * (seconds + 1)).contains(&lines),
+        "{lines} failure lines in {seconds} s at 2 a second"
+    );
+}
+
 /// `(component (type (instance)) (import "<name>" (instance (type 0))))` in the component
 /// binary format, encoded by hand (the `wat` crate is not a dependency).
 fn component_importing(name: &str) -> Vec<u8> {

@@ -15,6 +15,17 @@ use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer
 
 use crate::support::*;
 
+/// One policy, `gate`, from the file `gate`, watched every 50 ms, compiled into `cache`.
+fn gate_config(cache: &Path, gate: &Path) -> String {
+    format!(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"drop\"\n\n\
+         [plugins]\nwatch_interval = \"50ms\"\ncache_dir = {:?}\n\n\
+         [[policies]]\nname = \"gate\"\npath = {:?}\n",
+        cache.display().to_string(),
+        gate.display().to_string()
+    )
+}
+
 /// Replaces a file the way deploy tools do: write beside it, then rename over it.
 fn replace(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("new");
@@ -27,15 +38,7 @@ async fn replacing_a_plugin_file_under_load_takes_effect_and_loses_nothing() {
     let (v1, v2) = (test_plugin("swap-v1"), test_plugin("swap-v2"));
     let plugins = TempDir::new("swap");
     let cache = plugins.path().join("plugin-cache");
-    let config = |gate: &Path| {
-        format!(
-            "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"drop\"\n\n\
-             [plugins]\nwatch_interval = \"50ms\"\ncache_dir = {:?}\n\n\
-             [[policies]]\nname = \"gate\"\npath = {:?}\n",
-            cache.display().to_string(),
-            gate.display().to_string()
-        )
-    };
+    let config = |gate: &Path| gate_config(&cache, gate);
     // Compile v2 into the shared compile cache first, with a collector of its own, so the
     // timed swap below measures noticing the file, loading, checking and swapping, not a cold
     // Cranelift compile (whose time depends on the machine, not on tailgate).
@@ -200,6 +203,72 @@ async fn replacing_a_plugin_file_under_load_takes_effect_and_loses_nothing() {
     );
     assert_eq!(m.kept(), m.exported());
     assert_eq!(tg.pid(), pid, "no restart");
+    assert!(tg.terminate().success());
+}
+
+/// The compile cache holds native code, which runs outside the sandbox's checks. Another
+/// policy's compiled code planted under this policy's cache name (the file keeps its owner and
+/// mode, so only the manifest can tell) is never loaded: the policy is compiled afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_compile_cache_artifact_is_never_loaded() {
+    let (v1, v2) = (test_plugin("swap-v1"), test_plugin("swap-v2"));
+    let home = TempDir::new("forged-cache");
+    let cache = home.path().join("plugin-cache");
+    let artifacts = || -> std::collections::HashSet<std::path::PathBuf> {
+        std::fs::read_dir(&cache)
+            .expect("the compile cache exists")
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    // Each version compiled into the cache by a collector of its own.
+    let mut tg = Tailgate::start(&gate_config(&cache, &v2));
+    assert!(tg.terminate().success());
+    drop(tg);
+    let v2_artifacts = artifacts();
+    assert_eq!(v2_artifacts.len(), 1, "{v2_artifacts:?}");
+    let mut tg = Tailgate::start(&gate_config(&cache, &v1));
+    assert!(tg.terminate().success());
+    drop(tg);
+    let v1_artifacts: Vec<_> = artifacts().difference(&v2_artifacts).cloned().collect();
+    let v2_artifacts: Vec<_> = v2_artifacts.into_iter().collect();
+    let ([v1_artifact], [v2_artifact]) = (v1_artifacts.as_slice(), v2_artifacts.as_slice()) else {
+        panic!("one artifact per version: {v1_artifacts:?}, {v2_artifacts:?}");
+    };
+    // The attack: v2's code written into v1's artifact, in place.
+    let forged = std::fs::read(v2_artifact).unwrap();
+    std::fs::copy(v2_artifact, v1_artifact).unwrap();
+
+    let mut tg = Tailgate::start(&gate_config(&cache, &v1));
+    let req = request("svc", &[SpanSpec::new(1, 1, 0)]);
+    let (code, _, body) = post(
+        tg.http,
+        "application/x-protobuf",
+        None,
+        prost::Message::encode_to_vec(&req),
+    )
+    .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let reasons = wait_for(Duration::from_secs(20), || {
+        let reasons = exported_reasons(&tg);
+        (!reasons.is_empty()).then_some(reasons)
+    })
+    .expect("the trace is exported");
+    assert_eq!(
+        reasons,
+        ["v1".to_owned()].into(),
+        "v1 decides, not the code planted under its name"
+    );
+    let log = tg.log().join("\n");
+    assert!(
+        log.contains("compile cache entry not used") && log.contains("manifest this host wrote"),
+        "the mismatch is logged; log:\n{log}"
+    );
+    assert_ne!(
+        std::fs::read(v1_artifact).unwrap(),
+        forged,
+        "the entry is rewritten with v1's own code"
+    );
     assert!(tg.terminate().success());
 }
 

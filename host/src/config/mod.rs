@@ -43,7 +43,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     /// Compiled policies are cached here, keyed by the wasm's sha256 and the engine, so a
-    /// restart or reload of an unchanged policy skips compilation. Empty: no cache.
+    /// restart or reload of an unchanged policy skips compilation. Created `0700`, and not used
+    /// if another user owns it or others can write to it; an artifact is loaded only if it
+    /// matches the manifest this host wrote beside it. Empty: no cache.
     pub cache_dir: PathBuf,
     /// Distinct values one label of a policy counter may take before the rest are folded into
     /// `__overflow__`.
@@ -121,7 +123,8 @@ pub struct PolicyConfig {
     pub(crate) max_patches: usize,
     #[serde(default = "default_max_patch_bytes")]
     pub(crate) max_patch_bytes: Size,
-    /// Log lines per second the policy may write; the rest are counted and dropped.
+    /// Log lines per second the policy may write; the rest are counted and dropped. The host's
+    /// own lines about the policy (failed calls, rejected edits) have the same limit.
     #[serde(default = "default_log_per_second")]
     pub(crate) log_per_second: u32,
     /// Seeds the policy's deterministic random stream.
@@ -169,7 +172,12 @@ pub(crate) struct ReceiversConfig {
     /// OTLP/HTTP listen address; the OTLP default port is 4318.
     pub(crate) http: Option<SocketAddr>,
     /// Largest request accepted, measured after decompression (OTLP recommends 64 MiB).
+    /// An OTLP/JSON body may decode to at most twice this.
     pub(crate) max_request_size: Size,
+    /// Most spans one request may hold (resource and scope blocks are held to it too); a
+    /// larger request gets HTTP 413 or `RESOURCE_EXHAUSTED`. An empty span takes 2 bytes of
+    /// protobuf, so without this a request's cost would not be bounded by its size.
+    pub(crate) max_spans_per_request: usize,
     /// `Retry-After` sent with HTTP 503 when the buffer is full.
     pub(crate) retry_after: Duration,
 }
@@ -180,6 +188,7 @@ impl Default for ReceiversConfig {
             grpc: Some(SocketAddr::from(([127, 0, 0, 1], 4317))),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 4318))),
             max_request_size: Size(64 << 20),
+            max_spans_per_request: 100_000,
             retry_after: Duration::from_secs(1),
         }
     }
@@ -201,7 +210,8 @@ pub struct BufferConfig {
     /// Bound on all buffered traces. Past 90 % the oldest are decided early; at 100 % new data
     /// is refused with a retryable code.
     pub(crate) max_buffer_bytes: Size,
-    /// Decision worker threads (shards); 0 = one per CPU.
+    /// Decision worker threads (shards); 0 = one per CPU. The Wasm instance pool is sized
+    /// from this and the policy count at start.
     pub(crate) workers: usize,
     /// How many kept trace ids are remembered, so late spans follow the decision.
     pub(crate) remember_kept: usize,

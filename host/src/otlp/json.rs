@@ -55,6 +55,125 @@ pub fn decode_traces(body: &[u8]) -> Result<ExportTraceServiceRequest, JsonError
         .map_err(|err| located_error(body, &err))
 }
 
+/// Why [`decode_traces_within`] did not decode a body.
+#[derive(Debug)]
+pub(crate) enum Undecoded {
+    Malformed(JsonError),
+    /// The body would decode into more than it is allowed; decoding stopped there.
+    TooLarge(String),
+}
+
+/// [`decode_traces`] under an allowance, charged as each repeated element is decoded: at most
+/// `max_bytes` of decoded messages (their struct sizes; strings and ids are bounded by the
+/// body itself) and at most `max_spans` spans, or resource or scope blocks.
+///
+/// Without it the mirror-to-prost decoding is what a body costs: an empty span `{}` takes 3
+/// bytes of JSON and becomes a 264-byte `Span`, so a 58 KB gzip body of 20 million of them
+/// took 5 GB before any other limit applied.
+pub(crate) fn decode_traces_within(
+    body: &[u8],
+    max_bytes: usize,
+    max_spans: u64,
+) -> Result<ExportTraceServiceRequest, Undecoded> {
+    ALLOWANCE.with(|a| {
+        a.set(Allowance {
+            bytes: max_bytes,
+            spans: max_spans,
+            blocks: max_spans,
+            over: None,
+        })
+    });
+    let decoded = decode_traces(body);
+    let left = ALLOWANCE.with(|a| a.replace(Allowance::UNLIMITED));
+    match (decoded, left.over) {
+        (Err(_), Some(over)) => Err(Undecoded::TooLarge(over.message(max_bytes, max_spans))),
+        (decoded, _) => decoded.map_err(Undecoded::Malformed),
+    }
+}
+
+/// What the request being decoded on this thread may still build (see
+/// [`decode_traces_within`]). A thread-local because serde's derived visitors carry no state.
+#[derive(Clone, Copy)]
+struct Allowance {
+    bytes: usize,
+    spans: u64,
+    blocks: u64,
+    over: Option<Over>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Over {
+    Bytes,
+    Spans,
+}
+
+impl Over {
+    fn message(self, max_bytes: usize, max_spans: u64) -> String {
+        match self {
+            Over::Bytes => format!(
+                "the request decodes to more than {max_bytes} bytes; split it into smaller ones"
+            ),
+            Over::Spans => format!(
+                "more than {max_spans} spans (or resource or scope blocks) in one request; \
+                 split it into smaller ones"
+            ),
+        }
+    }
+}
+
+impl Allowance {
+    const UNLIMITED: Self = Self {
+        bytes: usize::MAX,
+        spans: u64::MAX,
+        blocks: u64::MAX,
+        over: None,
+    };
+}
+
+thread_local! {
+    static ALLOWANCE: std::cell::Cell<Allowance> = const { std::cell::Cell::new(Allowance::UNLIMITED) };
+}
+
+/// Charges one decoded element of type `T` to this thread's allowance.
+fn charge<T: 'static, E: de::Error>() -> Result<(), E> {
+    use std::any::TypeId;
+    let over = ALLOWANCE.with(|cell| {
+        let mut a = cell.get();
+        let ty = TypeId::of::<T>();
+        let counter = if ty == TypeId::of::<Span>() {
+            Some(&mut a.spans)
+        } else if ty == TypeId::of::<ResourceSpans>() || ty == TypeId::of::<ScopeSpans>() {
+            Some(&mut a.blocks)
+        } else {
+            None
+        };
+        let over = match counter {
+            Some(0) => Some(Over::Spans),
+            Some(n) => {
+                *n -= 1;
+                None
+            }
+            None => None,
+        }
+        .or_else(|| match a.bytes.checked_sub(std::mem::size_of::<T>()) {
+            Some(left) => {
+                a.bytes = left;
+                None
+            }
+            None => Some(Over::Bytes),
+        });
+        if over.is_some() {
+            a.over = over;
+        }
+        cell.set(a);
+        over
+    });
+    match over {
+        Some(_) => Err(E::custom("request too large")),
+        None => Ok(()),
+    }
+}
+
 /// Encode as OTLP/JSON on one line (no trailing newline).
 pub(crate) fn encode_traces(req: &ExportTraceServiceRequest) -> String {
     // JSON with hex ids and quoted integers runs at roughly twice the protobuf size;
@@ -663,6 +782,7 @@ where
 fn seq_into<'de, J, T, D>(d: D) -> Result<Vec<T>, D::Error>
 where
     J: Deserialize<'de> + Into<T>,
+    T: 'static,
     D: Deserializer<'de>,
 {
     d.deserialize_option(SeqInto::<J, T>(PhantomData))
@@ -673,6 +793,7 @@ struct SeqInto<J, T>(PhantomData<fn() -> (J, T)>);
 impl<'de, J, T> Visitor<'de> for SeqInto<J, T>
 where
     J: Deserialize<'de> + Into<T>,
+    T: 'static,
 {
     type Value = Vec<T>;
 
@@ -696,6 +817,7 @@ where
         // The hint is client-controlled; cap it so a lying length cannot reserve much.
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
         while let Some(item) = seq.next_element::<Strict<J>>()? {
+            charge::<T, A::Error>()?;
             out.push(item.0.into());
         }
         Ok(out)
@@ -1600,6 +1722,50 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn decoding_stops_past_its_allowance_and_the_next_decode_is_unlimited() {
+        let spans = |n: usize| {
+            format!(
+                r#"{{"resourceSpans":[{{"scopeSpans":[{{"spans":[{}]}}]}}]}}"#,
+                vec!["{}"; n].join(",")
+            )
+        };
+        let body = spans(5);
+        assert!(decode_traces_within(body.as_bytes(), 1 << 20, 5).is_ok());
+        let err = decode_traces_within(body.as_bytes(), 1 << 20, 4).unwrap_err();
+        assert!(
+            matches!(&err, Undecoded::TooLarge(m) if m.contains("more than 4 spans")),
+            "{err:?}"
+        );
+        // Five 264-byte spans do not fit in 1 KiB of decoded messages.
+        let err = decode_traces_within(body.as_bytes(), 1024, 100).unwrap_err();
+        assert!(
+            matches!(&err, Undecoded::TooLarge(m) if m.contains("more than 1024 bytes")),
+            "{err:?}"
+        );
+        // Attributes are charged too: an empty `{}` is a whole KeyValue.
+        let attrs = format!(
+            r#"{{"resourceSpans":[{{"resource":{{"attributes":[{}]}}}}]}}"#,
+            vec!["{}"; 1000].join(",")
+        );
+        assert!(matches!(
+            decode_traces_within(attrs.as_bytes(), 16 << 10, 100),
+            Err(Undecoded::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_traces_within(b"{", 1 << 20, 100),
+            Err(Undecoded::Malformed(_))
+        ));
+        // The allowance belongs to one call.
+        assert_eq!(
+            decode_traces(spans(50).as_bytes())
+                .unwrap()
+                .resource_spans
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::wire::{self, WireError};
+use super::wire::{self, Unparsed, WireError};
 use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, TraceId};
 
 /// Growth slack of a trace's span vector, charged per span so the budget tracks real usage.
@@ -21,9 +21,22 @@ pub(crate) struct Rejected {
 /// first span of a scope) the resource and scope headers its scope's spans share.
 pub(crate) fn for_each_span(
     body: &[u8],
-    mut f: impl FnMut(TraceId, BufferedSpan, usize),
+    f: impl FnMut(TraceId, BufferedSpan, usize),
 ) -> Result<Rejected, WireError> {
-    let parsed = wire::parse_traces(body)?;
+    for_each_span_within(body, u64::MAX, f).map_err(|e| match e {
+        Unparsed::Malformed(e) => e,
+        too_many => WireError(too_many.to_string()),
+    })
+}
+
+/// [`for_each_span`] for a request from a client: one with more than `max_spans` spans (or
+/// blocks) is refused before its spans are built.
+pub(crate) fn for_each_span_within(
+    body: &[u8],
+    max_spans: u64,
+    mut f: impl FnMut(TraceId, BufferedSpan, usize),
+) -> Result<Rejected, Unparsed> {
+    let parsed = wire::parse_traces_within(body, max_spans)?;
     for resource in parsed.resources {
         let service = match wire::resource_attribute(resource.resource, "service.name") {
             Some(wire::AnyValueRef::Str(s)) => Arc::from(s),

@@ -93,31 +93,103 @@ pub(crate) struct SpanRef<'a> {
 /// Spans with unusable ids are not errors: they are left out, counted and described, so the
 /// receiver can answer with an OTLP partial success.
 pub fn parse_traces(buf: &[u8]) -> Result<ParsedTraces<'_>, WireError> {
-    let mut tally = Tally::default();
+    parse_traces_within(buf, u64::MAX).map_err(|e| match e {
+        Unparsed::Malformed(e) => e,
+        too_many => WireError(too_many.to_string()),
+    })
+}
+
+/// Why [`parse_traces_within`] did not parse a request.
+#[derive(Debug)]
+pub(crate) enum Unparsed {
+    Malformed(WireError),
+    /// More than this many spans, or resource and scope blocks; the parse stopped there, so
+    /// what such a request would have cost was never allocated.
+    TooManySpans(u64),
+}
+
+impl fmt::Display for Unparsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unparsed::Malformed(e) => e.fmt(f),
+            Unparsed::TooManySpans(max) => write!(
+                f,
+                "more than {max} spans (or resource or scope blocks) in one request; split it \
+                 into smaller ones"
+            ),
+        }
+    }
+}
+
+/// [`parse_traces`], stopping with [`Unparsed::TooManySpans`] past `max_spans` spans or
+/// blocks: each costs a push here, however few bytes it took on the wire (an empty span is 2).
+pub(crate) fn parse_traces_within(
+    buf: &[u8],
+    max_spans: u64,
+) -> Result<ParsedTraces<'_>, Unparsed> {
+    let mut tally = Tally {
+        max_items: max_spans,
+        ..Tally::default()
+    };
+    let parsed = parse_with(buf, &mut tally);
+    match parsed {
+        Err(_) if tally.over => Err(Unparsed::TooManySpans(max_spans)),
+        Err(e) => Err(Unparsed::Malformed(e)),
+        Ok(resources) => Ok(ParsedTraces {
+            resources,
+            rejected_spans: tally.count,
+            rejection: tally.first,
+        }),
+    }
+}
+
+fn parse_with<'a>(buf: &'a [u8], tally: &mut Tally) -> Result<Vec<ResourceBlock<'a>>, WireError> {
     let mut resources = Vec::new();
     let mut r = Reader::new(buf, 0, "ExportTraceServiceRequest");
     while let Some(f) = r.next()? {
         if f.number == 1 {
+            tally.block()?;
             let body = r.message(&f, "resource_spans", "ResourceSpans")?;
             let index = resources.len();
-            resources.push(parse_resource_spans(body, index, &mut tally)?);
+            resources.push(parse_resource_spans(body, index, tally)?);
         }
     }
-    Ok(ParsedTraces {
-        resources,
-        rejected_spans: tally.count,
-        rejection: tally.first,
-    })
+    Ok(resources)
 }
 
-/// Rejected spans, counted for partial_success; only the first is worth describing.
+/// Rejected spans, counted for partial_success (only the first is worth describing), and
+/// the spans and blocks seen, against the request's limit.
 #[derive(Default)]
 struct Tally {
     count: u64,
     first: Option<String>,
+    spans: u64,
+    blocks: u64,
+    max_items: u64,
+    over: bool,
 }
 
 impl Tally {
+    /// One more span; past the limit the parse stops (the caller names why).
+    fn span(&mut self) -> Result<(), WireError> {
+        self.spans += 1;
+        self.check(self.spans)
+    }
+
+    /// One more resource or scope block, held to the same limit as spans.
+    fn block(&mut self) -> Result<(), WireError> {
+        self.blocks += 1;
+        self.check(self.blocks)
+    }
+
+    fn check(&mut self, n: u64) -> Result<(), WireError> {
+        if n > self.max_items {
+            self.over = true;
+            return Err(WireError(String::new()));
+        }
+        Ok(())
+    }
+
     fn reject(&mut self, at: SpanAt, fault: IdFault) {
         self.count += 1;
         if self.first.is_none() {
@@ -179,6 +251,7 @@ fn parse_resource_spans<'a>(
                 check_resource(body)?;
             }
             2 => {
+                tally.block()?;
                 let body = r.message(&f, "scope_spans", "ScopeSpans")?;
                 let scope = block.scopes.len();
                 block
@@ -211,6 +284,7 @@ fn parse_scope_spans<'a>(
         match f.number {
             1 => check_scope(r.message(&f, "scope", "InstrumentationScope")?)?,
             2 => {
+                tally.span()?;
                 match parse_span(r.message(&f, "spans", "Span")?)? {
                     Ok(valid) => block.spans.push(valid),
                     Err(fault) => tally.reject(
@@ -1612,6 +1686,36 @@ mod tests {
     }
 
     // ----- parse + encode round trips -------------------------------------------------------
+
+    #[test]
+    fn a_request_past_the_span_limit_stops_the_parse() {
+        let spans: Vec<Span> = (1..=5).map(|n| span(n, None, "s")).collect();
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let buf = req.encode_to_vec();
+        assert!(parse_traces_within(&buf, 5).is_ok(), "exactly at the limit");
+        let err = parse_traces_within(&buf, 4).unwrap_err();
+        assert!(matches!(err, Unparsed::TooManySpans(4)), "{err}");
+        // Empty blocks cost a push each too: two bytes apiece on the wire.
+        let blocks = [0x0a, 0x00].repeat(10);
+        assert!(parse_traces_within(&blocks, 10).is_ok());
+        assert!(matches!(
+            parse_traces_within(&blocks, 9),
+            Err(Unparsed::TooManySpans(9))
+        ));
+        // A malformed request under the limit is still malformed.
+        assert!(matches!(
+            parse_traces_within(&[0x0a, 0x05], 9),
+            Err(Unparsed::Malformed(_))
+        ));
+    }
 
     #[test]
     fn round_trip_with_unknown_fields_equals_prost() {

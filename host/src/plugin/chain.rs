@@ -133,7 +133,9 @@ impl WasmChain {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(policy = %policy.name, error = %e, "cannot instantiate policy");
+                if let Some(suppressed) = policy.health.may_log(policy.spec.log_per_second) {
+                    tracing::error!(policy = %policy.name, error = %e, suppressed, "cannot instantiate policy");
+                }
                 Err(self.failed(policy, "instantiate"))
             }
         }
@@ -167,7 +169,9 @@ impl WasmChain {
     fn call_failed(&mut self, i: usize, trap: &wasmtime::Error) -> Outcome {
         let policy: &LoadedPolicy = &self.set.policies[i];
         let kind = failure_kind(trap);
-        tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), "policy call failed; applying on_error");
+        if let Some(suppressed) = policy.health.may_log(policy.spec.log_per_second) {
+            tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), suppressed, "policy call failed; applying on_error");
+        }
         // A trapped instance may be in any state: rebuild it for the next trace.
         self.instances[i] = None;
         self.failed(policy, kind)
@@ -209,7 +213,10 @@ impl WasmChain {
                     Ok(mut edits) => edits_out.append(&mut edits),
                     Err(why) => {
                         handles.invalid_edits.inc();
-                        tracing::warn!(policy = %policy.name, %why, "verdict edits rejected; trace left untouched");
+                        if let Some(suppressed) = policy.health.may_log(policy.spec.log_per_second)
+                        {
+                            tracing::warn!(policy = %policy.name, %why, suppressed, "verdict edits rejected; trace left untouched");
+                        }
                     }
                 }
                 count(handles, answer.decision, 1);

@@ -1,7 +1,8 @@
 //! Policy plugins: WebAssembly components run by wasmtime, each in its own sandbox.
 //!
 //! Owns the engine (component model on, async off, pooling allocator, epoch interruption),
-//! loading and checking components (imports, contract version, sha256 pins, compile cache),
+//! loading and checking components (imports, contract version, sha256 pins, the verified
+//! compile cache of [`cache`]),
 //! the per-call limits (memory, deadline, fuel, patch caps, log rate), and the live policy set
 //! that hot swap replaces atomically. A policy never sees the host except through the
 //! `tailgate:policy` world: no WASI, no files, no sockets. Must never import the receivers or
@@ -9,7 +10,8 @@
 //!
 //! Files: [`index`] is the trace's index (pure data), [`boundary`] the host side of the WIT
 //! interfaces, [`edits`] holding and checking a verdict's edits, [`chain`] the chain as a
-//! decider, [`reload`] hot swap, [`counters`] the policies' own counters.
+//! decider, [`reload`] hot swap, [`counters`] the policies' own counters, [`cache`] the compile
+//! cache.
 //!
 //! # The sandbox's invariants
 //!
@@ -40,6 +42,7 @@
 
 mod bindings;
 mod boundary;
+mod cache;
 pub(crate) mod chain;
 mod counters;
 mod edits;
@@ -104,11 +107,45 @@ fn refused(policy: &str, message: impl std::fmt::Display) -> PluginError {
     }
 }
 
+/// How many instances the engine's pooling allocator holds. The pool is reserved (as virtual
+/// address space) when the engine starts and never grows, so it is sized from the chain and
+/// the worker count then: every worker's instance of every policy, twice over while a
+/// reload's new set replaces the old one, plus the trial instances a load or reload runs. A
+/// reload that would need more policies than it was sized for is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSize {
+    /// Policies a set may hold: twice the chain at start, and at least [`Self::MIN_POLICIES`].
+    pub(crate) policies: usize,
+    workers: usize,
+}
+
+impl PoolSize {
+    /// Room for a small chain to grow by reloads without a restart.
+    const MIN_POLICIES: usize = 16;
+    /// Core instances per component: the guest module plus the shims `wasm-tools component
+    /// new` adds, with room for toolchains that link several modules.
+    const CORE_PER_COMPONENT: u32 = 4;
+
+    pub fn new(policies: usize, workers: usize) -> Self {
+        Self {
+            policies: (2 * policies).max(Self::MIN_POLICIES),
+            workers: workers.max(1),
+        }
+    }
+
+    /// Component instances: (workers + trial runs) × policies × 2 (a reload's overlap).
+    fn components(self) -> u32 {
+        let n = (self.workers + 2) * self.policies * 2;
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
 /// The wasmtime engine shared by every policy, and the thread that advances its epoch.
 pub struct PluginEngine {
+    pool: PoolSize,
     engine: Engine,
     linker: Linker<PolicyState>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<cache::CompileCache>,
     counters: Arc<PolicyCounters>,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -120,9 +157,19 @@ impl Drop for PluginEngine {
 }
 
 impl PluginEngine {
+    /// An engine for the benches and tools: a pool for a small chain on every CPU.
     pub fn new(
         cache_dir: Option<PathBuf>,
         max_label_values: usize,
+    ) -> Result<Arc<Self>, PluginError> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_pool(cache_dir, max_label_values, PoolSize::new(0, cpus))
+    }
+
+    pub fn with_pool(
+        cache_dir: Option<PathBuf>,
+        max_label_values: usize,
+        size: PoolSize,
     ) -> Result<Arc<Self>, PluginError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
@@ -133,15 +180,23 @@ impl PluginEngine {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let mut pool = PoolingAllocationConfig::default();
-        // Instances per (policy version, worker) with room for a reload's overlap; slots are
-        // virtual address space until used.
-        pool.total_component_instances(512);
-        pool.total_core_instances(1024);
-        pool.total_memories(1024);
-        pool.total_tables(1024);
+        // Slots are virtual address space until used.
+        let components = size.components();
+        let cores = components.saturating_mul(PoolSize::CORE_PER_COMPONENT);
+        pool.total_component_instances(components);
+        pool.total_core_instances(cores);
+        pool.total_memories(cores);
+        pool.total_tables(cores);
         pool.max_memory_size(1 << 30);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&config).map_err(|e| {
+            PluginError::Engine(format!(
+                "cannot reserve the Wasm instance pool ({components} component instances for up \
+                 to {} policies on {} workers): {e:#}; lower buffer.workers or the number of \
+                 policies",
+                size.policies, size.workers
+            ))
+        })?;
         let mut linker = Linker::new(&engine);
         Policy::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
@@ -167,15 +222,18 @@ impl PluginEngine {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        if let Some(dir) = &cache_dir
-            && let Err(e) = std::fs::create_dir_all(dir)
-        {
-            tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
-        }
+        let cache = cache_dir.and_then(|dir| {
+            cache::CompileCache::open(dir.clone(), &engine)
+                .inspect_err(|reason| {
+                    tracing::warn!(dir = %dir.display(), reason, "plugin compile cache disabled")
+                })
+                .ok()
+        });
         Ok(Arc::new(Self {
+            pool: size,
             engine,
             linker,
-            cache_dir,
+            cache,
             counters: Arc::new(PolicyCounters::new(max_label_values)),
             stop_ticker,
         }))
@@ -187,46 +245,27 @@ impl PluginEngine {
 
     /// Compiles a component, or loads its compiled form from the cache.
     fn compile(&self, policy: &str, wasm: &[u8], sha: &str) -> Result<Component, PluginError> {
-        let cached = self.cache_dir.as_ref().map(|dir| {
-            let mut engine_hash = std::hash::DefaultHasher::new();
-            std::hash::Hash::hash(
-                &self.engine.precompile_compatibility_hash(),
-                &mut engine_hash,
-            );
-            let engine_key = std::hash::Hasher::finish(&engine_hash);
-            dir.join(format!("{sha}-{engine_key:016x}.cwasm"))
-        });
-        if let Some(path) = &cached
-            && path.exists()
-        {
-            // SAFETY: the file was written by `Component::serialize` of an engine with the same
-            // compatibility hash (it is in the name), in a directory only this host writes.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(policy, error = %e, "ignoring unusable compile cache entry")
-                }
+        if let Some(cache) = &self.cache {
+            match cache.get(&self.engine, sha) {
+                Ok(Some(component)) => return Ok(component),
+                Ok(None) => {}
+                Err(reason) => tracing::warn!(
+                    policy,
+                    reason,
+                    "compile cache entry not used; compiling the policy afresh"
+                ),
             }
         }
         let component = Component::new(&self.engine, wasm)
             .map_err(|e| refused(policy, format!("not a valid component: {e:#}")))?;
-        if let Some(path) = &cached
-            && let Ok(bytes) = component.serialize()
-        {
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, bytes)
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .is_err()
-            {
-                tracing::warn!(policy, "could not write the compile cache");
-            } else {
+        if let Some(cache) = &self.cache {
+            if let Err(reason) = cache.put(sha, &component) {
+                tracing::warn!(policy, reason, "could not write the compile cache");
+            } else if let Ok(Some(mapped)) = cache.get(&self.engine, sha) {
                 // Run from the file just written, as a warm start does: its code is then
                 // mapped from the page cache, not held in anonymous memory for the process's
                 // life (tens of MiB for a pack).
-                // SAFETY: written just above by this engine's `serialize`.
-                if let Ok(mapped) = unsafe { Component::deserialize_file(&self.engine, path) } {
-                    return Ok(mapped);
-                }
+                return Ok(mapped);
             }
         }
         Ok(component)
@@ -361,6 +400,11 @@ pub(crate) struct PolicyHealth {
     consecutive_failures: AtomicU32,
     /// Unix ms until which the policy is skipped; 0 when it is not quarantined.
     quarantined_until_ms: AtomicU64,
+    /// The host's own log lines about this policy (failed calls, rejected edits), limited
+    /// across workers to the policy's `log_per_second`, as its own lines are.
+    log_second: AtomicU64,
+    logged_this_second: AtomicU32,
+    logs_suppressed: AtomicU64,
 }
 
 fn unix_ms() -> u64 {
@@ -385,6 +429,26 @@ impl PolicyHealth {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the host may log a line about this policy now. `Some(n)`: yes, and `n` lines
+    /// were suppressed since the last one logged (hostile traffic can make every call fail;
+    /// the failures are counted in metrics either way).
+    pub(crate) fn may_log(&self, per_second: u32) -> Option<u64> {
+        self.may_log_at(per_second, unix_ms() / 1000)
+    }
+
+    fn may_log_at(&self, per_second: u32, second: u64) -> Option<u64> {
+        if self.log_second.load(Ordering::Relaxed) != second
+            && self.log_second.swap(second, Ordering::Relaxed) != second
+        {
+            self.logged_this_second.store(0, Ordering::Relaxed);
+        }
+        if self.logged_this_second.fetch_add(1, Ordering::Relaxed) >= per_second.max(1) {
+            self.logs_suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.logs_suppressed.swap(0, Ordering::Relaxed))
     }
 
     /// Returns true when this failure starts a quarantine.
@@ -608,7 +672,8 @@ impl PolicyRuntime {
         // Like the exporter's path, the cache is relative to the working directory.
         let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
             .then(|| config.plugins.cache_dir.clone());
-        let engine = PluginEngine::new(cache, config.plugins.max_label_values)?;
+        let pool = PoolSize::new(config.policies.len(), config.worker_count());
+        let engine = PluginEngine::with_pool(cache, config.plugins.max_label_values, pool)?;
         let set = build_set(&engine, config, base_dir, 1)?;
         release_freed_heap();
         Ok(Arc::new(Self {
@@ -638,6 +703,14 @@ pub(crate) fn build_set(
     base_dir: &Path,
     generation: u64,
 ) -> Result<PolicySet, PluginError> {
+    if config.policies.len() > engine.pool.policies {
+        return Err(PluginError::Engine(format!(
+            "{} policies, but the Wasm instance pool was sized at start for {}; restart \
+             tailgate to load this many",
+            config.policies.len(),
+            engine.pool.policies
+        )));
+    }
     let mut policies = Vec::with_capacity(config.policies.len());
     for spec in &config.policies {
         let policy = engine.load(spec, base_dir)?;
@@ -666,5 +739,43 @@ pub(crate) fn release_freed_heap() {
     // SAFETY: malloc_trim only returns free pages of the allocator's own heap to the system.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PolicyHealth, PoolSize};
+
+    #[test]
+    fn the_instance_pool_grows_with_policies_and_workers() {
+        // The agent pack (9 policies) on 2 workers: 18 policy slots, 4 instances of each, twice.
+        assert_eq!(PoolSize::new(9, 2).components(), 18 * 4 * 2);
+        // A small chain still has room to grow by reload.
+        assert_eq!(PoolSize::new(1, 2).policies, PoolSize::MIN_POLICIES);
+        // On a 64-CPU machine the fixed pool of 512 used to run out.
+        assert!(PoolSize::new(9, 64).components() > 2_000);
+    }
+
+    #[test]
+    fn a_pool_that_cannot_be_reserved_fails_the_start_naming_why() {
+        let err = super::PluginEngine::with_pool(None, 10, PoolSize::new(5_000, 100_000))
+            .err()
+            .expect("no machine reserves this much")
+            .to_string();
+        assert!(
+            err.contains("instance pool") && err.contains("100000 workers"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn host_lines_about_a_policy_are_limited_per_second_and_say_what_was_suppressed() {
+        let health = PolicyHealth::default();
+        let first: Vec<_> = (0..10).map(|_| health.may_log_at(3, 100)).collect();
+        assert_eq!(&first[..3], &[Some(0), Some(0), Some(0)]);
+        assert!(first[3..].iter().all(Option::is_none), "{first:?}");
+        // The next second's first line carries the count of those left out.
+        assert_eq!(health.may_log_at(3, 101), Some(7));
+        assert_eq!(health.may_log_at(3, 101), Some(0));
     }
 }

@@ -131,6 +131,10 @@ impl UnaryService<Bytes> for ExportCall {
                     metrics.request("grpc", "malformed");
                     Err(Status::invalid_argument(message))
                 }
+                Err(Refusal::TooLarge(message)) => {
+                    metrics.request("grpc", "too_large");
+                    Err(Status::resource_exhausted(message))
+                }
                 Err(Refusal::Busy) => {
                     metrics.request("grpc", "unavailable");
                     Err(Status::unavailable(

@@ -135,6 +135,15 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             s.metrics.request("http", "malformed");
             status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why)
         }
+        Err(Refusal::TooLarge(why)) => {
+            s.metrics.request("http", "too_large");
+            status_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                encoding,
+                RESOURCE_EXHAUSTED,
+                &why,
+            )
+        }
         Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_))) => {
             s.metrics.request("http", "unavailable");
             let why = match &refusal {

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use super::metrics::{ReceiverMetrics, RefusedReason};
 use crate::buffer::{MemoryBudget, shard_of};
-use crate::otlp::{json, spans};
+use crate::otlp::{json, spans, wire};
 use crate::pipeline::{ShardMsg, ShardSpan};
 use crate::storage::{self, AppendError, Storage};
 use crate::trace::Nanos;
@@ -36,6 +36,9 @@ pub struct Accepted {
 pub enum Refusal {
     /// The body is not a valid OTLP trace request; not retryable.
     Malformed(String),
+    /// The request holds more than one request may (spans, or what its JSON decodes to); not
+    /// retryable as it is: HTTP 413, gRPC `RESOURCE_EXHAUSTED` without RetryInfo.
+    TooLarge(String),
     /// The buffer is full; retryable.
     Busy,
     /// The storage log is full or cannot be written; retryable.
@@ -44,8 +47,28 @@ pub enum Refusal {
     ShuttingDown,
 }
 
+/// What one request may hold, however few bytes it took on the wire.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RequestLimits {
+    /// `receivers.max_spans_per_request`; resource and scope blocks are held to it too.
+    pub(crate) max_spans: u64,
+    /// What decoding an OTLP/JSON body may build: twice `receivers.max_request_size` (decoded
+    /// messages can be larger than the JSON text that holds them, but not without bound).
+    pub(crate) max_json_decoded: usize,
+}
+
+impl RequestLimits {
+    pub(crate) fn from_config(config: &crate::config::ReceiversConfig) -> Self {
+        Self {
+            max_spans: config.max_spans_per_request as u64,
+            max_json_decoded: config.max_request_size.bytes().saturating_mul(2),
+        }
+    }
+}
+
 pub struct Ingest {
     shards: Vec<Sender<ShardMsg>>,
+    limits: RequestLimits,
     memory: Arc<MemoryBudget>,
     metrics: Arc<ReceiverMetrics>,
     storage: Option<Arc<Storage>>,
@@ -97,6 +120,7 @@ impl Ingest {
     ) -> Self {
         Self {
             shards,
+            limits: RequestLimits::from_config(&Default::default()),
             memory,
             metrics,
             storage: None,
@@ -104,6 +128,11 @@ impl Ingest {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
         }
+    }
+
+    pub(crate) fn with_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Appends every accepted request to `storage` before answering it.
@@ -149,8 +178,14 @@ impl Ingest {
         body: &[u8],
         transport: &'static str,
     ) -> Result<Accepted, Refusal> {
-        let request = super::run_ingest(body.len(), || json::decode_traces(body))
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let limits = self.limits;
+        let request = super::run_ingest(body.len(), || {
+            json::decode_traces_within(body, limits.max_json_decoded, limits.max_spans)
+        })
+        .map_err(|e| match e {
+            json::Undecoded::Malformed(e) => Refusal::Malformed(e.to_string()),
+            json::Undecoded::TooLarge(why) => Refusal::TooLarge(why),
+        })?;
         self.accept_protobuf(Bytes::from(request.encode_to_vec()), transport)
             .await
     }
@@ -205,7 +240,7 @@ impl Ingest {
 
     /// Parses and counts a request and reserves its memory, or refuses it.
     fn admit(&self, body: &[u8], transport: &'static str) -> Result<Split, Refusal> {
-        let split = super::run_ingest(body.len(), || self.split(body))?;
+        let split = super::run_ingest(body.len(), || self.split(body, self.limits.max_spans))?;
         self.metrics
             .received(transport, split.accepted + split.rejected);
         self.metrics
@@ -229,7 +264,8 @@ impl Ingest {
     /// Returns false for a record that does not parse (it was checked when appended, so this
     /// is damage the checksum missed).
     pub fn replay(&self, body: &[u8], position: u64, at: Nanos) -> bool {
-        let Ok(split) = self.split(body) else {
+        // Admitted under the limits of its day; they may have been lowered since.
+        let Ok(split) = self.split(body, u64::MAX) else {
             if let Some(storage) = &self.storage {
                 storage.pins.unpin(position);
             }
@@ -243,12 +279,12 @@ impl Ingest {
     }
 
     /// Parses a request into spans per shard, with their costs.
-    fn split(&self, body: &[u8]) -> Result<Split, Refusal> {
+    fn split(&self, body: &[u8], max_spans: u64) -> Result<Split, Refusal> {
         let shards = self.shards.len();
         let mut per_shard: Vec<Vec<ShardSpan>> = (0..shards).map(|_| Vec::new()).collect();
         let mut cost = 0usize;
         let mut accepted = 0u64;
-        let rejected = spans::for_each_span(body, |trace_id, span, span_cost| {
+        let rejected = spans::for_each_span_within(body, max_spans, |trace_id, span, span_cost| {
             cost += span_cost;
             accepted += 1;
             per_shard[shard_of(&trace_id, shards)].push(ShardSpan {
@@ -257,7 +293,10 @@ impl Ingest {
                 cost: span_cost,
             });
         })
-        .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        .map_err(|e| match e {
+            wire::Unparsed::Malformed(e) => Refusal::Malformed(e.to_string()),
+            too_many => Refusal::TooLarge(too_many.to_string()),
+        })?;
         Ok(Split {
             per_shard,
             cost,

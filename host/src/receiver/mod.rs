@@ -15,8 +15,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub(crate) use ingest::Accepted;
 pub use ingest::Ingest;
+pub(crate) use ingest::{Accepted, RequestLimits};
 pub use metrics::ReceiverMetrics;
 
 use crate::config::ReceiversConfig;
