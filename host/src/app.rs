@@ -28,7 +28,9 @@ use crate::pipeline::{PipelineMetrics, ShardMsg, WorkerContext, Workers};
 use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
 use crate::plugin::{PluginMetrics, PolicyRuntime};
-use crate::receiver::{Ingest, ReceiverMetrics, Receivers, RequestLimits, bind, signalled};
+use crate::receiver::{
+    ConnectionMetrics, Gate, Ingest, ReceiverMetrics, Receivers, RequestLimits, bind, signalled,
+};
 use crate::storage::{RecordKind, Recovery, Storage};
 use crate::telemetry::Registry;
 use crate::telemetry::admin::{self, Health};
@@ -37,8 +39,10 @@ use crate::telemetry::admin::{self, Health};
 pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let registry = Registry::new();
     let plugin_metrics = PluginMetrics::new(&registry);
+    let connections = ConnectionMetrics::new(&registry);
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    crate::receiver::listen::raise_open_file_limit();
 
     // Policies load (compile, type-check, init) before anything listens: a refused policy
     // stops the start with its reason.
@@ -61,7 +65,8 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
                 reloader.clone(),
                 config.admin.reload_token.clone(),
             ));
-            Some(start_admin(addr, routes, stop_rx.clone()).await?)
+            let gate = Gate::new("admin", &config.admin.limits, connections.clone());
+            Some(start_admin(addr, gate, routes, stop_rx.clone()).await?)
         }
         None => None,
     };
@@ -127,6 +132,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
         &config.receivers,
         ingest.clone(),
         receiver_metrics,
+        connections,
         listen_stop_rx,
     )
     .await
@@ -257,19 +263,13 @@ async fn reload_on_sighup(reloader: Arc<Reloader>) {
 
 async fn start_admin(
     addr: SocketAddr,
+    gate: Arc<Gate>,
     app: Router,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr, "admin").await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(signalled(stop))
-            .await
-        {
-            tracing::error!(error = %e, "admin listener stopped");
-        }
-    });
+    tokio::spawn(gate.serve_http(listener, app, signalled(stop)));
     Ok(local)
 }
 

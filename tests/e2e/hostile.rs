@@ -410,6 +410,43 @@ async fn repeated_failures_quarantine_the_policy() {
     assert!(tg.exported().is_empty());
 }
 
+/// Traces shaped to time a policy out must not quarantine it for everyone: one far larger
+/// than any the policy has decided within its timeout fails (on_error applies) without
+/// counting toward quarantine, while failures on traces of an ordinary size still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_traces_that_time_a_policy_out_do_not_quarantine_it() {
+    let plugins = Plugins::new(&["hostile-spin"]);
+    let tg = Tailgate::start(&format!(
+        "{HEAD}[[policies]]\nname = \"spin\"\npath = {}\ntimeout = \"20ms\"\n\
+         on_error = \"keep\"\nquarantine_after = 2\nquarantine_for = \"60s\"\n",
+        plugins.path("hostile-spin")
+    ));
+    // Two-span traces decided in time teach the host the policy's ordinary size.
+    send(&tg, &trace(1, "normal")).await;
+    wait_decided(&tg, 1.0);
+    // Three spinning traces of 20 spans each: past twice the largest decided.
+    for n in 2..=4 {
+        let mut root = SpanSpec::new(n, n * 100, 0);
+        root.name = "spin".into();
+        let mut spans = vec![root];
+        spans.extend((1..20).map(|k| SpanSpec::new(n, n * 100 + k, n * 100)));
+        send(&tg, &request("svc", &spans)).await;
+        wait_decided(&tg, n as f64);
+    }
+    let m = tg.metrics();
+    let quarantines =
+        |m: &Metrics| m.sum("tailgate_policy_quarantines_total", &["policy=\"spin\""]);
+    assert_eq!(failures(&m, "spin", "timeout"), 3.0, "{:?}", m.0);
+    assert_eq!(quarantines(&m), 0.0, "oversized failures do not quarantine");
+    // Two spinning traces of the ordinary size do.
+    for n in 5..=6 {
+        send(&tg, &trace(n, "spin")).await;
+    }
+    let m = wait_decided(&tg, 6.0);
+    assert_eq!(failures(&m, "spin", "timeout"), 5.0, "{:?}", m.0);
+    assert_eq!(quarantines(&m), 1.0);
+}
+
 /// Traffic that fails every call must not flood the host's log: its lines about a policy share
 /// the policy's `log_per_second`, while every failure is still counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

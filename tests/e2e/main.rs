@@ -10,6 +10,7 @@ mod exporter;
 mod hostile;
 mod hotswap;
 mod http;
+mod listeners;
 mod loadgen;
 mod memory;
 mod pipeline;

@@ -14,7 +14,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use crate::support::*;
 
 #[derive(Clone, Copy, Debug)]
-enum Transport {
+pub(crate) enum Transport {
     Grpc,
     HttpProtobuf,
     HttpJson,
@@ -22,7 +22,7 @@ enum Transport {
 
 /// A tracer provider exporting every span as it ends (one request per span), like a real
 /// service with the OTel SDK's simple processor.
-fn provider(tg: &Tailgate, transport: Transport, service: &str) -> SdkTracerProvider {
+pub(crate) fn provider(tg: &Tailgate, transport: Transport, service: &str) -> SdkTracerProvider {
     let exporter = match transport {
         Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

@@ -180,6 +180,43 @@ pub(crate) struct ReceiversConfig {
     pub(crate) max_spans_per_request: usize,
     /// `Retry-After` sent with HTTP 503 when the buffer is full.
     pub(crate) retry_after: Duration,
+    /// What every connection to the receivers is held to.
+    pub(crate) limits: ListenerLimits,
+}
+
+/// Limits every connection of a listener is held to (the receivers' and the admin
+/// listener's, each its own table).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ListenerLimits {
+    /// A new connection must send its first byte, and an HTTP/1 request its whole head,
+    /// within this time; otherwise the connection is closed.
+    pub(crate) header_read_timeout: Duration,
+    /// A connection on which no byte moved either way for this long is closed.
+    pub(crate) idle_timeout: Duration,
+    /// A request body must arrive within this time: HTTP gets 408, and over gRPC it bounds
+    /// the whole call (`DEADLINE_EXCEEDED`).
+    pub(crate) body_read_timeout: Duration,
+    /// Open connections at most; one past it is accepted and closed at once, and counted.
+    pub(crate) max_connections: usize,
+    /// HTTP/2 streams (concurrent requests) on one connection.
+    pub(crate) max_concurrent_streams: u32,
+    /// HTTP/2 keepalive: a ping this often, and a peer that does not answer within it is
+    /// dropped.
+    pub(crate) keepalive: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            max_concurrent_streams: 256,
+            keepalive: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for ReceiversConfig {
@@ -190,6 +227,7 @@ impl Default for ReceiversConfig {
             max_request_size: Size(64 << 20),
             max_spans_per_request: 100_000,
             retry_after: Duration::from_secs(1),
+            limits: ListenerLimits::default(),
         }
     }
 }
@@ -266,6 +304,8 @@ pub(crate) struct AdminConfig {
     /// Bearer token for `POST /reload`; unset disables the endpoint (SIGHUP and file changes
     /// still reload).
     pub(crate) reload_token: Option<String>,
+    /// What every connection to the admin listener is held to.
+    pub(crate) limits: ListenerLimits,
 }
 
 impl Default for AdminConfig {
@@ -273,6 +313,7 @@ impl Default for AdminConfig {
         Self {
             endpoint: Some(SocketAddr::from(([127, 0, 0, 1], 9477))),
             reload_token: None,
+            limits: ListenerLimits::default(),
         }
     }
 }

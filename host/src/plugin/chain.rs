@@ -166,14 +166,24 @@ impl WasmChain {
     }
 
     /// A failed call: counted, the instance rebuilt for the next call, `on_error` applied.
-    fn call_failed(&mut self, i: usize, trap: &wasmtime::Error) -> Outcome {
+    /// `spans`: the trace's, for a single-trace call (0 for a batch).
+    fn call_failed(&mut self, i: usize, trap: &wasmtime::Error, spans: usize) -> Outcome {
         let policy: &LoadedPolicy = &self.set.policies[i];
         let kind = failure_kind(trap);
+        // A trace far larger than any the policy has decided within its limits is one they
+        // cannot be expected to cover: it fails (on_error applies), but traffic shaped that way
+        // must not quarantine the policy for everyone.
+        let oversized = matches!(kind, "timeout" | "fuel" | "memory")
+            && policy.health.beyond_what_it_decided(spans);
         if let Some(suppressed) = policy.health.may_log(policy.spec.log_per_second) {
             tracing::warn!(policy = %policy.name, kind, error = %format!("{trap:#}"), suppressed, "policy call failed; applying on_error");
         }
         // A trapped instance may be in any state: rebuild it for the next trace.
         self.instances[i] = None;
+        if oversized {
+            self.metrics.policy_failure(&policy.name, kind);
+            return self.on_error(policy, kind);
+        }
         self.failed(policy, kind)
     }
 
@@ -205,8 +215,8 @@ impl WasmChain {
         let handles = &self.handles[i];
         match result {
             Ok(answer) => {
-                policy.health.succeeded();
                 let spans = data.as_ref().map_or(&[][..], |d| &d.spans[..]);
+                policy.health.succeeded(spans.len());
                 let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
                 let probability = answer.probability;
                 match edits::validate(&answer.edits, probability, spans, is_leaf, &policy.spec) {
@@ -226,7 +236,10 @@ impl WasmChain {
                     probability: answer.probability.filter(|p| *p > 0.0 && *p < 1.0),
                 })
             }
-            Err(trap) => Some(self.call_failed(i, &trap)),
+            Err(trap) => {
+                let spans = data.as_ref().map_or(0, |d| d.spans.len());
+                Some(self.call_failed(i, &trap, spans))
+            }
         }
     }
 
@@ -251,7 +264,8 @@ impl WasmChain {
         self.end_call(i, &clock);
         match result {
             Ok(answer) => {
-                self.set.policies[i].health.succeeded();
+                // A batch's size says nothing of one trace's: not learned from.
+                self.set.policies[i].health.succeeded(0);
                 // Counted by runs: consecutive traces mostly share an outcome, and adding one
                 // to the same counter trace after trace waits on its own store every time.
                 let mut counts = vec![0u64; answer.outcomes.len()];
@@ -282,7 +296,7 @@ impl WasmChain {
                 Some((base, answer.codes))
             }
             Err(trap) => {
-                let failed = self.call_failed(i, &trap);
+                let failed = self.call_failed(i, &trap, 0);
                 self.outcomes.push((i, failed));
                 Some((base, vec![0; traces]))
             }
@@ -303,6 +317,11 @@ impl WasmChain {
                 "policy quarantined after repeated failures; it is skipped until the quarantine ends"
             );
         }
+        self.on_error(policy, kind)
+    }
+
+    /// The outcome `on_error` gives a failed call.
+    fn on_error(&self, policy: &LoadedPolicy, kind: &'static str) -> Outcome {
         let verdict = match policy.spec.on_error {
             OnError::Keep => Verdict::Keep,
             OnError::Drop => Verdict::Drop,

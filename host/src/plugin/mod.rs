@@ -113,7 +113,7 @@ fn refused(policy: &str, message: impl std::fmt::Display) -> PluginError {
 /// reload's new set replaces the old one, plus the trial instances a load or reload runs. A
 /// reload that would need more policies than it was sized for is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolSize {
+pub(crate) struct PoolSize {
     /// Policies a set may hold: twice the chain at start, and at least [`Self::MIN_POLICIES`].
     pub(crate) policies: usize,
     workers: usize,
@@ -126,7 +126,7 @@ impl PoolSize {
     /// new` adds, with room for toolchains that link several modules.
     const CORE_PER_COMPONENT: u32 = 4;
 
-    pub fn new(policies: usize, workers: usize) -> Self {
+    pub(crate) fn new(policies: usize, workers: usize) -> Self {
         Self {
             policies: (2 * policies).max(Self::MIN_POLICIES),
             workers: workers.max(1),
@@ -166,7 +166,7 @@ impl PluginEngine {
         Self::with_pool(cache_dir, max_label_values, PoolSize::new(0, cpus))
     }
 
-    pub fn with_pool(
+    pub(crate) fn with_pool(
         cache_dir: Option<PathBuf>,
         max_label_values: usize,
         size: PoolSize,
@@ -405,6 +405,8 @@ pub(crate) struct PolicyHealth {
     log_second: AtomicU64,
     logged_this_second: AtomicU32,
     logs_suppressed: AtomicU64,
+    /// The most spans of a trace the policy has decided within its limits.
+    largest_decided: AtomicU64,
 }
 
 fn unix_ms() -> u64 {
@@ -423,12 +425,26 @@ impl PolicyHealth {
         }
     }
 
-    fn succeeded(&self) {
-        // Write only when there is something to reset: every worker calls this on every
+    /// A call returned normally, for a trace of `spans` spans (0: a batch, not learned from).
+    fn succeeded(&self, spans: usize) {
+        // Write only when there is something to change: every worker calls this on every
         // success, and an unconditional store would bounce the cache line between them.
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
+        let spans = spans as u64;
+        if spans > self.largest_decided.load(Ordering::Relaxed) {
+            self.largest_decided.fetch_max(spans, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a trace of `spans` spans is more than twice the largest this policy has
+    /// decided within its limits: its timeout, fuel and memory cannot be expected to cover it,
+    /// so failing on it does not count toward quarantine. Nothing is beyond before the policy
+    /// has decided a trace.
+    fn beyond_what_it_decided(&self, spans: usize) -> bool {
+        let largest = self.largest_decided.load(Ordering::Relaxed);
+        largest > 0 && spans as u64 > 2 * largest
     }
 
     /// Whether the host may log a line about this policy now. `Some(n)`: yes, and `n` lines
@@ -766,6 +782,20 @@ mod tests {
             err.contains("instance pool") && err.contains("100000 workers"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_traces_well_past_the_largest_decided_are_beyond_a_policys_limits() {
+        let health = PolicyHealth::default();
+        assert!(
+            !health.beyond_what_it_decided(1_000_000),
+            "nothing learned yet"
+        );
+        health.succeeded(30);
+        health.succeeded(0);
+        health.succeeded(10);
+        assert!(!health.beyond_what_it_decided(60));
+        assert!(health.beyond_what_it_decided(61));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use prost::Message;
 
 use super::ingest::{Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
+use crate::config::ReceiversConfig;
 use crate::otlp::{RpcStatus, json};
 
 #[derive(Clone)]
@@ -27,21 +28,22 @@ struct HttpState {
     metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
     retry_after: Duration,
+    body_read_timeout: Duration,
 }
 
 pub(crate) fn router(
     ingest: Arc<Ingest>,
     metrics: Arc<ReceiverMetrics>,
-    max_request_size: usize,
-    retry_after: Duration,
+    config: &ReceiversConfig,
 ) -> Router {
     Router::new()
         .route("/v1/traces", any(export))
         .with_state(HttpState {
             ingest,
             metrics,
-            max_request_size,
-            retry_after,
+            max_request_size: config.max_request_size.bytes(),
+            retry_after: config.retry_after.0,
+            body_read_timeout: config.limits.body_read_timeout.0,
         })
 }
 
@@ -53,6 +55,7 @@ enum Encoding {
 
 /// gRPC status codes used in `google.rpc.Status` bodies.
 const INVALID_ARGUMENT: i32 = 3;
+const DEADLINE_EXCEEDED: i32 = 4;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const UNIMPLEMENTED: i32 = 12;
 const UNAVAILABLE: i32 = 14;
@@ -94,8 +97,24 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             );
         }
     };
-    let body = match read_body(req.into_body(), gzip, s.max_request_size).await {
+    let body = read_body(req.into_body(), gzip, s.max_request_size);
+    let body = match tokio::time::timeout(s.body_read_timeout, body)
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+    {
         Ok(body) => body,
+        Err(BodyError::TimedOut) => {
+            s.metrics.request("http", "timed_out");
+            return status_response(
+                StatusCode::REQUEST_TIMEOUT,
+                encoding,
+                DEADLINE_EXCEEDED,
+                &format!(
+                    "the request body did not arrive within {} ms",
+                    s.body_read_timeout.as_millis()
+                ),
+            );
+        }
         Err(BodyError::TooLarge) => {
             s.metrics.request("http", "too_large");
             return status_response(
@@ -196,6 +215,8 @@ fn content_encoding(headers: &HeaderMap) -> Result<bool, String> {
 #[derive(Debug)]
 enum BodyError {
     TooLarge,
+    /// Not all there within `body_read_timeout`.
+    TimedOut,
     Corrupt(String),
 }
 

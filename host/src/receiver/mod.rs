@@ -7,6 +7,7 @@
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod ingest;
+pub(crate) mod listen;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 
 pub use ingest::Ingest;
 pub(crate) use ingest::{Accepted, RequestLimits};
+pub(crate) use listen::{ConnectionMetrics, Gate};
 pub use metrics::ReceiverMetrics;
 
 use crate::config::ReceiversConfig;
@@ -55,6 +57,7 @@ impl Receivers {
         config: &ReceiversConfig,
         ingest: Arc<Ingest>,
         metrics: Arc<ReceiverMetrics>,
+        connections: Arc<ConnectionMetrics>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         let limit = config.max_request_size.bytes();
@@ -66,10 +69,15 @@ impl Receivers {
             grpc_addr = Some(listener.local_addr()?);
             let service = grpc::TraceServiceRaw::new(ingest.clone(), metrics.clone(), limit);
             let signal = signalled(shutdown.clone());
+            let limits = &config.limits;
+            let incoming = Gate::new("grpc", limits, connections.clone()).incoming(listener);
+            let mut server = tonic::transport::Server::builder()
+                .timeout(limits.body_read_timeout.0)
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .http2_keepalive_interval(Some(limits.keepalive.0))
+                .http2_keepalive_timeout(Some(limits.keepalive.0));
             tasks.push(tokio::spawn(async move {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                let served = tonic::transport::Server::builder()
+                let served = server
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming, signal)
                     .await;
@@ -81,16 +89,13 @@ impl Receivers {
         if let Some(addr) = config.http {
             let listener = bind(addr, "http").await?;
             http_addr = Some(listener.local_addr()?);
-            let app = http::router(ingest, metrics, limit, config.retry_after.0);
-            let signal = signalled(shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(signal)
-                    .await
-                {
-                    tracing::error!(error = %e, "OTLP/HTTP receiver stopped");
-                }
-            }));
+            let app = http::router(ingest, metrics, config);
+            let gate = Gate::new("http", &config.limits, connections);
+            tasks.push(tokio::spawn(gate.serve_http(
+                listener,
+                app,
+                signalled(shutdown.clone()),
+            )));
         }
         Ok(Self {
             grpc: grpc_addr,
@@ -112,8 +117,22 @@ pub(crate) async fn signalled(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|&stop| stop).await;
 }
 
+/// Connections the kernel holds for a listener before it takes them. Rust's default is 128,
+/// which a reconnect storm (every client of a restarted collector at once) overflows: the
+/// kernel then drops SYNs, and each dropped client waits a second or more to retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
 pub(crate) async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("cannot listen for {what} on {addr}: {e}"))
     })
 }

@@ -1,0 +1,352 @@
+//! What every listener enforces before a request reaches a handler, the OTLP receivers and the
+//! admin listener alike: a cap on open connections, deadlines for a client that sends nothing
+//! or sends too slowly, and HTTP/2's stream and keepalive limits.
+//!
+//! - **Connections.** Past `max_connections` a new connection is accepted and closed at once,
+//!   and counted: a flood cannot exhaust the process's file descriptors, and the listener
+//!   answers again as soon as connections close.
+//! - **Idle deadline.** A connection on which no byte has moved in either direction for
+//!   `idle_timeout` fails its next read or write, and is closed. A new connection gets
+//!   `header_read_timeout` for its first byte.
+//! - **Slow headers.** Over HTTP/1, a request head (the first, or the next on a kept-alive
+//!   connection) must arrive whole within `header_read_timeout` (hyper's own timer, which
+//!   `axum::serve` never sets).
+//! - **HTTP/2.** At most `max_concurrent_streams` streams a connection; a ping every
+//!   `keepalive`, and a peer that does not answer within it is dropped.
+//! - **Bodies.** `body_read_timeout` is applied by the handlers (HTTP) and by tonic (gRPC).
+//!
+//! The accept loop is written here rather than taken from `axum::serve`, which has no place
+//! for any of these settings; hyper-util's connection builder and graceful shutdown do the
+//! protocol work.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::Connected;
+
+use crate::config::ListenerLimits;
+use crate::telemetry::{CounterFamily, Labels, Registry, label};
+
+/// Open and refused connections, by listener.
+pub(crate) struct ConnectionMetrics {
+    open: prometheus_client::metrics::family::Family<Labels, Gauge>,
+    refused: CounterFamily,
+    timed_out: CounterFamily,
+}
+
+impl ConnectionMetrics {
+    pub(crate) fn new(registry: &Registry) -> Arc<Self> {
+        Arc::new(Self {
+            open: registry.register(
+                "connections",
+                "Open connections, by listener",
+                Default::default(),
+            ),
+            refused: registry.counters(
+                "connections_refused",
+                "Connections closed at once because the listener had max_connections open, by listener",
+            ),
+            timed_out: registry.counters(
+                "connections_timed_out",
+                "Connections closed for moving no byte within header_read_timeout (a new one) or idle_timeout, by listener",
+            ),
+        })
+    }
+}
+
+/// A listener's connection slots and deadlines.
+pub(crate) struct Gate {
+    name: &'static str,
+    limits: ListenerLimits,
+    slots: Arc<Semaphore>,
+    metrics: Arc<ConnectionMetrics>,
+}
+
+impl Gate {
+    pub(crate) fn new(
+        name: &'static str,
+        limits: &ListenerLimits,
+        metrics: Arc<ConnectionMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            limits: limits.clone(),
+            metrics,
+        })
+    }
+
+    /// Waits for the next connection that gets a slot; connections past the cap are closed.
+    async fn accept(self: &Arc<Self>, listener: &TcpListener) -> Limited {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset before it was taken: keep
+                    // serving the connections there are, and try again shortly.
+                    tracing::warn!(listener = self.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.metrics
+                    .refused
+                    .get_or_create(&label("listener", self.name))
+                    .inc();
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            return Limited::new(stream, self.clone(), slot);
+        }
+    }
+
+    /// Serves an axum router on `listener` until `shutdown` resolves, then lets every open
+    /// connection finish what it started (HTTP/1 its request, HTTP/2 a GOAWAY) and returns.
+    pub(crate) async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        router: axum::Router,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout.0);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.max_concurrent_streams)
+            .keep_alive_interval(self.limits.keepalive.0)
+            .keep_alive_timeout(self.limits.keepalive.0);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let conn = tokio::select! {
+                conn = self.accept(&listener) => conn,
+                () = &mut shutdown => break,
+            };
+            let service = TowerToHyperService::new(router.clone());
+            let served = builder
+                .serve_connection_with_upgrades(TokioIo::new(conn), service)
+                .into_owned();
+            let served = graceful.watch(served);
+            let name = self.name;
+            tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::debug!(listener = name, error = %e, "connection ended");
+                }
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+    }
+
+    /// The listener's connections, gated, as the stream tonic serves.
+    pub(crate) fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> impl futures_core::Stream<Item = io::Result<Limited>> + Send + 'static {
+        Incoming {
+            next: None,
+            state: Some((self, listener)),
+        }
+    }
+}
+
+type Accepting = Pin<Box<dyn Future<Output = (Limited, Arc<Gate>, TcpListener)> + Send>>;
+
+/// A stream of gated connections, one accept at a time.
+struct Incoming {
+    next: Option<Accepting>,
+    state: Option<(Arc<Gate>, TcpListener)>,
+}
+
+impl futures_core::Stream for Incoming {
+    type Item = io::Result<Limited>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.next.is_none() {
+            let Some((gate, listener)) = self.state.take() else {
+                return Poll::Ready(None);
+            };
+            self.next = Some(Box::pin(async move {
+                let conn = gate.accept(&listener).await;
+                (conn, gate, listener)
+            }));
+        }
+        let next = self.next.as_mut().expect("set above");
+        let (conn, gate, listener) = std::task::ready!(next.as_mut().poll(cx));
+        self.next = None;
+        self.state = Some((gate, listener));
+        Poll::Ready(Some(Ok(conn)))
+    }
+}
+
+/// A connection holding one of its listener's slots, which fails its next read or write once
+/// no byte has moved for its deadline.
+pub(crate) struct Limited {
+    io: TcpStream,
+    gate: Arc<Gate>,
+    deadline: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Limited {
+    fn new(io: TcpStream, gate: Arc<Gate>, slot: OwnedSemaphorePermit) -> Self {
+        gate.metrics
+            .open
+            .get_or_create(&label("listener", gate.name))
+            .inc();
+        let first = gate.limits.header_read_timeout.0;
+        Self {
+            io,
+            deadline: Box::pin(tokio::time::sleep(first)),
+            gate,
+            _slot: slot,
+        }
+    }
+
+    fn moved(&mut self) {
+        let next = Instant::now() + self.gate.limits.idle_timeout.0;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// While the socket has nothing for us: past the deadline, the connection is done.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.gate
+                .metrics
+                .timed_out
+                .get_or_create(&label("listener", self.gate.name))
+                .inc();
+            return true;
+        }
+        false
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        self.gate
+            .metrics
+            .open
+            .get_or_create(&label("listener", self.gate.name))
+            .dec();
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "connection idle past its deadline")
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            other => other,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime does,
+/// so `max_connections` and not a default of 1,024 descriptors bounds the listeners.
+pub(crate) fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

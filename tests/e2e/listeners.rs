@@ -1,0 +1,234 @@
+//! Listener limits through the real binary: connections that send nothing are closed at their
+//! deadline, a flood of them stops neither a real client nor the probes, connections past the
+//! cap are closed at once, and slow heads and bodies are cut off.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use opentelemetry::trace::{Tracer, TracerProvider as _};
+
+use crate::pipeline::{Transport, provider};
+use crate::support::*;
+
+/// Raises this test process's soft limit on open files to at least `want` (the soft limit
+/// is 1,024 on many machines), or fails saying why.
+fn raise_open_files(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < want {
+            assert!(
+                limit.rlim_max >= want,
+                "this test needs {want} open files; the hard limit is {}",
+                limit.rlim_max
+            );
+            limit.rlim_cur = want;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
+
+/// Whether the server has closed `conn`: a read sees end of file or a reset, not a timeout.
+fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut byte = [0u8; 512];
+    loop {
+        match conn.read(&mut byte) {
+            Ok(0) => return true,
+            // A response (a 408, say) before the close: keep reading to the end.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// `n` connections to `addr` that send nothing, opened from 8 threads (one after another,
+/// each waits on the last one's handshake: seconds for thousands here).
+fn idle(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                (t..n)
+                    .step_by(8)
+                    .map(|i| {
+                        TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("connecting thread"))
+        .collect()
+}
+
+#[test]
+fn two_thousand_idle_connections_stop_no_client_and_close_at_the_header_deadline() {
+    raise_open_files(8192);
+    let deadline = Duration::from_secs(5);
+    let tg = Tailgate::start_with(Setup {
+        receivers: "[receivers.limits]\nheader_read_timeout = \"5s\"\n",
+        sections: "[admin.limits]\nheader_read_timeout = \"5s\"\n",
+    });
+    let opened = Instant::now();
+    let mut held = idle(tg.http, 2000);
+    eprintln!("2,000 on http after {:?}", opened.elapsed());
+    held.extend(idle(tg.admin, 2000));
+    eprintln!("4,000 connections open after {:?}", opened.elapsed());
+
+    // A real OTel SDK client still exports, and the probe still answers.
+    let sdk = provider(&tg, Transport::HttpProtobuf, "beside-the-flood");
+    // Ends, and so is exported, as it is dropped.
+    sdk.tracer("t").start("request");
+    sdk.force_flush().expect("the SDK exports");
+    eprintln!("SDK flushed after {:?}", opened.elapsed());
+    let (code, _) = http_get(tg.admin, "/healthz").expect("/healthz");
+    assert_eq!(code, 200);
+    let received = wait_for(Duration::from_secs(10), || {
+        (tg.metrics().received() >= 1.0).then_some(())
+    });
+    assert!(received.is_some(), "the SDK's span arrived");
+    let m = tg.metrics();
+    for listener in ["http", "admin"] {
+        let open = m.sum(
+            "tailgate_connections",
+            &[&format!("listener=\"{listener}\"")],
+        );
+        assert!(
+            open >= 2000.0,
+            "{listener}: {open} open; the checks above ran with the flood held ({:?} in)",
+            opened.elapsed()
+        );
+    }
+
+    // Past the deadline every one of them is closed by the server.
+    std::thread::sleep(deadline.saturating_sub(opened.elapsed()));
+    let still_open = held
+        .iter_mut()
+        .map(|c| closed_by_server(c, Duration::from_secs(5)))
+        .filter(|closed| !closed)
+        .count();
+    assert_eq!(
+        still_open, 0,
+        "idle connections left open past the deadline"
+    );
+    let m = tg.metrics();
+    for listener in ["http", "admin"] {
+        let timed_out = m.sum(
+            "tailgate_connections_timed_out_total",
+            &[&format!("listener=\"{listener}\"")],
+        );
+        assert!(timed_out >= 2000.0, "{listener}: {timed_out} timed out");
+    }
+    sdk.shutdown().expect("SDK shutdown");
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_at_once_and_counted() {
+    let tg = Tailgate::start_with(Setup {
+        receivers: "[receivers.limits]\nmax_connections = 4\n",
+        sections: "",
+    });
+    let mut held = idle(tg.http, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(tg.http).expect("the kernel still accepts");
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(5)),
+        "the fifth connection is closed at once"
+    );
+    let refused = tg
+        .metrics()
+        .sum("tailgate_connections_refused_total", &["listener=\"http\""]);
+    assert!(refused >= 1.0, "{refused}");
+    assert_eq!(
+        tg.metrics()
+            .sum("tailgate_connections", &["listener=\"http\""]),
+        4.0
+    );
+    // Once they close, the listener serves again.
+    held.clear();
+    let served = wait_for(Duration::from_secs(10), || {
+        let mut c = TcpStream::connect(tg.http).ok()?;
+        c.write_all(b"GET /v1/traces HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).ok()?;
+        reply.starts_with("HTTP/1.1 405").then_some(())
+    });
+    assert!(served.is_some(), "served again once the slots are free");
+}
+
+#[test]
+fn a_trickled_head_is_cut_off_and_a_stalled_body_gets_408() {
+    let tg = Tailgate::start_with(Setup {
+        receivers: "[receivers.limits]\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\n",
+        sections: "",
+    });
+    // A byte every 200 ms keeps the idle deadline moving; the head never completes.
+    let mut slow = TcpStream::connect(tg.http).unwrap();
+    slow.write_all(b"POST /v1/traces HTTP/1.1\r\n").unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if slow.write_all(b"x").is_err() {
+            cut = true;
+            break;
+        }
+        slow.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        match slow.read(&mut buf) {
+            Ok(_) => {
+                cut = true;
+                break;
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut, "a head trickled for 10 s was never cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+
+    // A whole head, then a body that stops halfway: 408 with a google.rpc.Status.
+    let mut stalled = TcpStream::connect(tg.http).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"resourceSpans\":",
+        )
+        .unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = stalled.read(&mut reply).expect("a reply before the close");
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"code\":4"), "{reply}");
+    // The receiver still serves a well-formed request.
+    let ok = request("svc", &[SpanSpec::new(1, 1, 0)]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, _, _) = rt.block_on(post(
+        tg.http,
+        "application/x-protobuf",
+        None,
+        prost::Message::encode_to_vec(&ok),
+    ));
+    assert_eq!(code, 200);
+}
