@@ -1,7 +1,7 @@
 //! The bundled WebAssembly policies deciding real traces through the real binary.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 
@@ -227,4 +227,86 @@ burst = 4
         1.0
     );
     assert_eq!(m.received(), m.kept() + m.dropped() + m.refused());
+}
+
+/// A flood of junk `tenant.id` values, on the default config (no allow-list, the default
+/// `plugins.label_ttl` of a minute), cannot push real tenants into `__overflow__` for good:
+/// once the flood has been quiet for the ttl, real tenants are counted under their names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_tenants_are_counted_under_their_names_a_minute_after_a_junk_flood() {
+    let tg = Tailgate::start(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[[policies]]\nname = \"cost\"\nplugin = \"llm-cost\"\n\
+         [policies.config]\nfallback = { input_per_1k = 0.003, output_per_1k = 0.015 }\n",
+    );
+    let llm_trace = |n: u64, tenant: &str| {
+        let mut span = SpanSpec::new(n, n, 0);
+        span.attrs = vec![
+            ("tenant.id".into(), tenant.into()),
+            ("gen_ai.request.model".into(), "gpt-4o".into()),
+        ];
+        span.ints = vec![("gen_ai.usage.input_tokens".into(), 1000)];
+        span
+    };
+    // 10,000 junk tenants, 500 traces a request.
+    let client = reqwest::Client::new();
+    for batch in 0..20u64 {
+        let spans: Vec<SpanSpec> = (0..500)
+            .map(|i| {
+                let n = batch * 500 + i + 1;
+                llm_trace(n, &format!("junk-{n}"))
+            })
+            .collect();
+        let body = prost::Message::encode_to_vec(&request("flood", &spans));
+        let resp = client
+            .post(format!("http://{}/v1/traces", tg.http))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let series = |tenant: &str| {
+        tg.metrics().sum(
+            "tailgate_policy_llm_input_tokens_total",
+            &[&format!("tenant=\"{tenant}\"")],
+        )
+    };
+    let flooded = wait_for(Duration::from_secs(30), || {
+        (series("__overflow__") >= 9_000.0 * 1000.0).then_some(())
+    });
+    assert!(flooded.is_some(), "the flood fills the label and folds");
+    let quiet_since = Instant::now();
+    // Right after it, a real tenant still folds: the junk holds the places for the ttl.
+    let send_real = |n: u64, tenant: &'static str| {
+        let client = client.clone();
+        let addr = tg.http;
+        async move {
+            let body = prost::Message::encode_to_vec(&request("app", &[llm_trace(n, tenant)]));
+            let resp = client
+                .post(format!("http://{addr}/v1/traces"))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    send_real(20_001, "acme").await;
+    let decided = |n: f64| {
+        wait_for(Duration::from_secs(20), || {
+            (tg.metrics().sum("tailgate_traces_decided_total", &[]) >= n).then_some(())
+        })
+    };
+    assert!(decided(10_001.0).is_some());
+    assert_eq!(series("acme"), 0.0, "folded while the junk is fresh");
+    // A minute after the flood, real tenants get their own names.
+    let ttl = Duration::from_secs(60);
+    tokio::time::sleep(ttl.saturating_sub(quiet_since.elapsed()) + Duration::from_secs(2)).await;
+    send_real(20_002, "acme").await;
+    send_real(20_003, "globex").await;
+    assert!(decided(10_003.0).is_some());
+    assert_eq!(series("acme"), 1000.0, "{:?}", tg.metrics().0.len());
+    assert_eq!(series("globex"), 1000.0);
 }

@@ -309,6 +309,8 @@ pub struct SpanSpec {
     pub name: String,
     pub error: bool,
     pub attrs: Vec<(String, String)>,
+    /// Integer attributes, after the string ones.
+    pub ints: Vec<(String, i64)>,
 }
 
 impl SpanSpec {
@@ -320,6 +322,7 @@ impl SpanSpec {
             name: format!("span-{span}"),
             error: false,
             attrs: Vec::new(),
+            ints: Vec::new(),
         }
     }
 }
@@ -362,7 +365,15 @@ pub fn request(service: &str, spans: &[SpanSpec]) -> ExportTraceServiceRequest {
                         kind: 2,
                         start_time_unix_nano: now - 5_000_000,
                         end_time_unix_nano: now,
-                        attributes: s.attrs.iter().map(|(k, v)| kv(k, v)).collect(),
+                        attributes: (s.attrs.iter().map(|(k, v)| kv(k, v)))
+                            .chain(s.ints.iter().map(|(k, v)| KeyValue {
+                                key: k.clone(),
+                                value: Some(AnyValue {
+                                    value: Some(Value::IntValue(*v)),
+                                }),
+                                ..Default::default()
+                            }))
+                            .collect(),
                         status: s.error.then(|| Status {
                             code: 2,
                             message: "boom".into(),

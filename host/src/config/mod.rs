@@ -50,6 +50,11 @@ pub struct PluginsConfig {
     /// Distinct values one label of a policy counter may take before the rest are folded into
     /// `__overflow__`.
     pub(crate) max_label_values: usize,
+    /// When a label is full, a value unused for this long gives its place to the next new
+    /// one, and when a counter is full, so does a series: a flood of junk values folds into
+    /// `__overflow__` while it lasts, and real values get their own names again this long
+    /// after it stops.
+    pub(crate) label_ttl: Duration,
     /// How often plugin files and the config file are checked for changes (hot swap). Zero
     /// turns watching off; SIGHUP and `POST /reload` still work.
     pub(crate) watch_interval: Duration,
@@ -60,6 +65,7 @@ impl Default for PluginsConfig {
         Self {
             cache_dir: PathBuf::from("tailgate-data/plugin-cache"),
             max_label_values: 1000,
+            label_ttl: Duration::from_secs(60),
             watch_interval: Duration::from_millis(250),
         }
     }

@@ -545,7 +545,7 @@ mod tests {
             name: Arc::from("dice"),
             seed: 42,
             log_per_second: 1,
-            counters: Arc::new(PolicyCounters::new(10)),
+            counters: Arc::new(PolicyCounters::new(10, std::time::Duration::from_secs(60))),
             max_patches: 4,
             max_patch_bytes: 1024,
         });

@@ -5,8 +5,16 @@
 //! label keys must look like Prometheus identifiers, and each label key of a counter takes at
 //! most `max_values_per_label` distinct values; later values are folded into `__overflow__`,
 //! so a policy labelling by user id cannot blow up the host's memory or a scrape.
+//!
+//! Label values come from traces, which anyone who can reach the receivers can send. So a
+//! place in a full label is not held for good: a value unused for `ttl` gives it up to the
+//! next new value (looked for at most once a second a label), and a series unused for `ttl`
+//! leaves the scrape when a counter is full. A flood of junk tenants then folds into
+//! `__overflow__` while it lasts, and a real tenant that comes after it is counted under its
+//! own name once the junk has been quiet for `ttl`. Ageing out was chosen over an allow-list
+//! because it needs no config and keeps working as tenants come and go.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 
@@ -38,8 +46,43 @@ type Series = (String, Labels, f64);
 /// `/metrics` sorts when it renders.
 #[derive(Default)]
 struct Counter {
-    series: HashMap<Labels, f64, RandomState>,
-    seen: HashMap<String, HashSet<String, RandomState>, RandomState>,
+    series: HashMap<Labels, Total, RandomState>,
+    seen: HashMap<String, Values, RandomState>,
+    /// The second the series were last looked over for ones to age out.
+    series_swept: u64,
+}
+
+struct Total {
+    value: f64,
+    /// Seconds since the counters were made, when it was last added to.
+    used: u64,
+}
+
+/// One label's values, with when each was last used.
+#[derive(Default)]
+struct Values {
+    used: HashMap<String, u64, RandomState>,
+    swept: u64,
+}
+
+impl Values {
+    /// Whether `value` has a place (taking a free one, or one a value unused for `ttl` gives
+    /// up, looked for at most once a second).
+    fn admit(&mut self, value: &str, now: u64, max: usize, ttl: u64) -> bool {
+        if let Some(used) = self.used.get_mut(value) {
+            *used = (*used).max(now);
+            return true;
+        }
+        if self.used.len() >= max && self.swept != now {
+            self.swept = now;
+            self.used.retain(|_, used| now.saturating_sub(*used) < ttl);
+        }
+        if self.used.len() >= max {
+            return false;
+        }
+        self.used.insert(value.to_owned(), now);
+        true
+    }
 }
 
 /// Counters by policy, then by name: looked up with borrowed strings, so a call allocates
@@ -48,6 +91,9 @@ type ByPolicy = HashMap<String, HashMap<String, Counter, RandomState>, RandomSta
 
 pub(crate) struct PolicyCounters {
     max_values_per_label: usize,
+    /// Seconds a label value or series keeps its place unused while others want it.
+    ttl: u64,
+    started: std::time::Instant,
     counters: Mutex<ByPolicy>,
     rejected: Mutex<u64>,
 }
@@ -60,9 +106,11 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl PolicyCounters {
-    pub(crate) fn new(max_values_per_label: usize) -> Self {
+    pub(crate) fn new(max_values_per_label: usize, ttl: std::time::Duration) -> Self {
         Self {
             max_values_per_label,
+            ttl: ttl.as_secs().max(1),
+            started: std::time::Instant::now(),
             counters: Mutex::new(ByPolicy::default()),
             rejected: Mutex::new(0),
         }
@@ -70,6 +118,17 @@ impl PolicyCounters {
 
     /// Adds `value` to a policy's counter. Invalid calls are counted and dropped, never trap.
     pub(crate) fn add(&self, policy: &str, name: &str, labels: Labels, value: f64) {
+        self.add_at(
+            self.started.elapsed().as_secs(),
+            policy,
+            name,
+            labels,
+            value,
+        );
+    }
+
+    /// [`Self::add`] at `now`, seconds since the counters were made.
+    fn add_at(&self, now: u64, policy: &str, name: &str, labels: Labels, value: f64) {
         let valid = is_identifier(name)
             && value.is_finite()
             && value >= 0.0
@@ -95,14 +154,11 @@ impl PolicyCounters {
             .map(|(k, mut v)| {
                 super::boundary::truncate(&mut v, MAX_LABEL_VALUE);
                 if !counter.seen.contains_key(&k) {
-                    counter.seen.insert(k.clone(), HashSet::default());
+                    counter.seen.insert(k.clone(), Values::default());
                 }
-                let seen = counter.seen.get_mut(&k).expect("inserted above");
-                if !seen.contains(&v) {
-                    if seen.len() >= self.max_values_per_label {
-                        return (k, OVERFLOW.to_owned());
-                    }
-                    seen.insert(v.clone());
+                let values = counter.seen.get_mut(&k).expect("inserted above");
+                if !values.admit(&v, now, self.max_values_per_label, self.ttl) {
+                    return (k, OVERFLOW.to_owned());
                 }
                 (k, v)
             })
@@ -113,15 +169,28 @@ impl PolicyCounters {
             .max_values_per_label
             .saturating_mul(SERIES_PER_LABEL_VALUE)
             .max(1);
+        if counter.series.len() >= max_series
+            && !counter.series.contains_key(&labels)
+            && counter.series_swept != now
+        {
+            counter.series_swept = now;
+            let ttl = self.ttl;
+            counter.series.retain(|labels, total| {
+                now.saturating_sub(total.used) < ttl || labels.iter().all(|(_, v)| v == OVERFLOW)
+            });
+        }
         if counter.series.len() >= max_series && !counter.series.contains_key(&labels) {
             for (_, v) in &mut labels {
                 OVERFLOW.clone_into(v);
             }
         }
         match counter.series.get_mut(&labels) {
-            Some(total) => *total += value,
+            Some(total) => {
+                total.value += value;
+                total.used = total.used.max(now);
+            }
             None => {
-                counter.series.insert(labels, value);
+                counter.series.insert(labels, Total { value, used: now });
             }
         }
     }
@@ -141,13 +210,13 @@ impl PolicyCounters {
             .collect();
         names.sort_unstable_by_key(|&(name, policy, _)| (name, policy));
         for (name, policy, counter) in names {
-            let mut series: Vec<(&Labels, &f64)> = counter.series.iter().collect();
+            let mut series: Vec<(&Labels, &Total)> = counter.series.iter().collect();
             series.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for (labels, value) in series {
+            for (labels, total) in series {
                 let mut all = Vec::with_capacity(labels.len() + 1);
                 all.push(("policy".to_owned(), policy.to_owned()));
                 all.extend(labels.iter().cloned());
-                out.push((name.to_owned(), all, *value));
+                out.push((name.to_owned(), all, total.value));
             }
         }
         (out, *self.rejected.lock())
@@ -203,7 +272,7 @@ mod tests {
 
     #[test]
     fn sums_by_label_set_and_folds_overflow() {
-        let c = PolicyCounters::new(2);
+        let c = PolicyCounters::new(2, std::time::Duration::from_secs(600));
         for (tenant, v) in [("a", 1.0), ("b", 2.0), ("a", 0.5), ("c", 4.0), ("d", 8.0)] {
             c.add(
                 "llm-cost",
@@ -231,7 +300,7 @@ mod tests {
     fn label_sets_beyond_the_series_cap_fold_into_one_overflow_series_and_keep_totals() {
         // 3 values a label keeps every label under its own cap, but 4 such labels make 81
         // label sets, beyond the counter's cap of 3 × 10 = 30 series.
-        let c = PolicyCounters::new(3);
+        let c = PolicyCounters::new(3, std::time::Duration::from_secs(600));
         let mut sent = 0.0;
         for i in 0..81u32 {
             let labels = ["user", "tenant", "feature", "model"]
@@ -268,5 +337,41 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_flood_of_junk_values_gives_way_to_real_ones_once_it_has_been_quiet_for_the_ttl() {
+        let c = PolicyCounters::new(100, std::time::Duration::from_secs(60));
+        let add = |now: u64, tenant: &str| {
+            c.add_at(
+                now,
+                "llm-cost",
+                "cost_usd",
+                vec![("tenant".into(), tenant.into())],
+                1.0,
+            )
+        };
+        add(0, "real-early");
+        for i in 0..10_000 {
+            add(i / 1000, &format!("junk-{i}"));
+        }
+        // During the flood and until it has been quiet for the ttl, a new tenant folds.
+        add(30, "real-late");
+        add(40, "real-early");
+        // A minute after the flood: the junk gives way, and the active tenant kept its place.
+        add(71, "real-late");
+        add(71, "real-early");
+        let out = render(c);
+        let value = |tenant: &str| {
+            out.lines()
+                .find(|l| l.contains(&format!("tenant=\"{tenant}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        assert_eq!(value("real-late"), Some(1.0), "{out}");
+        assert_eq!(value("real-early"), Some(3.0), "{out}");
+        assert!(value("junk-9999").is_none(), "{out}");
+        let overflow = value("__overflow__").unwrap();
+        assert!(overflow >= 9_900.0, "{overflow}");
     }
 }

@@ -163,12 +163,13 @@ impl PluginEngine {
         max_label_values: usize,
     ) -> Result<Arc<Self>, PluginError> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_pool(cache_dir, max_label_values, PoolSize::new(0, cpus))
+        let labels = PolicyCounters::new(max_label_values, Duration::from_secs(60));
+        Self::with_pool(cache_dir, labels, PoolSize::new(0, cpus))
     }
 
     pub(crate) fn with_pool(
         cache_dir: Option<PathBuf>,
-        max_label_values: usize,
+        counters: PolicyCounters,
         size: PoolSize,
     ) -> Result<Arc<Self>, PluginError> {
         let mut config = Config::new();
@@ -234,7 +235,7 @@ impl PluginEngine {
             engine,
             linker,
             cache,
-            counters: Arc::new(PolicyCounters::new(max_label_values)),
+            counters: Arc::new(counters),
             stop_ticker,
         }))
     }
@@ -689,7 +690,9 @@ impl PolicyRuntime {
         let cache = (!config.plugins.cache_dir.as_os_str().is_empty())
             .then(|| config.plugins.cache_dir.clone());
         let pool = PoolSize::new(config.policies.len(), config.worker_count());
-        let engine = PluginEngine::with_pool(cache, config.plugins.max_label_values, pool)?;
+        let counters =
+            PolicyCounters::new(config.plugins.max_label_values, config.plugins.label_ttl.0);
+        let engine = PluginEngine::with_pool(cache, counters, pool)?;
         let set = build_set(&engine, config, base_dir, 1)?;
         release_freed_heap();
         Ok(Arc::new(Self {
@@ -774,7 +777,8 @@ mod tests {
 
     #[test]
     fn a_pool_that_cannot_be_reserved_fails_the_start_naming_why() {
-        let err = super::PluginEngine::with_pool(None, 10, PoolSize::new(5_000, 100_000))
+        let counters = super::PolicyCounters::new(10, std::time::Duration::from_secs(60));
+        let err = super::PluginEngine::with_pool(None, counters, PoolSize::new(5_000, 100_000))
             .err()
             .expect("no machine reserves this much")
             .to_string();

@@ -227,6 +227,24 @@ impl Limited {
         self.deadline.as_mut().reset(next);
     }
 
+    /// A write's result: bytes out move the deadline; a write still pending past it fails.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
+            other => other,
+        }
+    }
+
     /// While the socket has nothing for us: past the deadline, the connection is done.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         if self.deadline.as_mut().poll(cx).is_ready() {
@@ -283,16 +301,7 @@ impl AsyncWrite for Limited {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        match polled {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.moved();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
-            other => other,
-        }
+        self.wrote(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -301,16 +310,7 @@ impl AsyncWrite for Limited {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        match polled {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.moved();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
-            other => other,
-        }
+        self.wrote(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
