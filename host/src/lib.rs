@@ -80,3 +80,46 @@ pub mod bench {
     pub use crate::telemetry::Registry;
     pub use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, Stamp, Trigger};
 }
+
+/// Entry points for the fuzz targets (`host/fuzz`, run with `cargo fuzz`): each takes any bytes
+/// and must not panic; where a decoder accepts its input, it checks what callers rely on.
+#[doc(hidden)]
+pub mod fuzz {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    pub use crate::storage::fuzz::records;
+
+    /// The protobuf wire parser: what it accepts prost decodes too (the bytes are forwarded to
+    /// peers that decode with prost), with every span accounted for, kept or rejected.
+    pub fn wire(data: &[u8]) {
+        let Ok(parsed) = crate::otlp::wire::parse_traces(data) else {
+            return;
+        };
+        let decoded = ExportTraceServiceRequest::decode(data)
+            .unwrap_or_else(|e| panic!("the wire parser accepted what prost refuses: {e}"));
+        let ours: u64 = (parsed.resources.iter().flat_map(|r| &r.scopes))
+            .map(|s| s.spans.len() as u64)
+            .sum();
+        let theirs: usize = (decoded.resource_spans.iter().flat_map(|r| &r.scope_spans))
+            .map(|s| s.spans.len())
+            .sum();
+        assert_eq!(ours + parsed.rejected_spans, theirs as u64);
+    }
+
+    /// OTLP/JSON decoding under an allowance, then the protobuf path it feeds.
+    pub fn json(data: &[u8]) {
+        if let Ok(request) = crate::otlp::json::decode_traces_within(data, 1 << 20, 10_000) {
+            let _ = crate::otlp::wire::parse_traces(&request.encode_to_vec());
+        }
+    }
+
+    /// Config parsing: an error names the file; nothing panics.
+    pub fn config(data: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(data)
+            && let Err(e) = crate::config::Config::parse(text, "fuzz.toml")
+        {
+            assert!(e.to_string().contains("fuzz.toml"), "{e}");
+        }
+    }
+}

@@ -701,5 +701,31 @@ pub mod bench {
     }
 }
 
+/// The record decoders, for the fuzz targets (`host/fuzz`).
+pub mod fuzz {
+    /// Scans `data` as the bytes after a segment's header, then decodes every payload as
+    /// both decision and export records. Nothing may panic; a record found lies inside the
+    /// segment, in order.
+    pub fn records(data: &[u8]) {
+        let mut bytes = super::segment::file_header().to_vec();
+        bytes.extend_from_slice(data);
+        let (records, damage) = super::segment::scan(&bytes, 0, 0);
+        let mut last = None;
+        for r in &records {
+            assert!(r.position < bytes.len() as u64, "a record past the end");
+            assert!(last < Some(r.position), "records out of order");
+            last = Some(r.position);
+        }
+        for d in &damage {
+            assert!(
+                d.offset + d.bytes <= bytes.len() as u64,
+                "damage past the end"
+            );
+        }
+        let _ = super::records::decode_decisions(data);
+        let _ = super::records::decode_exported(data);
+    }
+}
+
 #[cfg(test)]
 mod tests;

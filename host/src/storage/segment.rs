@@ -241,7 +241,7 @@ pub(crate) fn read_record_at(path: &Path, base: u64, position: u64) -> io::Resul
 }
 
 /// The records of a segment's bytes, and the stretches that held none.
-fn scan(bytes: &[u8], base: u64, from: u64) -> (Vec<Record>, Vec<Damage>) {
+pub(crate) fn scan(bytes: &[u8], base: u64, from: u64) -> (Vec<Record>, Vec<Damage>) {
     let mut records = Vec::new();
     let mut damage: Vec<Damage> = Vec::new();
     let mut at = FILE_HEADER_LEN as usize;
