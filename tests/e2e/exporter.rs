@@ -76,6 +76,14 @@ async fn every_kept_span_is_delivered_once_after_unavailability(grpc: bool) {
         "each of the {REFUSED} refused requests was retried and counted: {retries} retries"
     );
     assert_eq!(m.sum("tailgate_export_failed_spans_total", &[]), 0.0);
+    // The API key goes to a plain http:// endpoint: the start says so, naming the header and
+    // never its value.
+    let log = tg.log().join("\n");
+    assert!(
+        log.contains("plain http:// endpoint") && log.contains("x-api-key"),
+        "the clear-text headers are warned about; log:\n{log}"
+    );
+    assert!(!log.contains("secret"), "a header's value is never logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

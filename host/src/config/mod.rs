@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use exporter::{Compression, ExporterConfig, ExporterKind, ExporterSink};
+pub(crate) use exporter::{
+    Compression, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig,
+};
 pub(crate) use keys::keys_needing_restart;
 pub(crate) use units::{Duration, Size};
 

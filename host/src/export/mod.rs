@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{Compression, ExporterConfig, ExporterKind, ExporterSink};
+use crate::config::{Compression, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig};
 use crate::storage::{Exported, Storage};
 use crate::telemetry::Registry;
 use crate::trace::{BufferedSpan, Stamp};
@@ -174,6 +174,14 @@ impl Exporter {
                 )?,
             )),
             ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => {
+                if let Some(names) = headers_in_clear(otlp) {
+                    tracing::warn!(
+                        endpoint = %otlp.endpoint,
+                        headers = %names,
+                        "exporter.headers go to a plain http:// endpoint, readable by anyone on \
+                         the path; use https:// for API keys"
+                    );
+                }
                 let transport = Transport::new(TransportConfig {
                     protocol: if config.kind() == ExporterKind::OtlpGrpc {
                         Protocol::Grpc
@@ -544,12 +552,36 @@ pub fn encode_batch(traces: &[KeptTrace]) -> Vec<u8> {
     )
 }
 
+/// The header names an OTLP exporter would send unencrypted, comma-separated: `None` for an
+/// `https://` endpoint or no headers.
+fn headers_in_clear(otlp: &OtlpExporterConfig) -> Option<String> {
+    let plain = otlp
+        .endpoint
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+    (plain && !otlp.headers.is_empty())
+        .then(|| otlp.headers.keys().cloned().collect::<Vec<_>>().join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::config::ExporterKind;
+
+    #[test]
+    fn headers_bound_for_a_plain_http_endpoint_are_named_for_a_warning() {
+        let mut otlp = OtlpExporterConfig {
+            endpoint: "http://backend:4317".into(),
+            ..Default::default()
+        };
+        assert_eq!(super::headers_in_clear(&otlp), None, "no headers");
+        otlp.headers.insert("x-api-key".into(), "secret".into());
+        assert_eq!(super::headers_in_clear(&otlp).as_deref(), Some("x-api-key"));
+        otlp.endpoint = "HTTPS://backend:4317".into();
+        assert_eq!(super::headers_in_clear(&otlp), None);
+    }
 
     fn kept(spans: usize) -> KeptTrace {
         // A valid encoded Span: field 5 (name) = "op".
