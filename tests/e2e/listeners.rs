@@ -232,3 +232,85 @@ fn a_trickled_head_is_cut_off_and_a_stalled_body_gets_408() {
     ));
     assert_eq!(code, 200);
 }
+
+/// With a tokens file, only requests carrying one of its bearer tokens are taken, over HTTP and
+/// gRPC; the rest get 401 / UNAUTHENTICATED and are counted; a replaced file takes effect
+/// without a restart; no token ever reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_listed_bearer_tokens_are_taken_and_a_replaced_file_takes_effect() {
+    let dir = TempDir::new("tokens");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# the receivers' clients\ntoken-one-7f3a\n").unwrap();
+    let tg = Tailgate::start_with(Setup {
+        receivers: &format!(
+            "[receivers.auth]\ntokens_file = {:?}\n",
+            file.display().to_string()
+        ),
+        sections: "",
+    });
+    let body = prost::Message::encode_to_vec(&request("svc", &[SpanSpec::new(1, 1, 0)]));
+    let client = reqwest::Client::new();
+    let send = |token: Option<&'static str>| {
+        let mut req = client
+            .post(format!("http://{}/v1/traces", tg.http))
+            .header("content-type", "application/x-protobuf")
+            .body(body.clone());
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.bytes().await.unwrap_or_default().to_vec())
+        }
+    };
+    let (code, reply) = send(None).await;
+    assert_eq!(code, 401);
+    let status =
+        <RpcStatus as prost::Message>::decode(reply.as_slice()).expect("a google.rpc.Status");
+    assert_eq!(status.code, 16, "UNAUTHENTICATED: {}", status.message);
+    assert_eq!(send(Some("wrong")).await.0, 401);
+    assert_eq!(send(Some("token-one-7f3a")).await.0, 200);
+
+    // gRPC metadata.
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let mut grpc = TraceServiceClient::connect(format!("http://{}", tg.grpc))
+        .await
+        .unwrap();
+    let export = |token: Option<&str>| {
+        let mut req = tonic::Request::new(request("svc", &[SpanSpec::new(2, 1, 0)]));
+        if let Some(token) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        req
+    };
+    let err = grpc.export(export(None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    grpc.export(export(Some("token-one-7f3a"))).await.unwrap();
+
+    // The file replaced as a Secret is: the old token stops working, the new one works.
+    let new = dir.path().join("tokens.new");
+    std::fs::write(&new, "token-two-91c0\n").unwrap();
+    std::fs::rename(&new, &file).unwrap();
+    let swapped = wait_for(Duration::from_secs(10), || {
+        let rt = tokio::runtime::Handle::current();
+        let ok = tokio::task::block_in_place(|| rt.block_on(send(Some("token-two-91c0")))).0;
+        (ok == 200).then_some(())
+    });
+    assert!(
+        swapped.is_some(),
+        "the new token is taken without a restart"
+    );
+    assert_eq!(send(Some("token-one-7f3a")).await.0, 401);
+
+    let m = tg.metrics();
+    let refused = m.sum("tailgate_requests_total", &["outcome=\"unauthenticated\""]);
+    assert!(refused >= 4.0, "{refused} refusals counted");
+    assert_eq!(m.received(), 3.0, "only the authenticated requests' spans");
+    let log = tg.log().join("\n");
+    assert!(
+        !log.contains("token-one-7f3a") && !log.contains("token-two-91c0"),
+        "a token in the log:\n{log}"
+    );
+}

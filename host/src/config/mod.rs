@@ -190,6 +190,18 @@ pub(crate) struct ReceiversConfig {
     pub(crate) retry_after: Duration,
     /// What every connection to the receivers is held to.
     pub(crate) limits: ListenerLimits,
+    /// Who may send.
+    pub(crate) auth: ReceiverAuth,
+}
+
+/// Bearer tokens on the receivers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ReceiverAuth {
+    /// A file of accepted tokens, one a line (`#` comments), reloaded when it changes. Set, a
+    /// request without `Authorization: Bearer <one of them>` (HTTP header or gRPC metadata) is
+    /// refused: HTTP 401, gRPC `UNAUTHENTICATED`. Unset: every client is accepted.
+    pub(crate) tokens_file: Option<PathBuf>,
 }
 
 /// Limits every connection of a listener is held to (the receivers' and the admin
@@ -236,6 +248,7 @@ impl Default for ReceiversConfig {
             max_spans_per_request: 100_000,
             retry_after: Duration::from_secs(1),
             limits: ListenerLimits::default(),
+            auth: ReceiverAuth::default(),
         }
     }
 }

@@ -19,6 +19,7 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Code, Status};
 
+use super::auth::Tokens;
 use super::ingest::{Accepted, Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
 
@@ -30,6 +31,7 @@ pub(crate) struct TraceServiceRaw {
     ingest: Arc<Ingest>,
     metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl TraceServiceRaw {
@@ -37,11 +39,13 @@ impl TraceServiceRaw {
         ingest: Arc<Ingest>,
         metrics: Arc<ReceiverMetrics>,
         max_request_size: usize,
+        tokens: Option<Arc<Tokens>>,
     ) -> Self {
         Self {
             ingest,
             metrics,
             max_request_size,
+            tokens,
         }
     }
 }
@@ -68,6 +72,18 @@ where
             return Box::pin(async move {
                 Ok(Status::unimplemented("only TraceService/Export is served here").into_http())
             });
+        }
+        if let Some(tokens) = &self.tokens {
+            let authorization = req.headers().get(http::header::AUTHORIZATION);
+            if !tokens.allows(authorization.map(|v| v.as_bytes())) {
+                self.metrics.request("grpc", "unauthenticated");
+                return Box::pin(async move {
+                    Ok(Status::unauthenticated(
+                        "a bearer token listed in receivers.auth.tokens_file is required",
+                    )
+                    .into_http())
+                });
+            }
         }
         let this = self.clone();
         Box::pin(async move {

@@ -17,6 +17,7 @@ use axum::routing::any;
 use http_body_util::BodyExt;
 use prost::Message;
 
+use super::auth::Tokens;
 use super::ingest::{Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
 use crate::config::ReceiversConfig;
@@ -29,12 +30,14 @@ struct HttpState {
     max_request_size: usize,
     retry_after: Duration,
     body_read_timeout: Duration,
+    tokens: Option<Arc<Tokens>>,
 }
 
 pub(crate) fn router(
     ingest: Arc<Ingest>,
     metrics: Arc<ReceiverMetrics>,
     config: &ReceiversConfig,
+    tokens: Option<Arc<Tokens>>,
 ) -> Router {
     Router::new()
         .route("/v1/traces", any(export))
@@ -44,6 +47,7 @@ pub(crate) fn router(
             max_request_size: config.max_request_size.bytes(),
             retry_after: config.retry_after.0,
             body_read_timeout: config.limits.body_read_timeout.0,
+            tokens,
         })
 }
 
@@ -59,6 +63,7 @@ const DEADLINE_EXCEEDED: i32 = 4;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const UNIMPLEMENTED: i32 = 12;
 const UNAVAILABLE: i32 = 14;
+const UNAUTHENTICATED: i32 = 16;
 
 async fn export(State(s): State<HttpState>, req: Request) -> Response {
     let encoding = content_type(req.headers());
@@ -75,6 +80,21 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return r;
+    }
+    if let Some(tokens) = &s.tokens {
+        let authorization = req.headers().get(header::AUTHORIZATION);
+        if !tokens.allows(authorization.map(HeaderValue::as_bytes)) {
+            s.metrics.request("http", "unauthenticated");
+            let mut r = status_response(
+                StatusCode::UNAUTHORIZED,
+                reply_as,
+                UNAUTHENTICATED,
+                "a bearer token listed in receivers.auth.tokens_file is required",
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
     }
     let Some(encoding) = encoding else {
         s.metrics.request("http", "unsupported_media_type");

@@ -4,6 +4,7 @@
 //! bodies, size limits, compression) and the shared ingest path. A receiver never buffers or
 //! decides anything itself; it answers only after the spans are in the buffer or refused.
 
+mod auth;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod ingest;
@@ -61,13 +62,21 @@ impl Receivers {
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         let limit = config.max_request_size.bytes();
+        let tokens = match &config.auth.tokens_file {
+            Some(path) => Some(
+                auth::Tokens::watch(path.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let mut tasks = Vec::new();
         let mut grpc_addr = None;
         let mut http_addr = None;
         if let Some(addr) = config.grpc {
             let listener = bind(addr, "grpc").await?;
             grpc_addr = Some(listener.local_addr()?);
-            let service = grpc::TraceServiceRaw::new(ingest.clone(), metrics.clone(), limit);
+            let service =
+                grpc::TraceServiceRaw::new(ingest.clone(), metrics.clone(), limit, tokens.clone());
             let signal = signalled(shutdown.clone());
             let limits = &config.limits;
             let incoming = Gate::new("grpc", limits, connections.clone()).incoming(listener);
@@ -89,7 +98,7 @@ impl Receivers {
         if let Some(addr) = config.http {
             let listener = bind(addr, "http").await?;
             http_addr = Some(listener.local_addr()?);
-            let app = http::router(ingest, metrics, config);
+            let app = http::router(ingest, metrics, config, tokens);
             let gate = Gate::new("http", &config.limits, connections);
             tasks.push(tokio::spawn(gate.serve_http(
                 listener,
