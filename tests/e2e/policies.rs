@@ -248,7 +248,6 @@ async fn real_tenants_are_counted_under_their_names_a_minute_after_a_junk_flood(
         span
     };
     // 10,000 junk tenants, 500 traces a request.
-    let client = reqwest::Client::new();
     for batch in 0..20u64 {
         let spans: Vec<SpanSpec> = (0..500)
             .map(|i| {
@@ -256,15 +255,9 @@ async fn real_tenants_are_counted_under_their_names_a_minute_after_a_junk_flood(
                 llm_trace(n, &format!("junk-{n}"))
             })
             .collect();
-        let body = prost::Message::encode_to_vec(&request("flood", &spans));
-        let resp = client
-            .post(format!("http://{}/v1/traces", tg.http))
-            .header("content-type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
+        let body = request("flood", &spans).encode_to_vec();
+        let (code, _, _) = post(tg.http, "application/x-protobuf", None, body).await;
+        assert_eq!(code, 200);
     }
     let series = |tenant: &str| {
         tg.metrics().sum(
@@ -279,18 +272,11 @@ async fn real_tenants_are_counted_under_their_names_a_minute_after_a_junk_flood(
     let quiet_since = Instant::now();
     // Right after it, a real tenant still folds: the junk holds the places for the ttl.
     let send_real = |n: u64, tenant: &'static str| {
-        let client = client.clone();
+        let body = request("app", &[llm_trace(n, tenant)]).encode_to_vec();
         let addr = tg.http;
         async move {
-            let body = prost::Message::encode_to_vec(&request("app", &[llm_trace(n, tenant)]));
-            let resp = client
-                .post(format!("http://{addr}/v1/traces"))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
+            let (code, _, _) = post(addr, "application/x-protobuf", None, body).await;
+            assert_eq!(code, 200);
         }
     };
     send_real(20_001, "acme").await;

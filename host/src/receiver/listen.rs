@@ -72,7 +72,10 @@ pub(crate) struct Gate {
     name: &'static str,
     limits: ListenerLimits,
     slots: Arc<Semaphore>,
-    metrics: Arc<ConnectionMetrics>,
+    /// This listener's series, resolved once rather than looked up on every connection.
+    open: Gauge,
+    refused: prometheus_client::metrics::counter::Counter,
+    timed_out: prometheus_client::metrics::counter::Counter,
 }
 
 impl Gate {
@@ -85,7 +88,13 @@ impl Gate {
             name,
             slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             limits: limits.clone(),
-            metrics,
+            open: metrics.open.get_or_create_owned(&label("listener", name)),
+            refused: metrics
+                .refused
+                .get_or_create_owned(&label("listener", name)),
+            timed_out: metrics
+                .timed_out
+                .get_or_create_owned(&label("listener", name)),
         })
     }
 
@@ -103,10 +112,7 @@ impl Gate {
                 }
             };
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                self.metrics
-                    .refused
-                    .get_or_create(&label("listener", self.name))
-                    .inc();
+                self.refused.inc();
                 drop(stream);
                 continue;
             };
@@ -209,10 +215,7 @@ pub(crate) struct Limited {
 
 impl Limited {
     fn new(io: TcpStream, gate: Arc<Gate>, slot: OwnedSemaphorePermit) -> Self {
-        gate.metrics
-            .open
-            .get_or_create(&label("listener", gate.name))
-            .inc();
+        gate.open.inc();
         let first = gate.limits.header_read_timeout.0;
         Self {
             io,
@@ -248,11 +251,7 @@ impl Limited {
     /// While the socket has nothing for us: past the deadline, the connection is done.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         if self.deadline.as_mut().poll(cx).is_ready() {
-            self.gate
-                .metrics
-                .timed_out
-                .get_or_create(&label("listener", self.gate.name))
-                .inc();
+            self.gate.timed_out.inc();
             return true;
         }
         false
@@ -261,11 +260,7 @@ impl Limited {
 
 impl Drop for Limited {
     fn drop(&mut self) {
-        self.gate
-            .metrics
-            .open
-            .get_or_create(&label("listener", self.gate.name))
-            .dec();
+        self.gate.open.dec();
     }
 }
 
