@@ -29,7 +29,8 @@ use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
 use crate::plugin::{PluginMetrics, PolicyRuntime};
 use crate::receiver::{
-    ConnectionMetrics, Gate, Ingest, ReceiverMetrics, Receivers, RequestLimits, bind, signalled,
+    ConnectionMetrics, Gate, Ingest, ReceiverMetrics, Receivers, RequestLimits, Tls, Tokens, bind,
+    signalled,
 };
 use crate::storage::{RecordKind, Recovery, Storage};
 use crate::telemetry::Registry;
@@ -61,11 +62,12 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
 
     let admin_addr = match config.admin.endpoint {
         Some(addr) => {
-            let routes = admin::router(registry.clone(), health.clone()).merge(policy_routes(
-                reloader.clone(),
-                config.admin.reload_token.clone(),
-            ));
-            let gate = Gate::new("admin", &config.admin.limits, connections.clone());
+            let routes = admin_routes(&config.admin, &registry, &health, &reloader)?;
+            let tls = match config.admin.tls.files() {
+                Some(files) => Some(Tls::watch("admin.tls", &files).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let gate = Gate::new("admin", &config.admin.limits, tls, connections.clone());
             Some(start_admin(addr, gate, routes, stop_rx.clone()).await?)
         }
         None => None,
@@ -289,23 +291,82 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
+/// The admin listener's routes. With `admin.token_file`, everything but the probes needs its
+/// token; with only the deprecated inline `admin.reload_token`, `/reload` alone does; with
+/// neither, `/reload` is disabled.
+fn admin_routes(
+    config: &crate::config::AdminConfig,
+    registry: &Arc<Registry>,
+    health: &Arc<Health>,
+    reloader: &Arc<Reloader>,
+) -> anyhow::Result<Router> {
+    let reload_auth = match (&config.token_file, &config.reload_token) {
+        (Some(_), _) => ReloadAuth::Guarded,
+        (None, Some(token)) if !token.is_empty() => {
+            tracing::warn!(
+                "admin.reload_token is deprecated: put the token in a file and set admin.token_file, which also protects /metrics and /status"
+            );
+            ReloadAuth::Inline(token.clone())
+        }
+        _ => ReloadAuth::Disabled,
+    };
+    let mut guarded =
+        admin::metrics_routes(registry.clone()).merge(policy_routes(reloader.clone(), reload_auth));
+    if let Some(path) = &config.token_file {
+        let tokens =
+            Tokens::watch(path.clone()).map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?;
+        guarded = guarded.route_layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                require_admin_token(tokens.clone(), req, next)
+            },
+        ));
+    }
+    Ok(admin::health_routes(health.clone()).merge(guarded))
+}
+
+async fn require_admin_token(
+    tokens: Arc<Tokens>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    if tokens.allows(authorization.map(|v| v.as_bytes())) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "a bearer token listed in admin.token_file is required\n",
+    )
+        .into_response()
+}
+
 /// `GET /status` (the live policies and the last reload) and `POST /reload`, on the admin
 /// listener beside telemetry's routes.
-fn policy_routes(reloader: Arc<Reloader>, reload_token: Option<String>) -> Router {
+fn policy_routes(reloader: Arc<Reloader>, reload_auth: ReloadAuth) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/reload", post(reload))
         .with_state(PolicyControl {
             reloader,
-            reload_token,
+            reload_auth,
         })
+}
+
+#[derive(Clone)]
+enum ReloadAuth {
+    /// No admin token is configured: `POST /reload` is refused.
+    Disabled,
+    /// `admin.token_file`'s layer has already checked the request.
+    Guarded,
+    /// The deprecated inline `admin.reload_token`.
+    Inline(String),
 }
 
 #[derive(Clone)]
 struct PolicyControl {
     reloader: Arc<Reloader>,
-    /// `POST /reload` needs `Authorization: Bearer <token>`; without a token it is disabled.
-    reload_token: Option<String>,
+    reload_auth: ReloadAuth,
 }
 
 async fn status(State(s): State<PolicyControl>) -> impl IntoResponse {
@@ -316,21 +377,26 @@ async fn status(State(s): State<PolicyControl>) -> impl IntoResponse {
 }
 
 async fn reload(State(s): State<PolicyControl>, headers: HeaderMap) -> impl IntoResponse {
-    let Some(token) = s.reload_token.as_deref().filter(|t| !t.is_empty()) else {
-        return (
-            StatusCode::FORBIDDEN,
-            "POST /reload is disabled: set admin.reload_token\n".to_owned(),
-        );
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token\n".to_owned(),
-        );
+    match &s.reload_auth {
+        ReloadAuth::Disabled => {
+            return (
+                StatusCode::FORBIDDEN,
+                "POST /reload is disabled: set admin.token_file\n".to_owned(),
+            );
+        }
+        ReloadAuth::Guarded => {}
+        ReloadAuth::Inline(token) => {
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token\n".to_owned(),
+                );
+            }
+        }
     }
     let reloader = s.reloader.clone();
     match tokio::task::spawn_blocking(move || reloader.reload("POST /reload")).await {

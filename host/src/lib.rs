@@ -79,6 +79,13 @@ pub mod bench {
     pub use crate::storage::bench::BenchLog;
     pub use crate::telemetry::Registry;
     pub use crate::trace::{BufferedSpan, ResourceHeader, ScopeHeader, Stamp, Trigger};
+
+    /// A trace request as OTLP/JSON, as the file exporter writes it.
+    pub fn encode_traces_json(
+        request: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    ) -> String {
+        crate::otlp::json::encode_traces(request)
+    }
 }
 
 /// Entry points for the fuzz targets (`host/fuzz`, run with `cargo fuzz`): each takes any bytes
@@ -112,6 +119,12 @@ pub mod fuzz {
         if let Ok(request) = crate::otlp::json::decode_traces_within(data, 1 << 20, 10_000) {
             let _ = crate::otlp::wire::parse_traces(&request.encode_to_vec());
         }
+    }
+
+    /// Patch and edit validation, and applying what it accepts: an edited trace is still OTLP
+    /// that prost decodes, with every span that was not removed.
+    pub fn edits(data: &[u8]) {
+        crate::plugin::fuzz_edits(data)
     }
 
     /// Config parsing: an error names the file; nothing panics.

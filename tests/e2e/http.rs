@@ -26,10 +26,23 @@ fn client() -> &'static reqwest::blocking::Client {
 /// The request runs on a thread of its own, so this works from plain threads and from inside
 /// a Tokio runtime alike (reqwest's blocking client refuses to run on a runtime's thread).
 pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), reqwest::Error> {
+    get_as(addr, path, None)
+}
+
+/// [`get`] with `Authorization: Bearer <token>` when a token is given.
+pub fn get_as(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), reqwest::Error> {
     let url = format!("http://{addr}{path}");
     std::thread::scope(|s| {
         s.spawn(|| {
-            let response = client().get(&url).send()?;
+            let mut request = client().get(&url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send()?;
             let code = response.status().as_u16();
             Ok((code, response.text()?))
         })

@@ -314,3 +314,57 @@ async fn only_listed_bearer_tokens_are_taken_and_a_replaced_file_takes_effect() 
         "a token in the log:\n{log}"
     );
 }
+
+/// Requests in flight share `receivers.max_in_flight_bytes`: while one upload holds most of
+/// it, the next request gets the retryable 503 with `Retry-After`, and is taken once the first
+/// is gone; a request whose decoding could never fit gets 413.
+#[test]
+fn requests_in_flight_share_one_budget_and_one_that_never_fits_is_413() {
+    let tg = Tailgate::start_with(Setup {
+        receivers: "max_request_size = \"1MiB\"\nmax_in_flight_bytes = \"2MiB\"\n",
+        sections: "",
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut big = SpanSpec::new(1, 1, 0);
+    big.attrs = vec![("blob".into(), "x".repeat(750_000))];
+    let request = request("svc", &[big]);
+    let protobuf = prost::Message::encode_to_vec(&request);
+    let json = tailgate::bench::encode_traces_json(&request).into_bytes();
+    assert!(json.len() < 1 << 20, "within max_request_size");
+
+    // An upload that stops at 900 KB of its 1,000,000 bytes, holding them.
+    let mut slow = TcpStream::connect(tg.http).unwrap();
+    slow.write_all(
+        b"POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\n\
+          content-length: 1000000\r\n\r\n",
+    )
+    .unwrap();
+    slow.write_all(&vec![0u8; 900_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, headers, _) = rt.block_on(post(
+        tg.http,
+        "application/x-protobuf",
+        None,
+        protobuf.clone(),
+    ));
+    assert_eq!(code, 503, "the budget is held by the upload");
+    assert!(headers.contains_key("retry-after"));
+    drop(slow);
+    let taken = wait_for(Duration::from_secs(10), || {
+        let (code, _, _) = rt.block_on(post(
+            tg.http,
+            "application/x-protobuf",
+            None,
+            protobuf.clone(),
+        ));
+        (code == 200).then_some(())
+    });
+    assert!(taken.is_some(), "taken once the upload is gone");
+
+    // 750 KB of JSON and its decoding (twice more) is more than 2 MiB even alone.
+    let (code, _, reply) = rt.block_on(post(tg.http, "application/json", None, json));
+    assert_eq!(code, 413, "{}", String::from_utf8_lossy(&reply));
+    assert!(String::from_utf8_lossy(&reply).contains("max_in_flight_bytes"));
+    let m = tg.metrics();
+    assert_eq!(m.received(), 1.0, "only the request that was taken");
+}

@@ -16,3 +16,4 @@ mod memory;
 mod pipeline;
 mod policies;
 mod support;
+mod tls;

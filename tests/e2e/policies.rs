@@ -296,3 +296,125 @@ async fn real_tenants_are_counted_under_their_names_a_minute_after_a_junk_flood(
     assert_eq!(series("acme"), 1000.0, "{:?}", tg.metrics().0.len());
     assert_eq!(series("globex"), 1000.0);
 }
+
+/// Every string value of every exported span, with its key.
+fn exported_strings(tg: &Tailgate) -> Vec<(String, String)> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    exported_spans(&tg.exported())
+        .into_iter()
+        .flat_map(|(_, span)| span.attributes)
+        .filter_map(|kv| match kv.value?.value? {
+            Value::StringValue(s) => Some((kv.key, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A span that arrives after its trace was kept goes through the enrichments too: an e-mail
+/// address in it is redacted before export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_span_carrying_an_email_address_is_redacted() {
+    let tg = Tailgate::start(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"keep\"\n\n\
+         [[policies]]\nname = \"hygiene\"\nplugin = \"attribute-hygiene\"\nmode = \"enrich\"\n",
+    );
+    let send = |spans: Vec<SpanSpec>| {
+        let body = request("app", &spans).encode_to_vec();
+        let addr = tg.http;
+        async move {
+            let (code, _, _) = post(addr, "application/x-protobuf", None, body).await;
+            assert_eq!(code, 200);
+        }
+    };
+    send(vec![SpanSpec::new(1, 1, 0)]).await;
+    let decided = wait_for(Duration::from_secs(20), || {
+        (tg.metrics().sum("tailgate_traces_decided_total", &[]) == 1.0).then_some(())
+    });
+    assert!(decided.is_some());
+    let mut late = SpanSpec::new(1, 2, 1);
+    late.attrs = vec![("user.contact".into(), "write to alice@example.com".into())];
+    send(vec![late]).await;
+    let strings = wait_for(Duration::from_secs(20), || {
+        let strings = exported_strings(&tg);
+        strings
+            .iter()
+            .any(|(k, _)| k == "user.contact")
+            .then_some(strings)
+    })
+    .expect("the late span is exported");
+    let contact = strings.iter().find(|(k, _)| k == "user.contact").unwrap();
+    assert_eq!(contact.1, "write to [REDACTED:email]");
+    let m = tg.metrics();
+    assert_eq!(
+        m.sum("tailgate_late_spans_total", &["verdict=\"keep\""]),
+        1.0
+    );
+    assert_eq!(m.received(), m.kept() + m.dropped() + m.refused());
+}
+
+/// A fail-closed hygiene that fails on a kept trace (here: out of fuel on a trace far larger
+/// than the sample traces it was tried on) exports none of the text it would have redacted:
+/// every text attribute goes, numbers stay, and the trace is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_fail_closed_hygiene_exports_no_text_it_would_have_redacted() {
+    let tg = Tailgate::start(&format!(
+        "[buffer]\nroot_grace = \"100ms\"\n\n[decide]\ndefault = \"keep\"\n\n\
+         [[policies]]\nname = \"hygiene\"\nplugin = \"attribute-hygiene\"\nmode = \"enrich\"\n\
+         on_enrich_error = \"fail_closed\"\nfuel = {HYGIENE_FUEL}\n"
+    ));
+    let spans: Vec<SpanSpec> = (1..=400u64)
+        .map(|i| {
+            let mut span = SpanSpec::new(1, i, if i == 1 { 0 } else { 1 });
+            span.attrs = vec![(
+                "note".into(),
+                format!("span {i}: ask bob{i}@example.com, {}", "x".repeat(150)),
+            )];
+            span.ints = vec![("attempt".into(), i as i64)];
+            span
+        })
+        .collect();
+    let body = request("app", &spans).encode_to_vec();
+    let (code, _, _) = post(tg.http, "application/x-protobuf", None, body).await;
+    assert_eq!(code, 200);
+    let exported = wait_for(Duration::from_secs(20), || {
+        let spans = exported_spans(&tg.exported());
+        (spans.len() == 400).then_some(spans)
+    })
+    .expect("the trace is kept and exported");
+    let m = tg.metrics();
+    assert_eq!(
+        m.sum(
+            "tailgate_policy_failed_closed_total",
+            &["policy=\"hygiene\""]
+        ),
+        1.0,
+        "the hygiene call failed and the trace was closed"
+    );
+    assert!(
+        m.sum("tailgate_policy_failures_total", &["kind=\"fuel\""]) >= 1.0,
+        "out of fuel"
+    );
+    for (_, span) in &exported {
+        assert!(attr(span, "note").is_none(), "a text attribute survived");
+        assert!(
+            span.attributes.iter().any(|kv| kv.key == "attempt"),
+            "numbers stay"
+        );
+        assert_eq!(
+            attr(span, "sampling.policy"),
+            Some("default"),
+            "the stamp is added after"
+        );
+    }
+    assert!(
+        !exported_strings(&tg)
+            .iter()
+            .any(|(_, v)| v.contains("@example.com")),
+        "an address was exported"
+    );
+}
+
+/// Enough fuel for attribute-hygiene's `init` and its trial on the sample traces, far too
+/// little for a trace of 400 spans of long text (fuel counts Wasm instructions, so this holds
+/// on any machine).
+const HYGIENE_FUEL: u64 = 3_000_000;

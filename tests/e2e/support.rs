@@ -66,8 +66,10 @@ pub struct Tailgate {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-/// Config sections for a test. Receivers and admin always bind 127.0.0.1:0; the exporter
-/// defaults to a file in the test's folder unless `sections` has an `[exporter]` table.
+/// Config sections for a test. Receivers always bind 127.0.0.1:0, and so does the admin
+/// listener unless `sections` has an `[admin]` table (which must then bind it so); the
+/// exporter defaults to a file in the test's folder unless `sections` has an `[exporter]`
+/// table.
 pub struct Setup<'a> {
     pub receivers: &'a str,
     pub sections: &'a str,
@@ -85,9 +87,12 @@ impl Tailgate {
         let dir = TempDir::new("run");
         let out = dir.path().join("traces.jsonl");
         let mut config = format!(
-            "[receivers]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n{}\n\n[admin]\nendpoint = \"127.0.0.1:0\"\n\n",
+            "[receivers]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n{}\n\n",
             setup.receivers
         );
+        if !setup.sections.contains("[admin]") {
+            config.push_str("[admin]\nendpoint = \"127.0.0.1:0\"\n\n");
+        }
         if !setup.sections.contains("[exporter]") {
             config.push_str(&format!(
                 "[exporter]\ntype = \"file\"\npath = {:?}\nbatch_timeout = \"50ms\"\n\n",
@@ -179,8 +184,14 @@ impl Tailgate {
 
     /// The current `/metrics`, as series text (`name{labels}`) → value.
     pub fn metrics(&self) -> Metrics {
-        let (code, body) = http_get(self.admin, "/metrics").expect("GET /metrics");
-        assert_eq!(code, 200);
+        self.metrics_as(None)
+    }
+
+    /// `/metrics` with the admin token, for a host that has `admin.token_file`.
+    pub fn metrics_as(&self, token: Option<&str>) -> Metrics {
+        let (code, body) =
+            crate::http::get_as(self.admin, "/metrics", token).expect("GET /metrics");
+        assert_eq!(code, 200, "{body}");
         Metrics::parse(&body)
     }
 

@@ -121,6 +121,14 @@ pub(crate) struct OtlpExporterConfig {
     /// Give up on a batch (counted as failed) after retrying this long. Unset: no limit with
     /// the storage log on (retry while there is disk), 5 minutes in memory-only mode.
     pub(crate) retry_max_elapsed: Option<Duration>,
+    /// A PEM bundle of CAs trusted for an `https://` endpoint, beside the system's and the
+    /// bundled Mozilla roots (a private CA).
+    pub(crate) ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM) for a backend that wants mutual TLS; with
+    /// `client_key_file`.
+    pub(crate) client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub(crate) client_key_file: Option<PathBuf>,
 }
 
 impl Default for OtlpExporterConfig {
@@ -136,6 +144,9 @@ impl Default for OtlpExporterConfig {
             retry_initial_backoff: Duration::from_secs(1),
             retry_max_backoff: Duration::from_secs(30),
             retry_max_elapsed: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -236,6 +247,21 @@ impl ExporterConfig {
                 if otlp.concurrency == 0 {
                     return Err(KeyError::new("concurrency", "must be at least 1"));
                 }
+                match (&otlp.client_cert_file, &otlp.client_key_file) {
+                    (Some(_), None) => {
+                        return Err(KeyError::new(
+                            "client_cert_file",
+                            "needs exporter.client_key_file too",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(KeyError::new(
+                            "client_key_file",
+                            "needs exporter.client_cert_file too",
+                        ));
+                    }
+                    _ => {}
+                }
             }
         }
         Ok(())
@@ -260,6 +286,9 @@ struct ExporterTable {
     retry_initial_backoff: Option<Duration>,
     retry_max_backoff: Option<Duration>,
     retry_max_elapsed: Option<Duration>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
     batch_max_spans: Option<usize>,
     batch_timeout: Option<Duration>,
     queue_max_spans: Option<usize>,
@@ -307,6 +336,9 @@ impl ExporterTable {
                         .unwrap_or(d.retry_initial_backoff),
                     retry_max_backoff: self.retry_max_backoff.unwrap_or(d.retry_max_backoff),
                     retry_max_elapsed: self.retry_max_elapsed.or(d.retry_max_elapsed),
+                    ca_file: self.ca_file,
+                    client_cert_file: self.client_cert_file,
+                    client_key_file: self.client_key_file,
                 };
                 if kind == ExporterKind::OtlpGrpc {
                     ExporterSink::OtlpGrpc(otlp)

@@ -95,6 +95,7 @@ impl PolicyConfig {
             mode: Default::default(),
             drop_rule: false,
             on_error: Default::default(),
+            on_enrich_error: Some(Default::default()),
             memory_limit: super::default_policy_memory(),
             timeout: super::default_policy_timeout(),
             fuel: None,

@@ -83,10 +83,25 @@ pub enum PolicyMode {
     /// The policy runs and is measured, but its verdict is ignored.
     Shadow,
     /// An enrichment: runs only on traces the enforcing policies decided to keep, after that
-    /// decision, and contributes only its edits (patches, span removals). Its keep / drop /
-    /// abstain is ignored, and so is `on_error`: a failing enrichment leaves the trace as it
-    /// is. Saves running cost enrichment, hygiene and trimming on traces that are dropped.
+    /// decision, and on spans that arrive after a trace was kept, and contributes only its
+    /// edits (patches, span removals). Its keep / drop / abstain is ignored, and so is
+    /// `on_error`: what a failing enrichment does is `on_enrich_error`. Saves running cost
+    /// enrichment, hygiene and trimming on traces that are dropped.
     Enrich,
+}
+
+/// What a failing enrichment (trap, timeout, fuel, quarantine, or edits refused) does to the
+/// kept trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OnEnrichError {
+    /// The trace is exported without this enrichment's edits.
+    #[default]
+    Pass,
+    /// Every span attribute that may hold text (strings, bytes, arrays, lists) is removed, and
+    /// the trace counted in `tailgate_policy_failed_closed_total`: for redaction, which must
+    /// not let through what it could not check.
+    FailClosed,
 }
 
 /// What a failing policy call (trap, timeout, memory cap) counts as.
@@ -118,6 +133,8 @@ pub struct PolicyConfig {
     pub(crate) drop_rule: bool,
     #[serde(default)]
     pub(crate) on_error: OnError,
+    /// Only with `mode = "enrich"`: what a failed call does to the trace.
+    pub(crate) on_enrich_error: Option<OnEnrichError>,
     /// Linear memory cap of one instance.
     #[serde(default = "default_policy_memory")]
     pub(crate) memory_limit: Size,
@@ -186,12 +203,19 @@ pub(crate) struct ReceiversConfig {
     /// larger request gets HTTP 413 or `RESOURCE_EXHAUSTED`. An empty span takes 2 bytes of
     /// protobuf, so without this a request's cost would not be bounded by its size.
     pub(crate) max_spans_per_request: usize,
+    /// What all requests being read and decoded may hold at once, across both receivers: a
+    /// request's body as it arrives (inflated), and then its decoding (once more its size for
+    /// protobuf, twice for JSON). Past it a request gets the retryable 503 / `UNAVAILABLE`; one
+    /// that could never fit gets 413 / `RESOURCE_EXHAUSTED`.
+    pub(crate) max_in_flight_bytes: Size,
     /// `Retry-After` sent with HTTP 503 when the buffer is full.
     pub(crate) retry_after: Duration,
     /// What every connection to the receivers is held to.
     pub(crate) limits: ListenerLimits,
     /// Who may send.
     pub(crate) auth: ReceiverAuth,
+    /// TLS on both receivers (no `cert_file`: plain TCP).
+    pub(crate) tls: ListenerTls,
 }
 
 /// Bearer tokens on the receivers.
@@ -202,6 +226,50 @@ pub(crate) struct ReceiverAuth {
     /// request without `Authorization: Bearer <one of them>` (HTTP header or gRPC metadata) is
     /// refused: HTTP 401, gRPC `UNAUTHENTICATED`. Unset: every client is accepted.
     pub(crate) tokens_file: Option<PathBuf>,
+}
+
+/// TLS on a listener: PEM files, read at start and again whenever one of them changes. Off
+/// while `cert_file` is unset.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ListenerTls {
+    /// The certificate chain, leaf first.
+    pub(crate) cert_file: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub(crate) key_file: Option<PathBuf>,
+    /// Set: mutual TLS, and a client must present a certificate this CA bundle issued.
+    pub(crate) client_ca_file: Option<PathBuf>,
+}
+
+/// A listener's TLS files, once checked: what [`ListenerTls`] holds when TLS is on.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsFiles {
+    pub(crate) cert_file: PathBuf,
+    pub(crate) key_file: PathBuf,
+    pub(crate) client_ca_file: Option<PathBuf>,
+}
+
+impl ListenerTls {
+    /// The files, when TLS is on.
+    pub(crate) fn files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert_file: self.cert_file.clone()?,
+            key_file: self.key_file.clone()?,
+            client_ca_file: self.client_ca_file.clone(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), KeyError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(KeyError::new("key_file", "cert_file needs key_file too")),
+            (None, Some(_)) => Err(KeyError::new("cert_file", "key_file needs cert_file too")),
+            (None, None) if self.client_ca_file.is_some() => Err(KeyError::new(
+                "client_ca_file",
+                "mutual TLS needs cert_file and key_file too",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Limits every connection of a listener is held to (the receivers' and the admin
@@ -246,9 +314,11 @@ impl Default for ReceiversConfig {
             http: Some(SocketAddr::from(([127, 0, 0, 1], 4318))),
             max_request_size: Size(64 << 20),
             max_spans_per_request: 100_000,
+            max_in_flight_bytes: Size(256 << 20),
             retry_after: Duration::from_secs(1),
             limits: ListenerLimits::default(),
             auth: ReceiverAuth::default(),
+            tls: ListenerTls::default(),
         }
     }
 }
@@ -322,19 +392,26 @@ impl Default for DecideConfig {
 pub(crate) struct AdminConfig {
     /// `/metrics`, `/healthz`, `/readyz`; loopback by default since it is unauthenticated.
     pub(crate) endpoint: Option<SocketAddr>,
-    /// Bearer token for `POST /reload`; unset disables the endpoint (SIGHUP and file changes
-    /// still reload).
+    /// A file holding the admin token (one a line, as `receivers.auth.tokens_file`), reloaded
+    /// when it changes. Set: `/metrics`, `/status` and `/reload` need `Authorization: Bearer
+    /// <token>`; `/healthz` and `/readyz` stay open for probes. Unset: `/reload` is disabled.
+    pub(crate) token_file: Option<PathBuf>,
+    /// Deprecated: an inline token for `POST /reload` alone; use `token_file`.
     pub(crate) reload_token: Option<String>,
     /// What every connection to the admin listener is held to.
     pub(crate) limits: ListenerLimits,
+    /// TLS on the admin listener (no `cert_file`: plain TCP).
+    pub(crate) tls: ListenerTls,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             endpoint: Some(SocketAddr::from(([127, 0, 0, 1], 9477))),
+            token_file: None,
             reload_token: None,
             limits: ListenerLimits::default(),
+            tls: ListenerTls::default(),
         }
     }
 }
@@ -548,6 +625,7 @@ impl Config {
         self.exporter.validate().map_err(|e| e.within("exporter"))?;
         self.log.validate().map_err(|e| e.within("log"))?;
         self.storage.validate().map_err(|e| e.within("storage"))?;
+        self.admin.validate().map_err(|e| e.within("admin"))?;
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.policies.iter().enumerate() {
             let entry = format!("policies[{i}]");
@@ -590,6 +668,19 @@ fn refuse_foreign_exporter_keys(lines: &KeyLines<'_>) -> Result<(), (KeyError, u
     Ok(())
 }
 
+impl AdminConfig {
+    fn validate(&self) -> Result<(), KeyError> {
+        self.tls.validate().map_err(|e| e.within("tls"))?;
+        if self.token_file.is_some() && self.reload_token.is_some() {
+            return Err(KeyError::new(
+                "reload_token",
+                "set admin.token_file or the deprecated admin.reload_token, not both",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ReceiversConfig {
     fn validate(&self) -> Result<(), KeyError> {
         if self.grpc.is_none() && self.http.is_none() {
@@ -600,6 +691,13 @@ impl ReceiversConfig {
         }
         if self.max_request_size.0 < 1024 {
             return Err(KeyError::new("max_request_size", "must be at least 1KiB"));
+        }
+        self.tls.validate().map_err(|e| e.within("tls"))?;
+        if self.max_in_flight_bytes.0 < self.max_request_size.0.saturating_mul(2) {
+            return Err(KeyError::new(
+                "max_in_flight_bytes",
+                "must be at least twice receivers.max_request_size, so that a protobuf request at that size fits",
+            ));
         }
         Ok(())
     }
@@ -653,6 +751,15 @@ impl PolicyConfig {
             return Err(KeyError::new(
                 "timeout",
                 format!("policy {:?}: must be greater than zero", self.name),
+            ));
+        }
+        if self.on_enrich_error.is_some() && self.mode != PolicyMode::Enrich {
+            return Err(KeyError::new(
+                "on_enrich_error",
+                format!(
+                    "policy {:?}: only an enrichment (mode = \"enrich\") has it; on_error says what a failing call counts as",
+                    self.name
+                ),
             ));
         }
         Ok(())
@@ -858,6 +965,16 @@ plugin = \"latency\"
                 "policies[1].timeout",
             ),
             ("plugin = \"latency\"", "on_error = \"explode\"", "on_error"),
+            (
+                "plugin = \"latency\"",
+                "on_enrich_error = \"fail_closed\"",
+                "policies[1].on_enrich_error",
+            ),
+            (
+                "[receivers]",
+                "max_in_flight_bytes = \"1MiB\"",
+                "receivers.max_in_flight_bytes",
+            ),
         ] {
             let (mut text, mut line) = full_with(after, bad);
             // Sections whose values are all checked by type get a wrong type instead.
@@ -874,6 +991,14 @@ plugin = \"latency\"
         let (text, line) = full_with("[log]", "level = \"tailgate=loud\"");
         let text = text.replacen("level = \"info\"\n", "", 1);
         error_at(&text, "log.level", line);
+    }
+
+    #[test]
+    fn the_admin_token_file_and_the_inline_token_are_not_both_taken() {
+        let text = "[admin]\ntoken_file = \"/etc/admin-token\"\nreload_token = \"r\"\n";
+        error_at(text, "admin.reload_token", 3);
+        let c = Config::parse("[admin]\ntoken_file = \"/etc/admin-token\"\n", "t.toml").unwrap();
+        assert!(c.admin.token_file.is_some());
     }
 
     #[test]
@@ -997,9 +1122,16 @@ plugin = \"latency\"
         let mut want = leaves(&keys::tree(&ExporterConfig::default_for(
             ExporterKind::OtlpGrpc,
         )));
-        // The example's endpoint and retry limit are examples (neither has a default; an unset
-        // limit depends on the storage mode); headers are a table.
-        for skip in ["endpoint", "headers", "retry_max_elapsed"] {
+        // The example's endpoint, retry limit and TLS files are examples (none has a default;
+        // an unset limit depends on the storage mode); headers are a table.
+        for skip in [
+            "endpoint",
+            "headers",
+            "retry_max_elapsed",
+            "ca_file",
+            "client_cert_file",
+            "client_key_file",
+        ] {
             assert!(
                 table.contains(skip) || skip == "headers",
                 "{skip} not shown:\n{table}"

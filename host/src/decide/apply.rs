@@ -20,8 +20,10 @@ pub(crate) fn apply(decision: &Decision, spans: &mut Vec<BufferedSpan>) -> usize
     let mut span_patches: HashMap<u32, Vec<(&str, &[u8])>> = HashMap::new();
     let mut resource_patches: HashMap<u32, Vec<&KeyValue>> = HashMap::new();
     let mut removals: Vec<u32> = Vec::new();
+    let mut strip_strings = false;
     for edit in &decision.edits {
         match edit {
+            TraceEdit::RemoveStringAttributes => strip_strings = true,
             TraceEdit::SpanAttribute { span, key, kv } => {
                 span_patches.entry(*span).or_default().push((key, kv));
             }
@@ -29,6 +31,14 @@ pub(crate) fn apply(decision: &Decision, spans: &mut Vec<BufferedSpan>) -> usize
                 resource_patches.entry(*span).or_default().push(attribute);
             }
             TraceEdit::RemoveSpan(span) => removals.push(*span),
+        }
+    }
+    if strip_strings {
+        // First, so the patches of the enrichments that did run are kept.
+        for span in spans.iter_mut() {
+            let mut bytes = Vec::with_capacity(span.bytes.len());
+            wire::rewrite_span_without_string_attributes(&span.bytes, &mut bytes);
+            span.bytes = bytes.into_boxed_slice();
         }
     }
     for (i, patches) in span_patches {

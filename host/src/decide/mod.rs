@@ -53,6 +53,9 @@ pub enum TraceEdit {
     },
     /// Trim a leaf span from the kept trace.
     RemoveSpan(u32),
+    /// Remove every string-valued span attribute of the trace: what a fail-closed enrichment
+    /// asks for when it failed, since it could not say which of them to redact.
+    RemoveStringAttributes,
 }
 
 /// The stamp kept spans carry about `decision`: `sampling.trigger`, `sampling.policy` and
@@ -90,6 +93,12 @@ pub trait Decider: Send {
         for trace in traces {
             out.push(self.decide(trace));
         }
+    }
+
+    /// The enrichments' edits for spans that arrived after their trace was kept, seen as a
+    /// trace of their own. A decider without enrichments has none.
+    fn enrich_late(&mut self, _late: &mut TraceView<'_>) -> Vec<TraceEdit> {
+        Vec::new()
     }
 }
 

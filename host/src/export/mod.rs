@@ -30,7 +30,7 @@ use crate::trace::{BufferedSpan, Stamp};
 
 pub(crate) use file::FileSink;
 use metrics::ExportMetrics;
-use transport::{Protocol, RetryPolicy, SendError, Transport, TransportConfig};
+use transport::{ClientTls, Protocol, RetryPolicy, SendError, Transport, TransportConfig};
 
 /// `exporter.retry_max_elapsed` when unset in memory-only mode.
 const MEMORY_RETRY_MAX_ELAPSED: Duration = Duration::from_secs(300);
@@ -196,6 +196,11 @@ impl Exporter {
                         .collect(),
                     gzip: otlp.compression == Compression::Gzip,
                     timeout: otlp.timeout.0,
+                    tls: ClientTls {
+                        ca_file: otlp.ca_file.clone(),
+                        cert_file: otlp.client_cert_file.clone(),
+                        key_file: otlp.client_key_file.clone(),
+                    },
                 })
                 .map_err(|e| ExporterError::Transport(e.to_string()))?;
                 // Unset: with the log on, retry while there is disk (the batch waits there);

@@ -17,6 +17,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -84,6 +85,49 @@ pub(crate) struct TransportConfig {
     pub(crate) gzip: bool,
     /// Per attempt, connecting and reading the reply included.
     pub(crate) timeout: Duration,
+    /// A private CA and a client certificate, for `https://` endpoints.
+    pub(crate) tls: ClientTls,
+}
+
+/// A certificate chain's PEM and its key's.
+type CertAndKey = (Vec<u8>, Vec<u8>);
+
+/// PEM files for the exporter's TLS, read when the transport is built.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientTls {
+    /// CAs trusted beside the system's and the bundled roots.
+    pub(crate) ca_file: Option<PathBuf>,
+    /// A client certificate chain and its key, for mutual TLS; both or neither.
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn read(path: &Path, key: &str, endpoint: &str) -> Result<Vec<u8>, TransportError> {
+        std::fs::read(path).map_err(|e| TransportError::Tls {
+            endpoint: endpoint.to_owned(),
+            reason: format!("exporter.{key} {}: {e}", path.display()),
+        })
+    }
+
+    /// The CA bundle's PEM, if one is set.
+    fn ca_pem(&self, endpoint: &str) -> Result<Option<Vec<u8>>, TransportError> {
+        self.ca_file
+            .as_deref()
+            .map(|p| Self::read(p, "ca_file", endpoint))
+            .transpose()
+    }
+
+    /// The client certificate's and key's PEM, if they are set.
+    fn identity_pem(&self, endpoint: &str) -> Result<Option<CertAndKey>, TransportError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Ok(Some((
+                Self::read(cert, "client_cert_file", endpoint)?,
+                Self::read(key, "client_key_file", endpoint)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
 }
 
 // Header values are usually API keys: a config dump in a log must not leak them.
@@ -96,6 +140,7 @@ impl fmt::Debug for TransportConfig {
             .field("headers (values redacted)", &names)
             .field("gzip", &self.gzip)
             .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -522,6 +567,12 @@ fn grpc_wire(cfg: &TransportConfig, tls: bool) -> Result<Wire, TransportError> {
         if !native_roots().is_empty() {
             tls_config = tls_config.with_native_roots();
         }
+        if let Some(ca) = cfg.tls.ca_pem(&cfg.endpoint)? {
+            tls_config = tls_config.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = cfg.tls.identity_pem(&cfg.endpoint)? {
+            tls_config = tls_config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
         endpoint = endpoint
             .tls_config(tls_config)
             .map_err(|e| TransportError::Tls {
@@ -558,7 +609,7 @@ fn http_wire(cfg: &TransportConfig, uri: Uri, tls: bool) -> Result<Wire, Transpo
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.timeout));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(rustls_config(&cfg.endpoint, tls)?)
+        .with_tls_config(rustls_config(cfg, tls)?)
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -576,14 +627,36 @@ fn http_wire(cfg: &TransportConfig, uri: Uri, tls: bool) -> Result<Wire, Transpo
 }
 
 /// For plain http:// the TLS config is never used, so the trust store is not even loaded.
-fn rustls_config(endpoint: &str, tls: bool) -> Result<rustls::ClientConfig, TransportError> {
+fn rustls_config(cfg: &TransportConfig, tls: bool) -> Result<rustls::ClientConfig, TransportError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let endpoint = cfg.endpoint.as_str();
+    let tls_error = |key: &str, e: &dyn fmt::Display| TransportError::Tls {
+        endpoint: endpoint.to_owned(),
+        reason: format!("exporter.{key}: {e}"),
+    };
     let mut roots = rustls::RootCertStore::empty();
+    let mut identity = None;
     if tls {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         roots.add_parsable_certificates(native_roots());
+        if let Some(pem) = cfg.tls.ca_pem(endpoint)? {
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| tls_error("ca_file", &e))?;
+                roots.add(cert).map_err(|e| tls_error("ca_file", &e))?;
+            }
+        }
+        if let Some((cert, key)) = cfg.tls.identity_pem(endpoint)? {
+            let chain = CertificateDer::pem_slice_iter(&cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_error("client_cert_file", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(&key)
+                .map_err(|e| tls_error("client_key_file", &e))?;
+            identity = Some((chain, key));
+        }
     }
     // ring explicitly: another dependency enabling aws-lc-rs must not make rustls ambiguous.
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -591,9 +664,13 @@ fn rustls_config(endpoint: &str, tls: bool) -> Result<rustls::ClientConfig, Tran
         endpoint: endpoint.to_owned(),
         reason: e.to_string(),
     })?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
+    .with_root_certificates(roots);
+    match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls_error("client_cert_file", &e)),
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 fn native_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
@@ -1042,6 +1119,7 @@ mod tests {
             headers: vec![("X-Honeycomb-Team".into(), "secret-key".into())],
             gzip: false,
             timeout: Duration::from_secs(5),
+            tls: ClientTls::default(),
         }
     }
 

@@ -354,6 +354,7 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
                 headers: Vec::new(),
                 gzip: plan.gzip,
                 timeout: plan.timeout,
+                tls: Default::default(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

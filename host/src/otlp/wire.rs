@@ -719,6 +719,57 @@ pub(crate) fn append_attribute(out: &mut Vec<u8>, key: &str, value: &str) {
     out.extend_from_slice(value.as_bytes());
 }
 
+/// A trace request with every span's attribute `key` set to `value`, whatever the span held
+/// (the entries it had under `key` are removed first). Spans with bad ids are left out, and
+/// counted in the second value as [`parse_traces`] counts them.
+pub(crate) fn with_span_attribute(
+    body: &[u8],
+    key: &str,
+    value: &str,
+    max_spans: u64,
+) -> Result<(Vec<u8>, u64, Option<String>), Unparsed> {
+    let parsed = parse_traces_within(body, max_spans)?;
+    let mut rewritten: Vec<Vec<u8>> = Vec::new();
+    for resource in &parsed.resources {
+        for scope in &resource.scopes {
+            for span in &scope.spans {
+                let mut out = Vec::with_capacity(span.bytes.len() + key.len() + value.len() + 8);
+                rewrite_span_without_keys(span.bytes, &[key], &mut out);
+                append_attribute(&mut out, key, value);
+                rewritten.push(out);
+            }
+        }
+    }
+    let mut next = rewritten.iter();
+    let resources: Vec<EncodeResource<'_>> = parsed
+        .resources
+        .iter()
+        .map(|resource| EncodeResource {
+            fields: &resource.fields,
+            scopes: resource
+                .scopes
+                .iter()
+                .map(|scope| EncodeScope {
+                    fields: &scope.fields,
+                    spans: scope
+                        .spans
+                        .iter()
+                        .map(|_| EncodeSpan {
+                            bytes: next.next().expect("one rewrite per span"),
+                            extra: &[],
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok((
+        encode_request(&resources),
+        parsed.rejected_spans,
+        parsed.rejection,
+    ))
+}
+
 /// Append an encoded Span.trace_state (field 3) to `out`; later occurrence wins on decode.
 pub(crate) fn append_trace_state(out: &mut Vec<u8>, value: &str) {
     out.reserve(field_len(value.len()));
@@ -738,6 +789,35 @@ pub(crate) fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &m
         let dropped = f.number == 9
             && matches!(f.value, Value::Len(kv) if key_value(kv)
                 .is_some_and(|(key, _)| drop_keys.iter().any(|d| d.as_bytes() == key)));
+        if dropped {
+            out.extend_from_slice(span.get(run_start..f.start).unwrap_or_default());
+            run_start = f.end;
+        }
+    }
+    out.extend_from_slice(span.get(run_start..).unwrap_or_default());
+}
+
+/// Rewrite a span without the attributes that may hold text: every one but those whose value
+/// is a bool, an int, a double or empty (strings, bytes, arrays and lists, and anything that
+/// does not read as an AnyValue, go). Every other field is copied as is.
+pub(crate) fn rewrite_span_without_string_attributes(span: &[u8], out: &mut Vec<u8>) {
+    out.reserve(span.len());
+    let mut run_start = 0;
+    let scalar = |kv: &[u8]| {
+        key_value(kv).is_some_and(|(_, value)| {
+            matches!(
+                any_value(value),
+                Some(
+                    AnyValueRef::Bool(_)
+                        | AnyValueRef::Int(_)
+                        | AnyValueRef::Double(_)
+                        | AnyValueRef::Empty
+                )
+            )
+        })
+    };
+    for f in Fields::new(span) {
+        let dropped = f.number == 9 && matches!(f.value, Value::Len(kv) if !scalar(kv));
         if dropped {
             out.extend_from_slice(span.get(run_start..f.start).unwrap_or_default());
             run_start = f.end;
@@ -2483,6 +2563,65 @@ mod tests {
         let mut copy = Vec::new();
         rewrite_span_without_keys(&body, &["absent"], &mut copy);
         assert_eq!(copy, body);
+    }
+
+    #[test]
+    fn only_attributes_that_cannot_hold_text_survive_the_fail_closed_rewrite() {
+        let original = Span {
+            attributes: vec![
+                kv("a", V::IntValue(1)),
+                kv("mail", text("bob@example.com")),
+                kv("b", V::BoolValue(true)),
+                kv("d", V::DoubleValue(0.5)),
+                kv("raw", V::BytesValue(b"bob@example.com".to_vec())),
+                kv(
+                    "list",
+                    V::ArrayValue(ArrayValue {
+                        values: vec![AnyValue {
+                            value: Some(text("bob@example.com")),
+                        }],
+                    }),
+                ),
+            ],
+            ..rich_span()
+        };
+        let mut out = Vec::new();
+        rewrite_span_without_string_attributes(&original.encode_to_vec(), &mut out);
+        let decoded = Span::decode(&out[..]).expect("rewritten span decodes");
+        let keys: Vec<&str> = decoded.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "d"]);
+        assert_eq!(decoded.name, original.name, "other fields stay");
+    }
+
+    #[test]
+    fn every_span_gets_the_one_attribute_value_and_bad_spans_are_counted() {
+        let mut spoofed = rich_span();
+        spoofed.attributes = vec![kv("tenant.id", text("globex")), kv("k", text("v"))];
+        let mut bad = rich_span();
+        bad.trace_id = vec![0; 16];
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![spoofed, rich_span(), bad],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let (body, rejected, first) =
+            with_span_attribute(&request.encode_to_vec(), "tenant.id", "acme", u64::MAX).unwrap();
+        assert_eq!(rejected, 1);
+        assert!(first.is_some());
+        let decoded = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+        let spans = &decoded.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), 2);
+        for span in spans {
+            let tenants: Vec<_> = (span.attributes.iter())
+                .filter(|a| a.key == "tenant.id")
+                .collect();
+            assert_eq!(tenants, [&kv("tenant.id", text("acme"))]);
+        }
+        assert!(spans[0].attributes.iter().any(|a| a.key == "k"));
     }
 
     fn request_with_span_long(span_body: &[u8]) -> Vec<u8> {

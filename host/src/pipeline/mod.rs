@@ -400,10 +400,29 @@ impl Worker {
                 records: vec![r],
             })
         };
-        for (trace_id, (stamp, spans)) in late {
+        for (trace_id, (stamp, mut spans)) in late {
             let n = spans.len() as u64;
             self.ctx.metrics.late(true, n);
-            self.ctx.metrics.kept(Trigger::Late, n);
+            // Late spans of a kept trace go through the enrichments too (redaction above all).
+            let edits = self.decider.enrich_late(&mut TraceView {
+                trace_id: &trace_id,
+                spans: &mut spans,
+            });
+            let mut trimmed = 0;
+            if !edits.is_empty() {
+                let enriched = Decision {
+                    keep: true,
+                    policy: stamp.policy.clone(),
+                    edits,
+                    ..Decision::default()
+                };
+                trimmed = decide::apply(&enriched, &mut spans) as u64;
+                if trimmed > 0 {
+                    self.ctx.metrics.dropped(Trigger::Late, trimmed);
+                    self.ctx.metrics.trimmed(&stamp.policy, trimmed);
+                }
+            }
+            self.ctx.metrics.kept(Trigger::Late, n - trimmed);
             record.inspect(|r| self.pin(*r));
             self.ctx.export.push(KeptTrace {
                 spans,

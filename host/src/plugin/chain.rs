@@ -22,7 +22,7 @@ use super::boundary::{CallClock, TraceData, thread_cpu_time};
 use super::edits;
 use super::metrics::{PluginMetrics, PolicyHandles};
 use super::{LoadedPolicy, PolicyInstance, PolicyRuntime, PolicySet};
-use crate::config::{DefaultVerdict, OnError, PolicyMode};
+use crate::config::{DefaultVerdict, OnEnrichError, OnError, PolicyMode};
 use crate::decide::{
     Decider, DeciderFactory, Decision, DefaultDecision, Role, Tally, TraceEdit, TraceView, Verdict,
     agrees,
@@ -97,6 +97,9 @@ struct Outcome {
     verdict: Verdict,
     reason: Arc<str>,
     probability: Option<f64>,
+    /// The call returned and every edit it asked for was taken: false for a failed call (the
+    /// verdict is then `on_error`'s) and for one whose edits were refused.
+    complete: bool,
 }
 
 impl WasmChain {
@@ -219,9 +222,11 @@ impl WasmChain {
                 policy.health.succeeded(spans.len());
                 let is_leaf = data.as_ref().map_or(&[][..], |d| &d.index.is_leaf[..]);
                 let probability = answer.probability;
+                let mut complete = true;
                 match edits::validate(&answer.edits, probability, spans, is_leaf, &policy.spec) {
                     Ok(mut edits) => edits_out.append(&mut edits),
                     Err(why) => {
+                        complete = false;
                         handles.invalid_edits.inc();
                         if let Some(suppressed) = policy.health.may_log(policy.spec.log_per_second)
                         {
@@ -234,6 +239,7 @@ impl WasmChain {
                     verdict: verdict_of(answer.decision),
                     reason: answer.reason,
                     probability: answer.probability.filter(|p| *p > 0.0 && *p < 1.0),
+                    complete,
                 })
             }
             Err(trap) => {
@@ -290,6 +296,7 @@ impl WasmChain {
                             verdict: verdict_of(o.decision),
                             reason: o.reason,
                             probability: o.probability.filter(|p| *p > 0.0 && *p < 1.0),
+                            complete: true,
                         },
                     ));
                 }
@@ -331,7 +338,29 @@ impl WasmChain {
             verdict,
             reason: Arc::from(format!("policy failed ({kind}); on_error")),
             probability: None,
+            complete: false,
         }
+    }
+
+    /// Runs enrichment `i` on the trace in `slot`. When a fail-closed one does not complete
+    /// (it failed, is quarantined, or its edits were refused), the trace's text attributes go.
+    fn enrich_one(
+        &mut self,
+        i: usize,
+        slot: &mut Option<Box<TraceData>>,
+        edits_out: &mut Vec<TraceEdit>,
+    ) {
+        let complete = self.run_one(i, slot, edits_out).is_some_and(|o| o.complete);
+        let fail_closed =
+            self.set.policies[i].spec.on_enrich_error == Some(OnEnrichError::FailClosed);
+        if !complete && fail_closed {
+            edits_out.push(TraceEdit::RemoveStringAttributes);
+            self.handles[i].failed_closed.inc();
+        }
+    }
+
+    fn has_enrichments(&self) -> bool {
+        (self.set.policies.iter()).any(|p| p.spec.mode == PolicyMode::Enrich)
     }
 }
 
@@ -407,7 +436,7 @@ impl Decider for WasmChain {
         // Whether any policy reads the trace itself, so each trace needs its index in a store.
         let per_trace = (self.set.policies.iter())
             .any(|p| p.spec.mode != PolicyMode::Enrich && !(batched && p.summary_only));
-        let enrich = (self.set.policies.iter()).any(|p| p.spec.mode == PolicyMode::Enrich);
+        let enrich = self.has_enrichments();
         let mut data = self.scratch.take().unwrap_or_default();
 
         // 1. Summary-only policies answer the whole batch, policy by policy, from facts built
@@ -500,7 +529,7 @@ impl Decider for WasmChain {
                 }
                 for i in 0..self.set.policies.len() {
                     if self.set.policies[i].spec.mode == PolicyMode::Enrich {
-                        self.run_one(i, &mut slot, &mut decision.edits);
+                        self.enrich_one(i, &mut slot, &mut decision.edits);
                     }
                 }
             }
@@ -516,6 +545,29 @@ impl Decider for WasmChain {
         }
         self.tally = tally;
         self.scratch = Some(data);
+    }
+
+    fn enrich_late(&mut self, late: &mut TraceView<'_>) -> Vec<TraceEdit> {
+        self.refresh();
+        let mut edits = Vec::new();
+        if !self.has_enrichments() {
+            return edits;
+        }
+        let mut data = self.scratch.take().unwrap_or_default();
+        data.trace_id = *late.trace_id;
+        data.spans = std::mem::take(late.spans);
+        data.index.rebuild(&data.spans);
+        self.clock = Instant::now();
+        let mut slot = Some(data);
+        for i in 0..self.set.policies.len() {
+            if self.set.policies[i].spec.mode == PolicyMode::Enrich {
+                self.enrich_one(i, &mut slot, &mut edits);
+            }
+        }
+        let mut data = slot.unwrap_or_default();
+        *late.spans = std::mem::take(&mut data.spans);
+        self.scratch = Some(data);
+        edits
     }
 }
 

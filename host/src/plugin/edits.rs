@@ -237,6 +237,136 @@ fn json_to_any(json: &serde_json::Value, depth: u32) -> AnyValue {
     AnyValue { value }
 }
 
+/// For the fuzz target (`host/fuzz`, target `edits`): builds a trace and a verdict's edits from
+/// any bytes, checks them as a policy's are checked, and applies what passes. Nothing may
+/// panic, and a trace the edits were applied to must still be OTLP that prost decodes, with
+/// every span that was not removed.
+pub(crate) fn fuzz(data: &[u8]) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    /// Reads the fuzz bytes front to back; past the end every read is zero or empty.
+    struct Bytes<'a>(&'a [u8]);
+    impl<'a> Bytes<'a> {
+        fn byte(&mut self) -> u8 {
+            let (&b, rest) = self.0.split_first().unwrap_or((&0, &[]));
+            self.0 = rest;
+            b
+        }
+        fn take(&mut self, n: usize) -> &'a [u8] {
+            let (taken, rest) = self.0.split_at(n.min(self.0.len()));
+            self.0 = rest;
+            taken
+        }
+        fn text(&mut self) -> String {
+            let n = self.byte() as usize;
+            String::from_utf8_lossy(self.take(n)).into_owned()
+        }
+    }
+
+    let mut b = Bytes(data);
+    let count = b.byte() as usize % 8 + 1;
+    let parents: Vec<Option<usize>> = (0..count)
+        .map(|i| {
+            let p = b.byte() as usize % (i + 1);
+            (p < i).then_some(p)
+        })
+        .collect();
+    let spans: Vec<Span> = (0..count)
+        .map(|i| Span {
+            trace_id: vec![7; 16],
+            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+            parent_span_id: parents[i]
+                .map_or(Vec::new(), |p| (p as u64 + 1).to_be_bytes().to_vec()),
+            name: format!("span-{i}"),
+            attributes: vec![KeyValue {
+                key: "k".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("v".into())),
+                }),
+                key_strindex: 0,
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource::default()),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let mut trace: Vec<BufferedSpan> = Vec::new();
+    crate::otlp::spans::for_each_span(&request.encode_to_vec(), |_, span, _| trace.push(span))
+        .expect("the fuzz trace parses");
+    let is_leaf: Vec<bool> = (0..count).map(|i| !parents.contains(&Some(i))).collect();
+
+    let mut pending = PendingEdits::default();
+    let edits = b.byte() as usize % 16;
+    for _ in 0..edits {
+        let kind = b.byte();
+        let index = u32::from(b.byte() % 10);
+        if kind % 5 == 4 {
+            pending.push_removal(index, count);
+            continue;
+        }
+        let target = if kind & 8 == 0 {
+            PatchTarget::Span(index)
+        } else {
+            PatchTarget::ResourceOf(index)
+        };
+        let key = b.text();
+        let value = match kind % 5 {
+            0 => AttrValue::Str(b.text()),
+            1 => AttrValue::Int(i64::from(b.byte()) - 128),
+            2 => AttrValue::Json(b.text()),
+            _ => AttrValue::Bytes(b.take(b.0.len().min(4)).to_vec()),
+        };
+        pending.push_patch(Patch { target, key, value }, 8, 512);
+    }
+    let mut spec = crate::config::Config::parse(
+        "[[policies]]\nname = \"fuzz\"\nplugin = \"keep-errors\"\nmax_patches = 8\nmax_patch_bytes = 512\n",
+        "fuzz.toml",
+    )
+    .expect("the fuzz policy's config parses")
+    .policies
+    .remove(0);
+    spec.max_patches = 8;
+    let Ok(edits) = validate(&pending, None, &trace, &is_leaf, &spec) else {
+        return;
+    };
+    let removed: std::collections::BTreeSet<u32> = edits
+        .iter()
+        .filter_map(|e| match e {
+            TraceEdit::RemoveSpan(i) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    let decision = crate::decide::Decision {
+        keep: true,
+        policy: "fuzz".into(),
+        reason: "fuzz".into(),
+        probability: None,
+        edits,
+    };
+    crate::decide::apply(&decision, &mut trace);
+    let encoded = crate::otlp::regroup::encode_grouped(trace.iter().map(|s| (s, &[][..])));
+    let decoded = ExportTraceServiceRequest::decode(encoded.as_slice())
+        .unwrap_or_else(|e| panic!("an edited trace prost refuses: {e}"));
+    let spans: usize = (decoded.resource_spans.iter().flat_map(|r| &r.scope_spans))
+        .map(|s| s.spans.len())
+        .sum();
+    assert_eq!(
+        spans,
+        count - removed.len(),
+        "spans left after {removed:?} were removed"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,8 @@ pub(crate) struct PolicyHandles {
     pub(crate) abstain: Counter,
     pub(crate) invalid_edits: Counter,
     pub(crate) quarantined: Counter,
+    /// Traces whose text attributes were removed because this fail-closed enrichment failed.
+    pub(crate) failed_closed: Counter,
     pub(crate) latency: Histogram,
 }
 
@@ -27,6 +29,7 @@ pub struct PluginMetrics {
     policy_quarantines: CounterFamily,
     policy_call_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     shadow_agreement: CounterFamily,
+    failed_closed: CounterFamily,
     reloads: CounterFamily,
     policy_info: Family<Labels, Gauge>,
 }
@@ -62,6 +65,10 @@ impl PluginMetrics {
                 "shadow_agreement",
                 "Shadow policies' verdicts against the final decision, by policy and result",
             ),
+            failed_closed: registry.counters(
+                "policy_failed_closed",
+                "Kept traces (or late spans) whose text attributes were removed because a fail-closed enrichment failed on them, by policy",
+            ),
             reloads: registry.counters("reloads", "Policy set reloads, by outcome"),
             policy_info: registry.register(
                 "policy_info",
@@ -86,6 +93,10 @@ impl PluginMetrics {
             abstain: call("abstain"),
             invalid_edits: call("invalid_edits"),
             quarantined: call("quarantined"),
+            failed_closed: self
+                .failed_closed
+                .get_or_create(&label("policy", policy))
+                .clone(),
             latency: self
                 .policy_call_seconds
                 .get_or_create(&label("policy", policy))

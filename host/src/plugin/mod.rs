@@ -67,6 +67,7 @@ use wasmtime::{
 use bindings::{Policy, PolicyPre};
 use boundary::{PolicyMeta, PolicyState};
 pub(crate) use counters::PolicyCounters;
+pub(crate) use edits::fuzz as fuzz_edits;
 pub use index::TraceIndex;
 pub use metrics::PluginMetrics;
 

@@ -19,7 +19,8 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Code, Status};
 
-use super::auth::Tokens;
+use super::admission::{Admission, Over};
+use super::auth::{Caller, Tokens};
 use super::ingest::{Accepted, Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
 
@@ -32,6 +33,7 @@ pub(crate) struct TraceServiceRaw {
     metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
     tokens: Option<Arc<Tokens>>,
+    admission: Arc<Admission>,
 }
 
 impl TraceServiceRaw {
@@ -40,12 +42,14 @@ impl TraceServiceRaw {
         metrics: Arc<ReceiverMetrics>,
         max_request_size: usize,
         tokens: Option<Arc<Tokens>>,
+        admission: Arc<Admission>,
     ) -> Self {
         Self {
             ingest,
             metrics,
             max_request_size,
             tokens,
+            admission,
         }
     }
 }
@@ -73,9 +77,14 @@ where
                 Ok(Status::unimplemented("only TraceService/Export is served here").into_http())
             });
         }
+        let mut tenant = None;
         if let Some(tokens) = &self.tokens {
             let authorization = req.headers().get(http::header::AUTHORIZATION);
-            if !tokens.allows(authorization.map(|v| v.as_bytes())) {
+            let caller = tokens.caller(authorization.map(|v| v.as_bytes()));
+            if let Some(Caller::Tenant(bound)) = &caller {
+                tenant = Some(bound.clone());
+            }
+            if caller.is_none() {
                 self.metrics.request("grpc", "unauthenticated");
                 return Box::pin(async move {
                     Ok(Status::unauthenticated(
@@ -91,7 +100,7 @@ where
                 .accept_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(this.max_request_size);
             let metrics = this.metrics.clone();
-            let mut response = grpc.unary(ExportCall(this), req).await;
+            let mut response = grpc.unary(ExportCall(this, tenant), req).await;
             remap_framing_errors(&mut response, &metrics);
             Ok(response)
         })
@@ -126,17 +135,40 @@ fn remap_framing_errors(
     let _ = remapped.add_header(headers);
 }
 
-struct ExportCall(TraceServiceRaw);
+/// The service, and the tenant the caller's token binds it to.
+struct ExportCall(TraceServiceRaw, Option<Arc<str>>);
 
 impl UnaryService<Bytes> for ExportCall {
     type Response = ExportTraceServiceResponse;
     type Future = BoxFuture<tonic::Response<Self::Response>, Status>;
 
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let service = self.0.clone();
+        let (service, tenant) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
             let body = request.into_inner();
-            let result = service.ingest.accept_protobuf(body, "grpc").await;
+            // The message tonic framed, and the spans copied out of it.
+            let mut held = service.admission.start();
+            if let Err(over) = held.grow(body.len().saturating_mul(2)) {
+                let limit = service.admission.limit();
+                return Err(match over {
+                    Over::Now => {
+                        service.metrics.request("grpc", "unavailable");
+                        Status::unavailable(format!(
+                            "tailgate's receivers hold receivers.max_in_flight_bytes ({limit} bytes) of requests; retry later"
+                        ))
+                    }
+                    Over::Never => {
+                        service.metrics.request("grpc", "too_large");
+                        Status::resource_exhausted(format!(
+                            "decoding this request would take more than receivers.max_in_flight_bytes ({limit} bytes)"
+                        ))
+                    }
+                });
+            }
+            let result = service
+                .ingest
+                .accept_protobuf_from(body, "grpc", tenant.as_deref())
+                .await;
             let metrics = &service.metrics;
             match result {
                 Ok(accepted) => {

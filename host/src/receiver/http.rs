@@ -17,7 +17,8 @@ use axum::routing::any;
 use http_body_util::BodyExt;
 use prost::Message;
 
-use super::auth::Tokens;
+use super::admission::{Admission, Held, Over};
+use super::auth::{Caller, Tokens};
 use super::ingest::{Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
 use crate::config::ReceiversConfig;
@@ -31,6 +32,7 @@ struct HttpState {
     retry_after: Duration,
     body_read_timeout: Duration,
     tokens: Option<Arc<Tokens>>,
+    admission: Arc<Admission>,
 }
 
 pub(crate) fn router(
@@ -38,6 +40,7 @@ pub(crate) fn router(
     metrics: Arc<ReceiverMetrics>,
     config: &ReceiversConfig,
     tokens: Option<Arc<Tokens>>,
+    admission: Arc<Admission>,
 ) -> Router {
     Router::new()
         .route("/v1/traces", any(export))
@@ -48,6 +51,7 @@ pub(crate) fn router(
             retry_after: config.retry_after.0,
             body_read_timeout: config.limits.body_read_timeout.0,
             tokens,
+            admission,
         })
 }
 
@@ -81,9 +85,14 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return r;
     }
+    let mut tenant = None;
     if let Some(tokens) = &s.tokens {
         let authorization = req.headers().get(header::AUTHORIZATION);
-        if !tokens.allows(authorization.map(HeaderValue::as_bytes)) {
+        let caller = tokens.caller(authorization.map(HeaderValue::as_bytes));
+        if let Some(Caller::Tenant(bound)) = &caller {
+            tenant = Some(bound.clone());
+        }
+        if caller.is_none() {
             s.metrics.request("http", "unauthenticated");
             let mut r = status_response(
                 StatusCode::UNAUTHORIZED,
@@ -117,7 +126,8 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             );
         }
     };
-    let body = read_body(req.into_body(), gzip, s.max_request_size);
+    let mut held = s.admission.start();
+    let body = read_body(req.into_body(), gzip, s.max_request_size, &mut held);
     let body = match tokio::time::timeout(s.body_read_timeout, body)
         .await
         .unwrap_or(Err(BodyError::TimedOut))
@@ -151,14 +161,27 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             s.metrics.request("http", "malformed");
             return status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why);
         }
+        Err(BodyError::Over(over)) => return over_budget(&s, encoding, over),
     };
+    // What decoding will build: the spans copied out (and for JSON the decoded messages).
+    let decoding = match encoding {
+        Encoding::Protobuf => body.len(),
+        Encoding::Json => body.len().saturating_mul(2),
+    };
+    if let Err(over) = held.grow(decoding) {
+        return over_budget(&s, encoding, over);
+    }
     let result = match encoding {
         Encoding::Protobuf => {
             s.ingest
-                .accept_protobuf(bytes::Bytes::from(body), "http_protobuf")
+                .accept_protobuf_from(bytes::Bytes::from(body), "http_protobuf", tenant.as_deref())
                 .await
         }
-        Encoding::Json => s.ingest.accept_json(&body, "http_json").await,
+        Encoding::Json => {
+            s.ingest
+                .accept_json(&body, "http_json", tenant.as_deref())
+                .await
+        }
     };
     match result {
         Ok(accepted) => {
@@ -184,7 +207,6 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             )
         }
         Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_))) => {
-            s.metrics.request("http", "unavailable");
             let why = match &refusal {
                 Refusal::Busy => "tailgate's trace buffer is full; retry later".to_owned(),
                 Refusal::DiskFull(why) => {
@@ -192,12 +214,42 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
                 }
                 _ => "tailgate is shutting down".to_owned(),
             };
-            let mut r =
-                status_response(StatusCode::SERVICE_UNAVAILABLE, encoding, UNAVAILABLE, &why);
-            let secs = s.retry_after.as_secs().max(1);
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            r
+            unavailable(&s, encoding, &why)
+        }
+    }
+}
+
+/// 503 with `Retry-After`: OTLP's retryable answer.
+fn unavailable(s: &HttpState, encoding: Encoding, why: &str) -> Response {
+    s.metrics.request("http", "unavailable");
+    let mut r = status_response(StatusCode::SERVICE_UNAVAILABLE, encoding, UNAVAILABLE, why);
+    let secs = s.retry_after.as_secs().max(1);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// A request the in-flight budget cannot take: now (retryable), or ever (413).
+fn over_budget(s: &HttpState, encoding: Encoding, over: Over) -> Response {
+    let limit = s.admission.limit();
+    match over {
+        Over::Now => unavailable(
+            s,
+            encoding,
+            &format!(
+                "tailgate's receivers hold receivers.max_in_flight_bytes ({limit} bytes) of requests; retry later"
+            ),
+        ),
+        Over::Never => {
+            s.metrics.request("http", "too_large");
+            status_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                encoding,
+                RESOURCE_EXHAUSTED,
+                &format!(
+                    "decoding this request would take more than receivers.max_in_flight_bytes ({limit} bytes)"
+                ),
+            )
         }
     }
 }
@@ -238,14 +290,26 @@ enum BodyError {
     /// Not all there within `body_read_timeout`.
     TimedOut,
     Corrupt(String),
+    /// The in-flight budget cannot hold it.
+    Over(Over),
 }
 
 /// Reads the body, inflating gzip on the fly, and stops as soon as either the bytes on the
-/// wire or the bytes after inflation pass `limit`.
-async fn read_body(mut body: Body, gzip: bool, limit: usize) -> Result<Vec<u8>, BodyError> {
+/// wire or the bytes after inflation pass `limit`, or what it holds passes the in-flight
+/// budget (`held` grows with it).
+async fn read_body(
+    mut body: Body,
+    gzip: bool,
+    limit: usize,
+    held: &mut Held,
+) -> Result<Vec<u8>, BodyError> {
     let mut raw_len = 0usize;
-    let mut plain = Vec::new();
-    let mut inflater = gzip.then(|| flate2::write::MultiGzDecoder::new(LimitedSink::new(limit)));
+    let sink = LimitedSink::new(limit, held);
+    let mut out = if gzip {
+        Sink::Gzip(Box::new(flate2::write::MultiGzDecoder::new(sink)))
+    } else {
+        Sink::Plain(sink)
+    };
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| BodyError::Corrupt(format!("reading the request body: {e}")))?;
@@ -256,15 +320,15 @@ async fn read_body(mut body: Body, gzip: bool, limit: usize) -> Result<Vec<u8>, 
         if raw_len > limit {
             return Err(BodyError::TooLarge);
         }
-        match inflater.as_mut() {
-            Some(inflater) => inflater
+        match &mut out {
+            Sink::Gzip(inflater) => inflater
                 .write_all(&chunk)
                 .map_err(|e| inflate_error(inflater.get_ref(), e))?,
-            None => plain.extend_from_slice(&chunk),
+            Sink::Plain(sink) => sink.write_all(&chunk).map_err(|e| inflate_error(sink, e))?,
         }
     }
-    match inflater {
-        Some(mut inflater) => {
+    match out {
+        Sink::Gzip(mut inflater) => {
             inflater
                 .try_finish()
                 .map_err(|e| inflate_error(inflater.get_ref(), e))?;
@@ -273,40 +337,56 @@ async fn read_body(mut body: Body, gzip: bool, limit: usize) -> Result<Vec<u8>, 
                 .map_err(|e| BodyError::Corrupt(format!("invalid gzip body: {e}")))?;
             Ok(sink.buf)
         }
-        None => Ok(plain),
+        Sink::Plain(sink) => Ok(sink.buf),
     }
 }
 
-fn inflate_error(sink: &LimitedSink, e: io::Error) -> BodyError {
+/// Where a body's bytes go: straight into the bounded buffer, or through gzip into it.
+enum Sink<'a> {
+    Plain(LimitedSink<'a>),
+    Gzip(Box<flate2::write::MultiGzDecoder<LimitedSink<'a>>>),
+}
+
+fn inflate_error(sink: &LimitedSink<'_>, e: io::Error) -> BodyError {
     if sink.exceeded {
         BodyError::TooLarge
+    } else if let Some(over) = sink.over {
+        BodyError::Over(over)
     } else {
         BodyError::Corrupt(format!("invalid gzip body: {e}"))
     }
 }
 
-/// Collects inflated bytes and refuses to grow past the limit.
-struct LimitedSink {
+/// Collects inflated bytes and refuses to grow past the limit or the in-flight budget.
+struct LimitedSink<'a> {
     buf: Vec<u8>,
     limit: usize,
     exceeded: bool,
+    held: &'a mut Held,
+    over: Option<Over>,
 }
 
-impl LimitedSink {
-    fn new(limit: usize) -> Self {
+impl<'a> LimitedSink<'a> {
+    fn new(limit: usize, held: &'a mut Held) -> Self {
         Self {
             buf: Vec::new(),
             limit,
             exceeded: false,
+            held,
+            over: None,
         }
     }
 }
 
-impl Write for LimitedSink {
+impl Write for LimitedSink<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.len() + data.len() > self.limit {
             self.exceeded = true;
             return Err(io::Error::other("decompressed body exceeds the size limit"));
+        }
+        if let Err(over) = self.held.grow(data.len()) {
+            self.over = Some(over);
+            return Err(io::Error::other("the in-flight budget is spent"));
         }
         self.buf.extend_from_slice(data);
         Ok(data.len())
@@ -359,7 +439,7 @@ mod tests {
     async fn gzip_bomb_is_cut_off_at_the_limit() {
         let bomb = gzip(&vec![0u8; 50 << 20]);
         assert!(bomb.len() < 100 << 10);
-        let err = read_body(Body::from(bomb), true, 1 << 20)
+        let err = read_body(Body::from(bomb), true, 1 << 20, &mut unbounded())
             .await
             .unwrap_err();
         assert!(matches!(err, BodyError::TooLarge));
@@ -368,14 +448,47 @@ mod tests {
     #[tokio::test]
     async fn gzip_within_the_limit_inflates_and_corrupt_gzip_is_an_error() {
         let data = b"hello otlp".repeat(100);
-        let body = read_body(Body::from(gzip(&data)), true, 1 << 20)
+        let body = read_body(Body::from(gzip(&data)), true, 1 << 20, &mut unbounded())
             .await
             .unwrap();
         assert_eq!(body, data);
-        let err = read_body(Body::from(b"not gzip at all".to_vec()), true, 1 << 20)
+        let err = read_body(
+            Body::from(b"not gzip at all".to_vec()),
+            true,
+            1 << 20,
+            &mut unbounded(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, BodyError::Corrupt(_)));
+    }
+
+    fn unbounded() -> Held {
+        Admission::new(usize::MAX).start()
+    }
+
+    #[tokio::test]
+    async fn a_body_is_charged_as_it_inflates_and_stops_at_the_budget() {
+        let admission = Admission::new(64 << 10);
+        let mut other = admission.start();
+        other.grow(32 << 10).unwrap();
+        let data = vec![7u8; 48 << 10];
+        let mut held = admission.start();
+        let err = read_body(Body::from(gzip(&data)), true, 1 << 20, &mut held)
             .await
             .unwrap_err();
-        assert!(matches!(err, BodyError::Corrupt(_)));
+        assert!(matches!(err, BodyError::Over(Over::Now)), "{err:?}");
+        drop((held, other));
+        let mut held = admission.start();
+        let body = read_body(Body::from(gzip(&data)), true, 1 << 20, &mut held)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), data.len());
+        let mut held = admission.start();
+        let err = read_body(Body::from(vec![0u8; 65 << 10]), false, 1 << 20, &mut held)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BodyError::Over(Over::Never)), "{err:?}");
     }
 
     #[test]

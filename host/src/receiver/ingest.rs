@@ -177,6 +177,7 @@ impl Ingest {
         self: &Arc<Self>,
         body: &[u8],
         transport: &'static str,
+        tenant: Option<&str>,
     ) -> Result<Accepted, Refusal> {
         let limits = self.limits;
         let request = super::run_ingest(body.len(), || {
@@ -186,7 +187,7 @@ impl Ingest {
             json::Undecoded::Malformed(e) => Refusal::Malformed(e.to_string()),
             json::Undecoded::TooLarge(why) => Refusal::TooLarge(why),
         })?;
-        self.accept_protobuf(Bytes::from(request.encode_to_vec()), transport)
+        self.accept_protobuf_from(Bytes::from(request.encode_to_vec()), transport, tenant)
             .await
     }
 
@@ -195,8 +196,32 @@ impl Ingest {
         body: Bytes,
         transport: &'static str,
     ) -> Result<Accepted, Refusal> {
+        self.accept_protobuf_from(body, transport, None).await
+    }
+
+    /// [`Self::accept_protobuf`] for a sender whose token binds it to `tenant`: every span is
+    /// stamped `tenant.id = <tenant>` first, replacing what the sender wrote, so the request
+    /// is rewritten (at the wire level) before it is logged and buffered.
+    pub(crate) async fn accept_protobuf_from(
+        self: &Arc<Self>,
+        body: Bytes,
+        transport: &'static str,
+        tenant: Option<&str>,
+    ) -> Result<Accepted, Refusal> {
         let guard = self.enter()?;
-        let split = self.admit(&body, transport)?;
+        let (body, stamped) = match tenant {
+            None => (body, None),
+            Some(tenant) => {
+                let limit = self.limits.max_spans;
+                let (body, rejected, first) = super::run_ingest(body.len(), || {
+                    wire::with_span_attribute(&body, "tenant.id", tenant, limit)
+                })
+                .map_err(unparsed)?;
+                (Bytes::from(body), Some((rejected, first)))
+            }
+        };
+        let mut split = self.split_request(&body, stamped)?;
+        self.admit(&mut split, transport)?;
         let Some(storage) = self.storage.clone().filter(|_| split.accepted > 0) else {
             return Ok(self.route(split, None));
         };
@@ -234,13 +259,27 @@ impl Ingest {
         transport: &'static str,
     ) -> Result<Accepted, Refusal> {
         let _guard = self.enter()?;
-        let split = self.admit(body, transport)?;
+        let mut split = self.split_request(body, None)?;
+        self.admit(&mut split, transport)?;
         Ok(self.route(split, None))
     }
 
-    /// Parses and counts a request and reserves its memory, or refuses it.
-    fn admit(&self, body: &[u8], transport: &'static str) -> Result<Split, Refusal> {
-        let split = super::run_ingest(body.len(), || self.split(body, self.limits.max_spans))?;
+    /// Parses a client's request; `stamped` carries what an earlier rewrite of it refused.
+    fn split_request(
+        &self,
+        body: &[u8],
+        stamped: Option<(u64, Option<String>)>,
+    ) -> Result<Split, Refusal> {
+        let mut split = super::run_ingest(body.len(), || self.split(body, self.limits.max_spans))?;
+        if let Some((rejected, first)) = stamped {
+            split.rejected += rejected;
+            split.rejection = split.rejection.or(first);
+        }
+        Ok(split)
+    }
+
+    /// Counts a parsed request and reserves its memory, or refuses it.
+    fn admit(&self, split: &mut Split, transport: &'static str) -> Result<(), Refusal> {
         self.metrics
             .received(transport, split.accepted + split.rejected);
         self.metrics
@@ -249,7 +288,7 @@ impl Ingest {
             self.metrics.refused(RefusedReason::Memory, split.accepted);
             return Err(Refusal::Busy);
         }
-        Ok(split)
+        Ok(())
     }
 
     fn refuse_for_disk(&self, split: &Split, why: String) -> Refusal {
@@ -293,10 +332,7 @@ impl Ingest {
                 cost: span_cost,
             });
         })
-        .map_err(|e| match e {
-            wire::Unparsed::Malformed(e) => Refusal::Malformed(e.to_string()),
-            too_many => Refusal::TooLarge(too_many.to_string()),
-        })?;
+        .map_err(unparsed)?;
         Ok(Split {
             per_shard,
             cost,
@@ -354,6 +390,13 @@ impl Ingest {
             rejected_spans: rejected,
             message,
         }
+    }
+}
+
+fn unparsed(e: wire::Unparsed) -> Refusal {
+    match e {
+        wire::Unparsed::Malformed(e) => Refusal::Malformed(e.to_string()),
+        too_many => Refusal::TooLarge(too_many.to_string()),
     }
 }
 
@@ -512,13 +555,13 @@ mod tests {
             Err(Refusal::Malformed(_))
         ));
         assert!(matches!(
-            s.ingest.accept_json(b"{not json", "http_json").await,
+            s.ingest.accept_json(b"{not json", "http_json", None).await,
             Err(Refusal::Malformed(_))
         ));
         let json = br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"0101010101010101010101010101010a","spanId":"0202020202020202","name":"op"}]}]}]}"#;
         let accepted = s
             .ingest
-            .accept_json(json, "http_json")
+            .accept_json(json, "http_json", None)
             .await
             .expect("json taken");
         assert_eq!(accepted.rejected_spans, 0);

@@ -14,6 +14,8 @@
 //! - **HTTP/2.** At most `max_concurrent_streams` streams a connection; a ping every
 //!   `keepalive`, and a peer that does not answer within it is dropped.
 //! - **Bodies.** `body_read_timeout` is applied by the handlers (HTTP) and by tonic (gRPC).
+//! - **TLS**, when the listener has it ([`super::tls`]): the handshake runs in the
+//!   connection's task and must finish within `header_read_timeout`.
 //!
 //! The accept loop is written here rather than taken from `axum::serve`, which has no place
 //! for any of these settings; hyper-util's connection builder and graceful shutdown do the
@@ -37,6 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
+use super::tls::Tls;
 use crate::config::ListenerLimits;
 use crate::telemetry::{CounterFamily, Labels, Registry, label};
 
@@ -45,6 +48,7 @@ pub(crate) struct ConnectionMetrics {
     open: prometheus_client::metrics::family::Family<Labels, Gauge>,
     refused: CounterFamily,
     timed_out: CounterFamily,
+    handshakes_failed: CounterFamily,
 }
 
 impl ConnectionMetrics {
@@ -63,6 +67,10 @@ impl ConnectionMetrics {
                 "connections_timed_out",
                 "Connections closed for moving no byte within header_read_timeout (a new one) or idle_timeout, by listener",
             ),
+            handshakes_failed: registry.counters(
+                "tls_handshakes_failed",
+                "TLS handshakes that failed or did not finish within header_read_timeout (a client without an accepted certificate under mTLS among them), by listener",
+            ),
         })
     }
 }
@@ -76,12 +84,15 @@ pub(crate) struct Gate {
     open: Gauge,
     refused: prometheus_client::metrics::counter::Counter,
     timed_out: prometheus_client::metrics::counter::Counter,
+    handshakes_failed: prometheus_client::metrics::counter::Counter,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Gate {
     pub(crate) fn new(
         name: &'static str,
         limits: &ListenerLimits,
+        tls: Option<Arc<Tls>>,
         metrics: Arc<ConnectionMetrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -95,7 +106,33 @@ impl Gate {
             timed_out: metrics
                 .timed_out
                 .get_or_create_owned(&label("listener", name)),
+            handshakes_failed: metrics
+                .handshakes_failed
+                .get_or_create_owned(&label("listener", name)),
+            tls,
         })
+    }
+
+    /// A new connection as the server will speak on it: plain, or after its TLS handshake.
+    /// `None` when the handshake failed (counted).
+    async fn establish(&self, conn: Limited) -> Option<Conn> {
+        let Some(tls) = &self.tls else {
+            return Some(Conn::Plain(conn));
+        };
+        let handshake = tls.acceptor().accept(conn);
+        match tokio::time::timeout(self.limits.header_read_timeout.0, handshake).await {
+            Ok(Ok(stream)) => Some(Conn::Tls(Box::new(stream))),
+            Ok(Err(e)) => {
+                self.handshakes_failed.inc();
+                tracing::debug!(listener = self.name, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                self.handshakes_failed.inc();
+                tracing::debug!(listener = self.name, "TLS handshake timed out");
+                None
+            }
+        }
     }
 
     /// Waits for the next connection that gets a slot; connections past the cap are closed.
@@ -147,15 +184,16 @@ impl Gate {
                 conn = self.accept(&listener) => conn,
                 () = &mut shutdown => break,
             };
-            let service = TowerToHyperService::new(router.clone());
-            let served = builder
-                .serve_connection_with_upgrades(TokioIo::new(conn), service)
-                .into_owned();
-            let served = graceful.watch(served);
-            let name = self.name;
+            let (gate, builder, router) = (self.clone(), builder.clone(), router.clone());
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
-                if let Err(e) = served.await {
-                    tracing::debug!(listener = name, error = %e, "connection ended");
+                let Some(conn) = gate.establish(conn).await else {
+                    return;
+                };
+                let service = TowerToHyperService::new(router);
+                let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
+                if let Err(e) = watcher.watch(served).await {
+                    tracing::debug!(listener = gate.name, error = %e, "connection ended");
                 }
             });
         }
@@ -163,44 +201,115 @@ impl Gate {
         graceful.shutdown().await;
     }
 
-    /// The listener's connections, gated, as the stream tonic serves.
+    /// The listener's connections, gated and shaken hands with, as the stream tonic serves.
+    /// Each handshake runs in a task of its own, so a slow client holds up no other; the
+    /// accept loop ends when tonic drops the stream.
     pub(crate) fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
-    ) -> impl futures_core::Stream<Item = io::Result<Limited>> + Send + 'static {
-        Incoming {
-            next: None,
-            state: Some((self, listener)),
+    ) -> impl futures_core::Stream<Item = io::Result<Conn>> + Send + 'static {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    conn = self.accept(&listener) => conn,
+                    () = tx.closed() => return,
+                };
+                let (gate, tx) = (self.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Some(conn) = gate.establish(conn).await {
+                        let _ = tx.send(Ok(conn));
+                    }
+                });
+            }
+        });
+        Incoming(rx)
+    }
+}
+
+/// Established connections, in the order their handshakes finished.
+struct Incoming(tokio::sync::mpsc::UnboundedReceiver<io::Result<Conn>>);
+
+impl futures_core::Stream for Incoming {
+    type Item = io::Result<Conn>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A connection as served: plain TCP or TLS over it, each under its [`Limited`] deadlines.
+pub(crate) enum Conn {
+    Plain(Limited),
+    Tls(Box<tokio_rustls::server::TlsStream<Limited>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Conn::Tls(c) => Pin::new(c).poll_read(cx, buf),
         }
     }
 }
 
-type Accepting = Pin<Box<dyn Future<Output = (Limited, Arc<Gate>, TcpListener)> + Send>>;
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Conn::Tls(c) => Pin::new(c).poll_write(cx, buf),
+        }
+    }
 
-/// A stream of gated connections, one accept at a time.
-struct Incoming {
-    next: Option<Accepting>,
-    state: Option<(Arc<Gate>, TcpListener)>,
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Conn::Tls(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(c) => c.is_write_vectored(),
+            Conn::Tls(c) => c.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_flush(cx),
+            Conn::Tls(c) => Pin::new(c).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Conn::Tls(c) => Pin::new(c).poll_shutdown(cx),
+        }
+    }
 }
 
-impl futures_core::Stream for Incoming {
-    type Item = io::Result<Limited>;
+impl Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.next.is_none() {
-            let Some((gate, listener)) = self.state.take() else {
-                return Poll::Ready(None);
-            };
-            self.next = Some(Box::pin(async move {
-                let conn = gate.accept(&listener).await;
-                (conn, gate, listener)
-            }));
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(c) => c.io.connect_info(),
+            Conn::Tls(c) => c.get_ref().0.io.connect_info(),
         }
-        let next = self.next.as_mut().expect("set above");
-        let (conn, gate, listener) = std::task::ready!(next.as_mut().poll(cx));
-        self.next = None;
-        self.state = Some((gate, listener));
-        Poll::Ready(Some(Ok(conn)))
     }
 }
 
@@ -318,14 +427,6 @@ impl AsyncWrite for Limited {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Connected for Limited {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
     }
 }
 

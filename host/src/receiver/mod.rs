@@ -4,12 +4,15 @@
 //! bodies, size limits, compression) and the shared ingest path. A receiver never buffers or
 //! decides anything itself; it answers only after the spans are in the buffer or refused.
 
+mod admission;
 mod auth;
+mod files;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod listen;
 mod metrics;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +20,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub(crate) use auth::Tokens;
 pub use ingest::Ingest;
 pub(crate) use ingest::{Accepted, RequestLimits};
 pub(crate) use listen::{ConnectionMetrics, Gate};
 pub use metrics::ReceiverMetrics;
+pub(crate) use tls::Tls;
 
 use crate::config::ReceiversConfig;
 
@@ -69,17 +74,31 @@ impl Receivers {
             ),
             None => None,
         };
+        let tls = match config.tls.files() {
+            Some(files) => Some(
+                tls::Tls::watch("receivers.tls", &files)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
+        let admission = admission::Admission::new(config.max_in_flight_bytes.bytes());
         let mut tasks = Vec::new();
         let mut grpc_addr = None;
         let mut http_addr = None;
         if let Some(addr) = config.grpc {
             let listener = bind(addr, "grpc").await?;
             grpc_addr = Some(listener.local_addr()?);
-            let service =
-                grpc::TraceServiceRaw::new(ingest.clone(), metrics.clone(), limit, tokens.clone());
+            let service = grpc::TraceServiceRaw::new(
+                ingest.clone(),
+                metrics.clone(),
+                limit,
+                tokens.clone(),
+                admission.clone(),
+            );
             let signal = signalled(shutdown.clone());
             let limits = &config.limits;
-            let incoming = Gate::new("grpc", limits, connections.clone()).incoming(listener);
+            let incoming =
+                Gate::new("grpc", limits, tls.clone(), connections.clone()).incoming(listener);
             let mut server = tonic::transport::Server::builder()
                 .timeout(limits.body_read_timeout.0)
                 .max_concurrent_streams(limits.max_concurrent_streams)
@@ -98,8 +117,8 @@ impl Receivers {
         if let Some(addr) = config.http {
             let listener = bind(addr, "http").await?;
             http_addr = Some(listener.local_addr()?);
-            let app = http::router(ingest, metrics, config, tokens);
-            let gate = Gate::new("http", &config.limits, connections);
+            let app = http::router(ingest, metrics, config, tokens, admission);
+            let gate = Gate::new("http", &config.limits, tls, connections);
             tasks.push(tokio::spawn(gate.serve_http(
                 listener,
                 app,

@@ -1,6 +1,7 @@
 //! The admin listener's own routes: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers) and `/readyz` (receivers are listening and the host is not shutting down). The
-//! app adds the routes of other stages (`/status`, `/reload`) to the same router.
+//! app adds the routes of other stages (`/status`, `/reload`) beside them, and puts everything
+//! but the probes behind `admin.token_file` when it is set.
 //!
 //! Read-only; it must never block the data path, so every handler only reads atomics or
 //! renders the registry.
@@ -32,33 +33,33 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct AdminState {
-    registry: Arc<Registry>,
-    health: Arc<Health>,
-}
-
-/// The routes for metrics and health.
-pub(crate) fn router(registry: Arc<Registry>, health: Arc<Health>) -> Router {
+/// `/healthz` and `/readyz`: always open, since probes call them.
+pub(crate) fn health_routes(health: Arc<Health>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { registry, health })
+        .with_state(health)
 }
 
-async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+/// `/metrics`, which the app may put behind the admin token (it shows tenant and user ids).
+pub(crate) fn metrics_routes(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(registry)
+}
+
+async fn metrics_handler(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.registry.render(),
+        registry.render(),
     )
 }
 
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.health.is_ready() {
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    if health.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
