@@ -471,3 +471,83 @@ async fn a_tenant_bound_token_overrides_a_spoofed_tenant_id() {
         }
     }
 }
+
+/// The exporter trusts a private CA (`ca_file`) and presents a client certificate: one
+/// tailgate exports over OTLP/gRPC and OTLP/HTTP to another whose receivers require mTLS.
+/// Without the client certificate the downstream refuses the handshake and nothing arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exporter_sends_over_mtls_with_its_ca_file_and_client_certificate() {
+    let dir = TempDir::new("exporter-tls");
+    let pki = Pki::new(dir.path(), "main");
+    let (cert_file, key_file) = pki.write("server", &pki.issue("downstream", true));
+    let (client_cert, client_key) = pki.write("client", &pki.issue("upstream", false));
+    let downstream = Tailgate::start_with(Setup {
+        receivers: &format!(
+            "[receivers.tls]\ncert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
+            toml_path(&cert_file),
+            toml_path(&key_file),
+            toml_path(&pki.path("main-ca.pem"))
+        ),
+        sections: "[buffer]\nroot_grace = \"100ms\"\n",
+    });
+    let upstream = |grpc: bool, with_cert: bool| {
+        let (kind, port) = if grpc {
+            ("otlp_grpc", downstream.grpc.port())
+        } else {
+            ("otlp_http", downstream.http.port())
+        };
+        let identity = if with_cert {
+            format!(
+                "client_cert_file = {}\nclient_key_file = {}\n",
+                toml_path(&client_cert),
+                toml_path(&client_key)
+            )
+        } else {
+            String::new()
+        };
+        Tailgate::start(&format!(
+            "[buffer]\nroot_grace = \"100ms\"\n\n[exporter]\ntype = \"{kind}\"\n\
+             endpoint = \"https://localhost:{port}\"\nca_file = {}\n{identity}\
+             retry_initial_backoff = \"100ms\"\nretry_max_elapsed = \"2s\"\n",
+            toml_path(&pki.path("main-ca.pem"))
+        ))
+    };
+    for (n, grpc) in [(1u64, true), (2, false)] {
+        let up = upstream(grpc, true);
+        let body = request("upstream", &[SpanSpec::new(n, 1, 0)]).encode_to_vec();
+        let (code, _, _) = post(up.http, "application/x-protobuf", None, body).await;
+        assert_eq!(code, 200);
+        let arrived = wait_for(Duration::from_secs(20), || {
+            let spans = exported_spans(&downstream.exported());
+            spans
+                .iter()
+                .any(|(_, s)| s.trace_id == trace_id(n).to_vec())
+                .then_some(())
+        });
+        assert!(arrived.is_some(), "exported over mTLS (grpc: {grpc})");
+        assert_eq!(up.metrics().exported(), 1.0);
+    }
+    // Without the client certificate: refused at the handshake, counted as failed upstream.
+    let up = upstream(true, false);
+    let body = request("upstream", &[SpanSpec::new(3, 1, 0)]).encode_to_vec();
+    let (code, _, _) = post(up.http, "application/x-protobuf", None, body).await;
+    assert_eq!(code, 200);
+    let failed = wait_for(Duration::from_secs(30), || {
+        (up.metrics().sum("tailgate_export_failed_spans_total", &[]) >= 1.0).then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "the export without a certificate gives up"
+    );
+    assert!(
+        !exported_spans(&downstream.exported())
+            .iter()
+            .any(|(_, s)| s.trace_id == trace_id(3).to_vec())
+    );
+    assert!(
+        downstream
+            .metrics()
+            .sum("tailgate_tls_handshakes_failed_total", &[])
+            >= 1.0
+    );
+}

@@ -12,7 +12,10 @@
 //!   for OTLP/JSON (decoded messages, re-encoded to protobuf, then split).
 //!
 //! A request that does not fit now is refused as retryable (HTTP 503, gRPC `UNAVAILABLE`); one
-//! that could never fit, even alone, gets HTTP 413 / `RESOURCE_EXHAUSTED`.
+//! that could never fit, even alone, gets HTTP 413 / `RESOURCE_EXHAUSTED`. A protobuf request
+//! that does not fit now is first checked for its shape without building its spans, so one
+//! that is malformed or holds too many spans gets its own answer (400 / 413), not a retry it
+//! cannot use.
 
 use std::sync::Arc;
 

@@ -150,6 +150,12 @@ impl UnaryService<Bytes> for ExportCall {
             let mut held = service.admission.start();
             if let Err(over) = held.grow(body.len().saturating_mul(2)) {
                 let limit = service.admission.limit();
+                // A request the shape checks refuse gets that answer, not a retry.
+                if over == Over::Now
+                    && let Err(refusal) = service.ingest.check_shape(&body)
+                {
+                    return Err(service.refused(refusal));
+                }
                 return Err(match over {
                     Over::Now => {
                         service.metrics.request("grpc", "unavailable");
@@ -169,38 +175,45 @@ impl UnaryService<Bytes> for ExportCall {
                 .ingest
                 .accept_protobuf_from(body, "grpc", tenant.as_deref())
                 .await;
-            let metrics = &service.metrics;
             match result {
                 Ok(accepted) => {
-                    metrics.request("grpc", super::outcome(&accepted));
+                    service.metrics.request("grpc", super::outcome(&accepted));
                     Ok(tonic::Response::new(response_for(accepted)))
                 }
-                Err(Refusal::Malformed(message)) => {
-                    metrics.request("grpc", "malformed");
-                    Err(Status::invalid_argument(message))
-                }
-                Err(Refusal::TooLarge(message)) => {
-                    metrics.request("grpc", "too_large");
-                    Err(Status::resource_exhausted(message))
-                }
-                Err(Refusal::Busy) => {
-                    metrics.request("grpc", "unavailable");
-                    Err(Status::unavailable(
-                        "tailgate's trace buffer is full; retry later",
-                    ))
-                }
-                Err(Refusal::ShuttingDown) => {
-                    metrics.request("grpc", "unavailable");
-                    Err(Status::unavailable("tailgate is shutting down"))
-                }
-                Err(Refusal::DiskFull(why)) => {
-                    metrics.request("grpc", "unavailable");
-                    Err(Status::unavailable(format!(
-                        "tailgate's storage log is full ({why}); retry later"
-                    )))
-                }
+                Err(refusal) => Err(service.refused(refusal)),
             }
         })
+    }
+}
+
+impl TraceServiceRaw {
+    /// The status OTLP prescribes for a request that was not taken, counted.
+    fn refused(&self, refusal: Refusal) -> Status {
+        let metrics = &self.metrics;
+        match refusal {
+            Refusal::Malformed(message) => {
+                metrics.request("grpc", "malformed");
+                Status::invalid_argument(message)
+            }
+            Refusal::TooLarge(message) => {
+                metrics.request("grpc", "too_large");
+                Status::resource_exhausted(message)
+            }
+            Refusal::Busy => {
+                metrics.request("grpc", "unavailable");
+                Status::unavailable("tailgate's trace buffer is full; retry later")
+            }
+            Refusal::ShuttingDown => {
+                metrics.request("grpc", "unavailable");
+                Status::unavailable("tailgate is shutting down")
+            }
+            Refusal::DiskFull(why) => {
+                metrics.request("grpc", "unavailable");
+                Status::unavailable(format!(
+                    "tailgate's storage log is full ({why}); retry later"
+                ))
+            }
+        }
     }
 }
 

@@ -169,6 +169,13 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
         Encoding::Json => body.len().saturating_mul(2),
     };
     if let Err(over) = held.grow(decoding) {
+        // A request the shape checks refuse gets that answer, not a retry it cannot use.
+        if over == Over::Now
+            && encoding == Encoding::Protobuf
+            && let Err(refusal) = s.ingest.check_shape(&body)
+        {
+            return refused(&s, encoding, refusal);
+        }
         return over_budget(&s, encoding, over);
     }
     let result = match encoding {
@@ -193,11 +200,18 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             };
             typed(StatusCode::OK, encoding, body)
         }
-        Err(Refusal::Malformed(why)) => {
+        Err(refusal) => refused(&s, encoding, refusal),
+    }
+}
+
+/// The answer OTLP prescribes for a request that was not taken.
+fn refused(s: &HttpState, encoding: Encoding, refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::Malformed(why) => {
             s.metrics.request("http", "malformed");
             status_response(StatusCode::BAD_REQUEST, encoding, INVALID_ARGUMENT, &why)
         }
-        Err(Refusal::TooLarge(why)) => {
+        Refusal::TooLarge(why) => {
             s.metrics.request("http", "too_large");
             status_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -206,7 +220,7 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
                 &why,
             )
         }
-        Err(refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_))) => {
+        refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_)) => {
             let why = match &refusal {
                 Refusal::Busy => "tailgate's trace buffer is full; retry later".to_owned(),
                 Refusal::DiskFull(why) => {
@@ -214,7 +228,7 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
                 }
                 _ => "tailgate is shutting down".to_owned(),
             };
-            unavailable(&s, encoding, &why)
+            unavailable(s, encoding, &why)
         }
     }
 }

@@ -264,6 +264,16 @@ impl Ingest {
         Ok(self.route(split, None))
     }
 
+    /// The refusal a protobuf request would get for its shape (malformed, or more spans than
+    /// a request may hold), found without building its spans: for a request the in-flight
+    /// budget cannot take now, which should not be told to retry what can never be taken.
+    pub(crate) fn check_shape(&self, body: &[u8]) -> Result<(), Refusal> {
+        super::run_ingest(body.len(), || {
+            wire::parse_traces_within(body, self.limits.max_spans).map(|_| ())
+        })
+        .map_err(unparsed)
+    }
+
     /// Parses a client's request; `stamped` carries what an earlier rewrite of it refused.
     fn split_request(
         &self,
