@@ -741,6 +741,16 @@ pub(crate) fn with_span_attribute(
         }
     }
     let mut next = rewritten.iter();
+    let encoded = encode_parsed(&parsed, |_| next.next().expect("one rewrite per span"));
+    Ok((encoded, parsed.rejected_spans, parsed.rejection))
+}
+
+/// Encodes a parsed request again, each span's body being what `span_bytes` gives for it (in
+/// order), with every resource and scope field as it arrived.
+pub(crate) fn encode_parsed<'b>(
+    parsed: &'b ParsedTraces<'_>,
+    mut span_bytes: impl FnMut(&'b SpanRef<'_>) -> &'b [u8],
+) -> Vec<u8> {
     let resources: Vec<EncodeResource<'_>> = parsed
         .resources
         .iter()
@@ -754,8 +764,8 @@ pub(crate) fn with_span_attribute(
                     spans: scope
                         .spans
                         .iter()
-                        .map(|_| EncodeSpan {
-                            bytes: next.next().expect("one rewrite per span"),
+                        .map(|span| EncodeSpan {
+                            bytes: span_bytes(span),
                             extra: &[],
                         })
                         .collect(),
@@ -763,11 +773,7 @@ pub(crate) fn with_span_attribute(
                 .collect(),
         })
         .collect();
-    Ok((
-        encode_request(&resources),
-        parsed.rejected_spans,
-        parsed.rejection,
-    ))
+    encode_request(&resources)
 }
 
 /// Append an encoded Span.trace_state (field 3) to `out`; later occurrence wins on decode.
@@ -782,13 +788,24 @@ pub(crate) fn append_trace_state(out: &mut Vec<u8>, value: &str) {
 ///
 /// Everything from the first unreadable byte on is copied verbatim (validated spans have none).
 pub(crate) fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &mut Vec<u8>) {
+    rewrite_span_without_attributes(span, out, |key, _| {
+        drop_keys.iter().any(|d| d.as_bytes() == key)
+    });
+}
+
+/// Copies `span` into `out` without the attributes `drop(key, value)` picks (value: the
+/// AnyValue's body). Kept fields are copied in runs, so a span that loses none is one memcpy.
+fn rewrite_span_without_attributes(
+    span: &[u8],
+    out: &mut Vec<u8>,
+    drop: impl Fn(&[u8], &[u8]) -> bool,
+) {
     out.reserve(span.len());
-    // Kept fields are copied in runs, so a span without dropped keys is one memcpy.
     let mut run_start = 0;
     for f in Fields::new(span) {
         let dropped = f.number == 9
             && matches!(f.value, Value::Len(kv) if key_value(kv)
-                .is_some_and(|(key, _)| drop_keys.iter().any(|d| d.as_bytes() == key)));
+                .is_some_and(|(key, value)| drop(key, value)));
         if dropped {
             out.extend_from_slice(span.get(run_start..f.start).unwrap_or_default());
             run_start = f.end;
@@ -801,29 +818,17 @@ pub(crate) fn rewrite_span_without_keys(span: &[u8], drop_keys: &[&str], out: &m
 /// is a bool, an int, a double or empty (strings, bytes, arrays and lists, and anything that
 /// does not read as an AnyValue, go). Every other field is copied as is.
 pub(crate) fn rewrite_span_without_string_attributes(span: &[u8], out: &mut Vec<u8>) {
-    out.reserve(span.len());
-    let mut run_start = 0;
-    let scalar = |kv: &[u8]| {
-        key_value(kv).is_some_and(|(_, value)| {
-            matches!(
-                any_value(value),
-                Some(
-                    AnyValueRef::Bool(_)
-                        | AnyValueRef::Int(_)
-                        | AnyValueRef::Double(_)
-                        | AnyValueRef::Empty
-                )
+    rewrite_span_without_attributes(span, out, |_, value| {
+        !matches!(
+            any_value(value),
+            Some(
+                AnyValueRef::Bool(_)
+                    | AnyValueRef::Int(_)
+                    | AnyValueRef::Double(_)
+                    | AnyValueRef::Empty
             )
-        })
-    };
-    for f in Fields::new(span) {
-        let dropped = f.number == 9 && matches!(f.value, Value::Len(kv) if !scalar(kv));
-        if dropped {
-            out.extend_from_slice(span.get(run_start..f.start).unwrap_or_default());
-            run_start = f.end;
-        }
-    }
-    out.extend_from_slice(span.get(run_start..).unwrap_or_default());
+        )
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1671,31 +1676,7 @@ mod tests {
     }
 
     fn reencode(parsed: &ParsedTraces<'_>) -> Vec<u8> {
-        let resources: Vec<EncodeResource<'_>> = parsed
-            .resources
-            .iter()
-            .map(|r| EncodeResource {
-                fields: &r.fields,
-                scopes: r
-                    .scopes
-                    .iter()
-                    .map(|s| EncodeScope {
-                        fields: &s.fields,
-                        spans: s
-                            .spans
-                            .iter()
-                            .map(|sp| EncodeSpan {
-                                bytes: sp.bytes,
-                                extra: &[],
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let out = encode_request(&resources);
-        assert_eq!(out.len(), encoded_request_len(&resources));
-        out
+        encode_parsed(parsed, |sp| sp.bytes)
     }
 
     fn decode(buf: &[u8]) -> ExportTraceServiceRequest {
