@@ -64,3 +64,44 @@ where
     });
     Ok(current)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Kubernetes Secret volume: the file is a symlink through `..data`, itself a symlink to
+    /// a timestamped folder, and an update swaps `..data` to a new folder by rename.
+    #[tokio::test]
+    async fn a_secrets_symlink_swap_is_picked_up() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("tailgate-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/token"), "one").unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/token", dir.join("token")).unwrap();
+        let path = dir.join("token");
+        let read = path.clone();
+        let current = watch(vec![path], "test file", move || {
+            std::fs::read_to_string(&read).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(**current.load(), "one");
+
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/token"), "two").unwrap();
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        let mut seen = String::new();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = current.load().to_string();
+            if seen == "two" {
+                break;
+            }
+        }
+        assert_eq!(seen, "two", "the swapped file is read within a few seconds");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
