@@ -126,7 +126,17 @@ pub struct TraceBuffer {
     /// Entries of traces decided or parked since are skipped when met.
     in_memory: VecDeque<TraceId>,
     parking: bool,
+    /// Spans a new trace's vector is made for: a running mean of the traces this shard
+    /// decided, so a trace the size of those before it (agent runs mostly arrive whole, 30
+    /// spans in one request) fills its vector without growing it 4, 8, 16, 32.
+    span_hint: usize,
 }
+
+/// The first traces' vectors, before any was decided.
+const FIRST_SPAN_HINT: usize = 4;
+/// A few huge traces must not make every new one reserve for their size: 128 spans is an
+/// 8 KiB vector; larger traces grow theirs.
+const MAX_SPAN_HINT: usize = 128;
 
 /// What happened to a span offered to the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +158,7 @@ impl TraceBuffer {
             spans: 0,
             in_memory: VecDeque::new(),
             parking: false,
+            span_hint: FIRST_SPAN_HINT,
         }
     }
 
@@ -181,7 +192,7 @@ impl TraceBuffer {
                 self.schedule.push(Reverse((first_due, trace_id)));
                 self.arrivals.push_back((now, trace_id));
                 e.insert(PendingTrace {
-                    spans: Vec::with_capacity(4),
+                    spans: Vec::with_capacity(self.span_hint),
                     cost: 0,
                     first_seen: now,
                     last_seen: now,
@@ -239,6 +250,10 @@ impl TraceBuffer {
     ) -> DueTrace {
         self.cost -= trace.cost;
         self.spans -= trace.span_total();
+        // A mean over about the last eight traces, rounded up so that it reaches the size
+        // of traces that are all alike.
+        let spans = trace.span_total().clamp(1, MAX_SPAN_HINT);
+        self.span_hint = (self.span_hint * 7 + spans).div_ceil(8);
         DueTrace {
             trace_id,
             trace,
@@ -530,6 +545,35 @@ mod tests {
             "a parked trace costs its index entry"
         );
         assert_eq!(b.span_count(), 1, "trace 2's parked span is still counted");
+    }
+
+    #[test]
+    fn a_new_trace_reserves_for_the_size_of_those_decided_before_it() {
+        let mut b = TraceBuffer::new(timings());
+        b.timings.max_spans_per_trace = 1000;
+        let mut id = 0u8;
+        for _ in 0..40 {
+            id = id.wrapping_add(1);
+            for _ in 0..30 {
+                insert(&mut b, id, 7, 0);
+            }
+            b.take(&tid(id), Trigger::SpanCap).expect("buffered");
+        }
+        insert(&mut b, 0, 7, 0);
+        let due = b.take(&tid(0), Trigger::SpanCap).expect("buffered");
+        assert!(
+            (30..=32).contains(&due.trace.spans.capacity()),
+            "{}",
+            due.trace.spans.capacity()
+        );
+        // One huge trace does not make the next ones reserve for it.
+        for _ in 0..5000 {
+            insert(&mut b, 1, 7, 0);
+        }
+        b.take(&tid(1), Trigger::SpanCap).expect("buffered");
+        insert(&mut b, 2, 7, 0);
+        let due = b.take(&tid(2), Trigger::SpanCap).expect("buffered");
+        assert!(due.trace.spans.capacity() <= MAX_SPAN_HINT);
     }
 
     #[test]

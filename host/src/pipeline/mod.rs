@@ -38,6 +38,7 @@ use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
 use crate::export::{ExportQueue, KeptTrace};
 use crate::storage::{DecisionRef, Exported, RecoveredDecision, Storage};
 use crate::trace::{BufferedSpan, Nanos, Stamp, TraceId, Trigger};
+use metrics::DecidedSeries;
 pub(crate) use metrics::PipelineMetrics;
 
 /// A span for a shard, with the bytes reserved for it in the memory budget.
@@ -183,6 +184,8 @@ struct Worker {
     shard: usize,
     /// Log records read back for parked traces, parsed by trace, newest last.
     parked_records: std::collections::VecDeque<(u64, HashMap<TraceId, Vec<BufferedSpan>>)>,
+    /// This worker's `traces_decided` series.
+    decided: DecidedSeries,
 }
 
 impl Worker {
@@ -207,6 +210,7 @@ impl Worker {
             shards,
             shard: 0,
             parked_records: std::collections::VecDeque::new(),
+            decided: DecidedSeries::default(),
         }
     }
 
@@ -639,7 +643,13 @@ impl Worker {
         let since = trace.root_seen.unwrap_or(trace.last_seen);
         let metrics = &self.ctx.metrics;
         let lag = Duration::from_nanos(now.saturating_sub(since));
-        metrics.decided(trigger, decision.keep, &decision.policy, lag);
+        metrics.decided(
+            &mut self.decided,
+            trigger,
+            decision.keep,
+            &decision.policy,
+            lag,
+        );
         self.ctx.memory.release(trace.cost);
         if decision.keep {
             let before = trace.spans.len() as u64;

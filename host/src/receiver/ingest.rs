@@ -330,10 +330,21 @@ impl Ingest {
     /// Parses a request into spans per shard, with their costs.
     fn split(&self, body: &[u8], max_spans: u64) -> Result<Split, Refusal> {
         let shards = self.shards.len();
-        let mut per_shard: Vec<Vec<ShardSpan>> = (0..shards).map(|_| Vec::new()).collect();
+        let parsed = spans::parse_within(body, max_spans).map_err(unparsed)?;
+        // Sized up front rather than grown span by span (seven reallocations of a shard's
+        // vector for a 300-span request). Traces spread over the shards unevenly, so each
+        // gets its even share and a quarter more: the rare shard that takes more grows once.
+        let n = parsed.count();
+        let share = if shards <= 1 {
+            n
+        } else {
+            (n.div_ceil(shards) + n / 4).min(n)
+        };
+        let mut per_shard: Vec<Vec<ShardSpan>> =
+            (0..shards).map(|_| Vec::with_capacity(share)).collect();
         let mut cost = 0usize;
         let mut accepted = 0u64;
-        let rejected = spans::for_each_span_within(body, max_spans, |trace_id, span, span_cost| {
+        let rejected = parsed.for_each(|trace_id, span, span_cost| {
             cost += span_cost;
             accepted += 1;
             per_shard[shard_of(&trace_id, shards)].push(ShardSpan {
@@ -341,8 +352,7 @@ impl Ingest {
                 span,
                 cost: span_cost,
             });
-        })
-        .map_err(unparsed)?;
+        });
         Ok(Split {
             per_shard,
             cost,
