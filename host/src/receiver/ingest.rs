@@ -269,7 +269,7 @@ impl Ingest {
     /// budget cannot take now, which should not be told to retry what can never be taken.
     pub(crate) fn check_shape(&self, body: &[u8]) -> Result<(), Refusal> {
         super::run_ingest(body.len(), || {
-            wire::parse_traces_within(body, self.limits.max_spans).map(|_| ())
+            spans::parse_within(body, self.limits.max_spans).map(|_| ())
         })
         .map_err(unparsed)
     }
