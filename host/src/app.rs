@@ -24,7 +24,7 @@ use crate::buffer::{MemoryBudget, Timings, shard_of};
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{Config, StorageKind};
 use crate::export::Exporter;
-use crate::pipeline::{PipelineMetrics, ShardMsg, WorkerContext, Workers};
+use crate::pipeline::{PipelineMetrics, ShardMsg, TimingBoard, WorkerContext, Workers};
 use crate::plugin::chain::WasmChainFactory;
 use crate::plugin::reload::{self, Reloader};
 use crate::plugin::{PluginMetrics, PolicyRuntime};
@@ -42,6 +42,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
     let plugin_metrics = PluginMetrics::new(&registry);
     let connections = ConnectionMetrics::new(&registry);
     let health = Arc::new(Health::default());
+    let timing = TimingBoard::new(&registry);
     let (stop_tx, stop_rx) = watch::channel(false);
     crate::receiver::listen::raise_open_file_limit();
 
@@ -62,7 +63,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
 
     let admin_addr = match config.admin.endpoint {
         Some(addr) => {
-            let routes = admin_routes(&config.admin, &registry, &health, &reloader)?;
+            let routes = admin_routes(&config.admin, &registry, &health, &reloader, &timing)?;
             let tls = match config.admin.tls.files() {
                 Some(files) => Some(Tls::watch("admin.tls", &files).map_err(anyhow::Error::msg)?),
                 None => None,
@@ -101,6 +102,7 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
             remember_kept: config.buffer.remember_kept,
             remember_dropped: config.buffer.remember_dropped,
             storage: storage.clone(),
+            timing: timing.clone(),
         },
         &WasmChainFactory {
             runtime,
@@ -299,6 +301,7 @@ fn admin_routes(
     registry: &Arc<Registry>,
     health: &Arc<Health>,
     reloader: &Arc<Reloader>,
+    timing: &Arc<TimingBoard>,
 ) -> anyhow::Result<Router> {
     let reload_auth = match (&config.token_file, &config.reload_token) {
         (Some(_), _) => ReloadAuth::Guarded,
@@ -310,8 +313,11 @@ fn admin_routes(
         }
         _ => ReloadAuth::Disabled,
     };
-    let mut guarded =
-        admin::metrics_routes(registry.clone()).merge(policy_routes(reloader.clone(), reload_auth));
+    let mut guarded = admin::metrics_routes(registry.clone()).merge(policy_routes(
+        reloader.clone(),
+        reload_auth,
+        timing.clone(),
+    ));
     if let Some(path) = &config.token_file {
         let tokens =
             Tokens::watch(path.clone()).map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?;
@@ -341,15 +347,20 @@ async fn require_admin_token(
         .into_response()
 }
 
-/// `GET /status` (the live policies and the last reload) and `POST /reload`, on the admin
-/// listener beside telemetry's routes.
-fn policy_routes(reloader: Arc<Reloader>, reload_auth: ReloadAuth) -> Router {
+/// `GET /status` (the live policies, the last reload and the learned decision timing) and
+/// `POST /reload`, on the admin listener beside telemetry's routes.
+fn policy_routes(
+    reloader: Arc<Reloader>,
+    reload_auth: ReloadAuth,
+    timing: Arc<TimingBoard>,
+) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/reload", post(reload))
         .with_state(PolicyControl {
             reloader,
             reload_auth,
+            timing,
         })
 }
 
@@ -367,12 +378,17 @@ enum ReloadAuth {
 struct PolicyControl {
     reloader: Arc<Reloader>,
     reload_auth: ReloadAuth,
+    timing: Arc<TimingBoard>,
 }
 
 async fn status(State(s): State<PolicyControl>) -> impl IntoResponse {
+    let mut status = s.reloader.status_json();
+    if let serde_json::Value::Object(fields) = &mut status {
+        fields.insert("timing".to_owned(), s.timing.status_json());
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
-        s.reloader.status_json(),
+        status.to_string(),
     )
 }
 

@@ -33,7 +33,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "trace",
         ],
     ),
-    ("buffer", &["config", "trace"]),
+    // The buffer reads a root span's name, which its learned grace is kept under.
+    ("buffer", &["config", "otlp", "trace"]),
     (
         "pipeline",
         &[

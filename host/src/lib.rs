@@ -25,7 +25,7 @@
 //! | `telemetry` | nothing |
 //! | `storage` | `config`, `telemetry`, `trace` |
 //! | `receiver` | `buffer`, `config`, `otlp`, `pipeline`, `storage`, `telemetry`, `trace` |
-//! | `buffer` | `config`, `trace` |
+//! | `buffer` | `config`, `otlp`, `trace` |
 //! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `otlp`, `storage`, `telemetry`, `trace` |
 //! | `decide` | `config`, `otlp`, `trace` |
 //! | `plugin` | `config`, `decide`, `otlp`, `telemetry`, `trace` |

@@ -80,12 +80,15 @@ pub enum Trigger {
     Late,
     /// The storage log passed 90 % of `storage.max_bytes` and this was among the oldest traces.
     Disk,
+    /// A dropped trace re-decided keep within `revision_window`, when a late span that could
+    /// change its verdict (an error, or its root) arrived.
+    Rescue,
 }
 
 impl Trigger {
     /// Every trigger, in the order of their index (the decision log stores the index, so new
     /// triggers go at the end).
-    pub(crate) const ALL: [Trigger; 9] = [
+    pub(crate) const ALL: [Trigger; 10] = [
         Trigger::RootGrace,
         Trigger::TraceIdle,
         Trigger::DecisionWait,
@@ -95,6 +98,7 @@ impl Trigger {
         Trigger::Shutdown,
         Trigger::Late,
         Trigger::Disk,
+        Trigger::Rescue,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -108,6 +112,7 @@ impl Trigger {
             Trigger::Shutdown => "shutdown",
             Trigger::Late => "late",
             Trigger::Disk => "disk",
+            Trigger::Rescue => "rescue",
         }
     }
 

@@ -16,4 +16,5 @@ mod memory;
 mod pipeline;
 mod policies;
 mod support;
+mod timing;
 mod tls;

@@ -9,6 +9,7 @@
 //! Time is a parameter (`now`, nanoseconds of a monotonic clock), never read here, so tests
 //! drive it without sleeping and a replay can run on record time.
 
+mod learned;
 mod memory;
 mod remembered;
 
@@ -16,33 +17,87 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
+use crate::otlp::wire::span_name;
 use crate::trace::{BufferedSpan, Nanos, TraceId, Trigger};
 
+pub(crate) use learned::{AutoGrace, GraceSettings, Learned};
+pub use learned::{LearnedGrace, LearnedReport};
 pub use memory::MemoryBudget;
 pub(crate) use remembered::{DecisionMemory, Remembered};
 
 /// The timing and cap settings of the buffer, in clock units.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
+    /// The fixed grace; with `auto`, unused.
     pub(crate) root_grace: Nanos,
+    /// Set: the grace and the idle wait are learned ([`Learned`]).
+    pub(crate) auto: Option<AutoGrace>,
     pub(crate) trace_idle: Nanos,
     pub(crate) decision_wait: Nanos,
+    pub(crate) revision_window: Nanos,
     pub(crate) max_spans_per_trace: usize,
     pub(crate) max_bytes_per_trace: usize,
 }
 
 impl Timings {
     pub fn from_config(b: &crate::config::BufferConfig) -> Self {
+        use crate::config::Grace;
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let (root_grace, auto) = match b.root_grace {
+            Grace::Fixed(d) => (nanos(d.0), None),
+            Grace::Auto => (
+                learned::START,
+                Some(AutoGrace {
+                    min: nanos(b.root_grace_min.0),
+                    quantile: b.grace_quantile,
+                }),
+            ),
+        };
         Self {
-            root_grace: nanos(b.root_grace.0),
+            root_grace,
+            auto,
             trace_idle: nanos(b.trace_idle.0),
             decision_wait: nanos(b.decision_wait.0),
+            revision_window: nanos(b.revision_window.0),
             max_spans_per_trace: b.max_spans_per_trace,
             max_bytes_per_trace: b.max_bytes_per_trace.bytes(),
         }
     }
+
+    /// A fixed grace of `root_grace`, without learning, and no revision window.
+    #[cfg(test)]
+    pub(crate) fn fixed(
+        root_grace: Nanos,
+        trace_idle: Nanos,
+        decision_wait: Nanos,
+        max_spans_per_trace: usize,
+    ) -> Self {
+        Self {
+            root_grace,
+            auto: None,
+            trace_idle,
+            decision_wait,
+            revision_window: 0,
+            max_spans_per_trace,
+            max_bytes_per_trace: 1 << 20,
+        }
+    }
+
+    fn grace_settings(&self) -> GraceSettings {
+        GraceSettings {
+            auto: self.auto,
+            fixed: self.root_grace,
+            trace_idle: self.trace_idle,
+            decision_wait: self.decision_wait,
+        }
+    }
 }
+
+/// OTLP span kinds the completeness rules read.
+const KIND_SERVER: u8 = 2;
+const KIND_CLIENT: u8 = 3;
+const KIND_PRODUCER: u8 = 4;
+const KIND_CONSUMER: u8 = 5;
 
 /// A trace still waiting for its decision.
 #[derive(Debug)]
@@ -54,6 +109,15 @@ pub(crate) struct PendingTrace {
     pub(crate) last_seen: Nanos,
     /// When the root span arrived (spans arrive once ended, so the root has ended by then).
     pub(crate) root_seen: Option<Nanos>,
+    /// The grace given at the root's arrival, and the key its gaps are learned under.
+    grace: Nanos,
+    pub(crate) root_key: u64,
+    /// The longest quiet gaps between arrivals: before the root came, and at or after it.
+    pub(crate) gap_before_root: Nanos,
+    pub(crate) gap_after_root: Nanos,
+    /// The grace ran out while the trace visibly lacked parts: it waits for them, up to the
+    /// idle wait after its last span, until a new span arrives.
+    awaiting_parts: bool,
     /// Log positions of the records this trace's spans came in, each once (none without a
     /// log). Plain positions: whoever pins them (the pipeline) unpins them.
     pub(crate) records: Vec<u64>,
@@ -77,26 +141,65 @@ impl PendingTrace {
         self.spans.len() + self.parked_spans
     }
 
-    /// When this trace is due, and which rule makes it due first.
-    fn due(&self, t: &Timings) -> (Nanos, Trigger) {
+    /// When this trace is due, and which rule makes it due first. `idle` is how long a trace
+    /// without its root, or missing parts, waits after its last span.
+    fn due(&self, t: &Timings, idle: Nanos) -> (Nanos, Trigger) {
         let mut due = (
             self.first_seen.saturating_add(t.decision_wait),
             Trigger::DecisionWait,
         );
-        let idle = self.last_seen.saturating_add(t.trace_idle);
+        let idle = match self.root_seen {
+            Some(_) if !self.awaiting_parts => t.trace_idle,
+            _ => idle,
+        };
+        let idle = self.last_seen.saturating_add(idle);
         if idle < due.0 {
             due = (idle, Trigger::TraceIdle);
         }
-        if let Some(root) = self.root_seen {
+        if let Some(root) = self.root_seen
+            && !self.awaiting_parts
+        {
             // The grace is a quiet period: children that arrive after the root extend it, so a
             // trace whose spans are still trickling in is not cut in two.
-            let grace = root.max(self.last_seen).saturating_add(t.root_grace);
+            let grace = root.max(self.last_seen).saturating_add(self.grace);
             if grace <= due.0 {
                 due = (grace, Trigger::RootGrace);
             }
         }
         due
     }
+}
+
+/// Whether a trace visibly lacks parts: a span names a parent that has not arrived, or a call
+/// into a service seen instrumented ([`learned::Callees`]) has no SERVER or CONSUMER child yet.
+fn lacks_parts(spans: &[BufferedSpan], callees: &learned::Callees) -> bool {
+    let mut ids: Vec<[u8; 8]> = spans.iter().map(|s| s.span_id).collect();
+    ids.sort_unstable();
+    let arrived = |id: &[u8; 8]| ids.binary_search(id).is_ok();
+    if spans
+        .iter()
+        .any(|s| !s.is_root() && !arrived(&s.parent_span_id))
+    {
+        return true;
+    }
+    let mut served: Vec<[u8; 8]> = served_calls(spans).collect();
+    served.sort_unstable();
+    spans.iter().any(|s| {
+        is_call(s)
+            && served.binary_search(&s.span_id).is_err()
+            && callees.expects_child(callees.key(&s.scope.resource.service, span_name(&s.bytes)))
+    })
+}
+
+fn is_call(span: &BufferedSpan) -> bool {
+    span.kind == KIND_CLIENT || span.kind == KIND_PRODUCER
+}
+
+/// The span ids of calls a SERVER or CONSUMER span answers.
+fn served_calls(spans: &[BufferedSpan]) -> impl Iterator<Item = [u8; 8]> + '_ {
+    (spans.iter())
+        .filter(|s| s.kind == KIND_SERVER || s.kind == KIND_CONSUMER)
+        .map(|s| s.parent_span_id)
 }
 
 /// A trace taken out of the buffer for its decision.
@@ -130,6 +233,10 @@ pub struct TraceBuffer {
     /// decided, so a trace the size of those before it (agent runs mostly arrive whole, 30
     /// spans in one request) fills its vector without growing it 4, 8, 16, 32.
     span_hint: usize,
+    /// The graces, the idle wait and the callees learned from arrival.
+    learned: Learned,
+    /// `learned.idle()`, refreshed as traces are decided.
+    idle: Nanos,
 }
 
 /// The first traces' vectors, before any was decided.
@@ -159,7 +266,14 @@ impl TraceBuffer {
             in_memory: VecDeque::new(),
             parking: false,
             span_hint: FIRST_SPAN_HINT,
+            learned: Learned::new(timings.grace_settings()),
+            idle: Learned::new(timings.grace_settings()).idle(),
         }
+    }
+
+    /// What this shard learned from arrival.
+    pub(crate) fn learned(&mut self) -> &mut Learned {
+        &mut self.learned
     }
 
     /// Adds a span to its trace. `cost` is what the caller reserved for it in the budget.
@@ -185,10 +299,11 @@ impl TraceBuffer {
     ) -> (Inserted, bool) {
         let is_root = span.is_root();
         let timings = self.timings;
+        let idle = self.idle;
         let trace = match self.traces.entry(trace_id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let first_due = now.saturating_add(timings.trace_idle.min(timings.decision_wait));
+                let first_due = now.saturating_add(idle.min(timings.decision_wait));
                 self.schedule.push(Reverse((first_due, trace_id)));
                 self.arrivals.push_back((now, trace_id));
                 e.insert(PendingTrace {
@@ -197,6 +312,11 @@ impl TraceBuffer {
                     first_seen: now,
                     last_seen: now,
                     root_seen: None,
+                    grace: timings.root_grace,
+                    root_key: 0,
+                    gap_before_root: 0,
+                    gap_after_root: 0,
+                    awaiting_parts: false,
                     records: Vec::new(),
                     parked: 0,
                     parked_spans: 0,
@@ -215,15 +335,31 @@ impl TraceBuffer {
         if self.parking && trace.spans.is_empty() {
             self.in_memory.push_back(trace_id);
         }
+        let gap = now.saturating_sub(trace.last_seen);
+        if trace.root_seen.is_some() {
+            trace.gap_after_root = trace.gap_after_root.max(gap);
+        } else {
+            trace.gap_before_root = trace.gap_before_root.max(gap);
+        }
+        if trace.awaiting_parts {
+            // A part may have come: the grace counts again, from this span.
+            trace.awaiting_parts = false;
+            self.schedule
+                .push(Reverse((now.saturating_add(trace.grace), trace_id)));
+        }
+        if is_root && trace.root_seen.is_none() {
+            trace.root_seen = Some(now);
+            let name = span_name(&span.bytes);
+            (trace.grace, trace.root_key) =
+                self.learned
+                    .grace_for(&span.scope.resource.service, name, now);
+            // The root may make the trace due before the entry already scheduled.
+            self.schedule
+                .push(Reverse((now.saturating_add(trace.grace), trace_id)));
+        }
         trace.spans.push(span);
         trace.cost += cost;
         trace.last_seen = now;
-        if is_root && trace.root_seen.is_none() {
-            trace.root_seen = Some(now);
-            // The root may make the trace due before the entry already scheduled.
-            self.schedule
-                .push(Reverse((now.saturating_add(timings.root_grace), trace_id)));
-        }
         self.cost += cost;
         self.spans += 1;
         let inserted = if trace.span_total() >= timings.max_spans_per_trace {
@@ -261,25 +397,69 @@ impl TraceBuffer {
         }
     }
 
-    /// The next trace whose deadline has passed, if any.
+    /// The next trace whose deadline has passed, if any. A trace whose grace ran out while
+    /// it visibly lacks parts ([`lacks_parts`]; not checked for a parked trace, whose spans
+    /// are not at hand) waits on for them, up to the idle wait after its last span.
     pub(crate) fn pop_due(&mut self, now: Nanos) -> Option<DueTrace> {
         while let Some(&Reverse((at, trace_id))) = self.schedule.peek() {
             if at > now {
                 return None;
             }
             self.schedule.pop();
-            let Some(trace) = self.traces.get(&trace_id) else {
+            let Some(trace) = self.traces.get_mut(&trace_id) else {
                 continue; // decided earlier; a stale hint
             };
-            let (due, trigger) = trace.due(&self.timings);
+            let (mut due, mut trigger) = trace.due(&self.timings, self.idle);
+            if due <= now
+                && trigger == Trigger::RootGrace
+                && trace.parked == 0
+                && lacks_parts(&trace.spans, &self.learned.callees)
+            {
+                trace.awaiting_parts = true;
+                (due, trigger) = trace.due(&self.timings, self.idle);
+            }
             if due <= now {
                 let trace = self.traces.remove(&trace_id)?;
                 self.prune_arrivals();
+                self.learn(&trace, trigger, now);
                 return Some(self.account_removed(trace_id, trace, trigger));
             }
             self.schedule.push(Reverse((due, trace_id)));
         }
         None
+    }
+
+    /// Learns from a trace decided on time: its gaps (with a learned grace), and which of its
+    /// calls were served. Traces cut by a cap, memory or shutdown show nothing about arrival.
+    fn learn(&mut self, trace: &PendingTrace, trigger: Trigger, now: Nanos) {
+        if trace.root_seen.is_none()
+            || !matches!(
+                trigger,
+                Trigger::RootGrace | Trigger::TraceIdle | Trigger::DecisionWait
+            )
+        {
+            return;
+        }
+        self.learned.observe(
+            trace.root_key,
+            Some(trace.gap_after_root),
+            Some(trace.gap_before_root),
+        );
+        let mut served: Vec<[u8; 8]> = served_calls(&trace.spans).collect();
+        served.sort_unstable();
+        for s in trace.spans.iter().filter(|s| is_call(s)) {
+            let key = (self.learned.callees).key(&s.scope.resource.service, span_name(&s.bytes));
+            let answered = served.binary_search(&s.span_id).is_ok();
+            self.learned.callees.observe(key, answered, now);
+        }
+        self.idle = self.learned.idle();
+    }
+
+    /// A span arrived `gap` after the last span of its trace, decided already without waiting
+    /// for it: learns the gap (see [`Learned::observe_late`]).
+    pub(crate) fn learn_late(&mut self, key: u64, rooted: bool, gap: Nanos) {
+        self.learned.observe_late(key, rooted, gap);
+        self.idle = self.learned.idle();
     }
 
     /// The oldest trace, for an early decision under memory (or disk) pressure, with `trigger`.
@@ -413,13 +593,7 @@ mod tests {
     const S: Nanos = 1_000 * MS;
 
     fn timings() -> Timings {
-        Timings {
-            root_grace: 2 * S,
-            trace_idle: 10 * S,
-            decision_wait: 30 * S,
-            max_spans_per_trace: 5,
-            max_bytes_per_trace: 1 << 20,
-        }
+        Timings::fixed(2 * S, 10 * S, 30 * S, 5)
     }
 
     pub(crate) fn span(parent: u8, len: usize) -> BufferedSpan {
@@ -439,7 +613,7 @@ mod tests {
     #[test]
     fn root_trace_is_decided_after_root_grace_not_decision_wait() {
         let mut b = TraceBuffer::new(timings());
-        insert(&mut b, 1, 7, 0);
+        insert(&mut b, 1, 1, 0);
         insert(&mut b, 1, 0, S); // root arrives at 1 s
         assert!(b.pop_due(3 * S - 1).is_none());
         let due = b.pop_due(3 * S).expect("due after grace");
@@ -453,7 +627,7 @@ mod tests {
     fn children_after_the_root_extend_the_grace() {
         let mut b = TraceBuffer::new(timings());
         insert(&mut b, 1, 0, 0);
-        insert(&mut b, 1, 9, 1500 * MS);
+        insert(&mut b, 1, 1, 1500 * MS);
         assert!(b.pop_due(2 * S).is_none());
         let due = b.pop_due(3500 * MS).unwrap();
         assert_eq!(
@@ -475,6 +649,104 @@ mod tests {
         }
         let due = b.pop_due(30 * S).unwrap();
         assert_eq!(due.trigger, Trigger::DecisionWait);
+    }
+
+    /// A span of trace `id` with its own span id and parent, of `kind`, from `service`.
+    fn insert_span(b: &mut TraceBuffer, id: u8, (span, parent, kind): (u8, u8, u8), now: Nanos) {
+        let mut s = crate::trace::test_span(span, parent, vec![0u8; 50]);
+        s.kind = kind;
+        let cost = s.cost();
+        b.insert(tid(id), s, cost, now);
+    }
+
+    #[test]
+    fn a_trace_with_a_missing_parent_waits_past_its_grace_up_to_the_idle_wait() {
+        let mut b = TraceBuffer::new(timings());
+        insert_span(&mut b, 1, (1, 0, 2), 0); // the root
+        insert_span(&mut b, 1, (3, 2, 1), 0); // its parent, span 2, has not arrived
+        assert!(b.pop_due(2 * S).is_none(), "not at the grace");
+        // Span 2 arrives: the wait ends, and the grace counts from it.
+        insert_span(&mut b, 1, (2, 1, 1), 4 * S);
+        assert!(b.pop_due(6 * S - 1).is_none());
+        let due = b.pop_due(6 * S).expect("complete, after the grace");
+        assert_eq!(
+            (due.trigger, due.trace.spans.len()),
+            (Trigger::RootGrace, 3)
+        );
+
+        // Span 2 never comes: decided at the idle wait after the last span.
+        insert_span(&mut b, 2, (1, 0, 2), 0);
+        insert_span(&mut b, 2, (3, 2, 1), S);
+        assert!(b.pop_due(11 * S - 1).is_none());
+        let due = b.pop_due(11 * S).expect("decided at its cap");
+        assert_eq!(due.trigger, Trigger::TraceIdle);
+    }
+
+    #[test]
+    fn a_call_waits_for_its_server_span_only_where_the_callee_was_seen_instrumented() {
+        let (server, client) = (KIND_SERVER, KIND_CLIENT);
+        let mut t = timings();
+        t.auto = Some(AutoGrace {
+            min: 2 * S,
+            quantile: 0.999,
+        });
+        let mut b = TraceBuffer::new(t);
+        b.timings.max_spans_per_trace = 100;
+        // Calls (all named "" here) are first seen served: the callee is instrumented.
+        let mut now = 0;
+        for id in 10..20u8 {
+            insert_span(&mut b, id, (1, 0, server), now);
+            insert_span(&mut b, id, (2, 1, client), now);
+            insert_span(&mut b, id, (3, 2, server), now);
+            now += 100 * S;
+            while b.pop_due(now).is_some() {}
+        }
+        // A call without its server span: the trace waits past its grace.
+        insert_span(&mut b, 1, (1, 0, server), now);
+        insert_span(&mut b, 1, (2, 1, client), now);
+        let grace = b.traces[&tid(1)].grace;
+        assert!(b.pop_due(now + grace).is_none(), "waits for the callee");
+        insert_span(&mut b, 1, (3, 2, server), now + S);
+        let due = b.pop_due(now + S + grace).expect("served");
+        assert_eq!(
+            (due.trigger, due.trace.spans.len()),
+            (Trigger::RootGrace, 3)
+        );
+    }
+
+    #[test]
+    fn a_call_into_what_is_not_instrumented_is_not_waited_for() {
+        let mut b = TraceBuffer::new(timings());
+        insert_span(&mut b, 1, (1, 0, KIND_SERVER), 0);
+        insert_span(&mut b, 1, (2, 1, KIND_CLIENT), 0);
+        let due = b.pop_due(2 * S).expect("at the grace");
+        assert_eq!(due.trigger, Trigger::RootGrace);
+    }
+
+    #[test]
+    fn a_learned_idle_wait_keeps_a_long_step_from_cutting_a_trace_before_its_root() {
+        let mut t = timings();
+        t.trace_idle = 3 * S;
+        t.auto = Some(AutoGrace {
+            min: S,
+            quantile: 0.999,
+        });
+        let mut b = TraceBuffer::new(t);
+        // Before any sample the wait is the start value, above the SDKs' 5 s delay.
+        insert_span(&mut b, 1, (2, 1, 1), 0);
+        assert!(b.pop_due(5 * S).is_none());
+        insert_span(&mut b, 1, (1, 0, 2), 4 * S); // the root, after a 4 s step
+        assert_eq!(b.pop_due(100 * S).unwrap().trace.spans.len(), 2);
+        // Runs with 4 s steps teach the wait; short rootless traces then go at trace_idle's
+        // floor no sooner than the gaps seen.
+        for id in 2..60u8 {
+            let at = id as Nanos * 100 * S;
+            insert_span(&mut b, id, (2, 1, 1), at);
+            insert_span(&mut b, id, (1, 0, 2), at + 4 * S);
+            b.pop_due(at + 99 * S).expect("decided");
+        }
+        let idle = b.idle;
+        assert!(idle > 4 * S && idle < 6 * S, "{idle}");
     }
 
     #[test]

@@ -163,7 +163,7 @@ mod tests {
             ["admin.reload_token", "buffer.root_grace", "receivers.grpc"]
         );
         // The same value written differently is no change.
-        let same = parse("[buffer]\nroot_grace = \"2000ms\"\n");
+        let same = parse("[buffer]\ntrace_idle = \"10000ms\"\n");
         assert_eq!(
             keys_needing_restart(&Config::default(), &same),
             Vec::<String>::new()

@@ -19,7 +19,7 @@ pub(crate) use exporter::{
     Compression, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig,
 };
 pub(crate) use keys::keys_needing_restart;
-pub(crate) use units::{Duration, Size};
+pub(crate) use units::{Duration, Grace, Size};
 
 use locate::KeyLines;
 
@@ -326,12 +326,23 @@ impl Default for ReceiversConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferConfig {
-    /// Quiet period after the root span arrives before the trace is decided (Refinery's default).
-    pub(crate) root_grace: Duration,
-    /// Decide a trace when no span of it has arrived for this long.
+    /// Quiet period after the root span arrives before the trace is decided: `"auto"` learns
+    /// it per (service, root name) from how late spans arrive after their root; a duration
+    /// fixes it.
+    pub(crate) root_grace: Grace,
+    /// With `root_grace = "auto"`: the least grace learned.
+    pub(crate) root_grace_min: Duration,
+    /// With `root_grace = "auto"`: the quantile of the arrival gaps the learned grace covers.
+    pub(crate) grace_quantile: f64,
+    /// Decide a trace without a root when no span of it has arrived for this long. With
+    /// `root_grace = "auto"` this is the least such wait: it stretches to cover the gaps seen
+    /// before roots arrive.
     pub(crate) trace_idle: Duration,
     /// Decide a trace at the latest this long after its first span (OTel `tail_sampling` default).
     pub(crate) decision_wait: Duration,
+    /// How long after a drop a late span may still rescue the trace (an error span arriving
+    /// for a trace dropped without it). Needs the storage log; `"0s"` turns rescue off.
+    pub(crate) revision_window: Duration,
     /// Decide a trace at once when it holds this many spans.
     pub(crate) max_spans_per_trace: usize,
     /// Decide a trace at once when its spans take this many bytes.
@@ -351,9 +362,12 @@ pub struct BufferConfig {
 impl Default for BufferConfig {
     fn default() -> Self {
         Self {
-            root_grace: Duration::from_secs(2),
+            root_grace: Grace::Auto,
+            root_grace_min: Duration::from_secs(1),
+            grace_quantile: 0.999,
             trace_idle: Duration::from_secs(10),
             decision_wait: Duration::from_secs(30),
+            revision_window: Duration::from_secs(30),
             max_spans_per_trace: 10_000,
             max_bytes_per_trace: Size(16 << 20),
             max_buffer_bytes: Size(512 << 20),
@@ -705,8 +719,28 @@ impl ReceiversConfig {
 
 impl BufferConfig {
     fn validate(&self) -> Result<(), KeyError> {
+        if let Grace::Fixed(grace) = self.root_grace
+            && grace.0.is_zero()
+        {
+            return Err(KeyError::new(
+                "root_grace",
+                "must be greater than zero, or \"auto\"",
+            ));
+        }
+        if !(self.grace_quantile > 0.5 && self.grace_quantile < 1.0) {
+            return Err(KeyError::new(
+                "grace_quantile",
+                "must be above 0.5 and below 1, for example 0.999",
+            ));
+        }
+        if self.root_grace_min.0 > self.decision_wait.0 {
+            return Err(KeyError::new(
+                "root_grace_min",
+                "must not be longer than buffer.decision_wait",
+            ));
+        }
         let positive = [
-            ("root_grace", self.root_grace),
+            ("root_grace_min", self.root_grace_min),
             ("trace_idle", self.trace_idle),
             ("decision_wait", self.decision_wait),
         ];
@@ -782,7 +816,7 @@ mod tests {
     #[test]
     fn empty_file_gives_the_embedded_defaults() {
         let c = Config::parse("", "x.toml").unwrap();
-        assert_eq!(c.buffer.root_grace, Duration::from_secs(2));
+        assert_eq!(c.buffer.root_grace, Grace::Auto);
         assert_eq!(c.buffer.decision_wait, Duration::from_secs(30));
         assert_eq!(c.receivers.max_request_size.0, 64 << 20);
         assert_eq!(c.exporter.kind(), ExporterKind::File);
@@ -796,7 +830,10 @@ mod tests {
             "x.toml",
         )
         .unwrap();
-        assert_eq!(c.buffer.root_grace, Duration::from_millis(500));
+        assert_eq!(
+            c.buffer.root_grace,
+            Grace::Fixed(Duration::from_millis(500))
+        );
         assert_eq!(c.buffer.max_buffer_bytes.0, 512 << 20);
         assert_eq!(c.buffer.max_bytes_per_trace.0, 4096);
     }

@@ -40,6 +40,38 @@ impl Serialize for Duration {
     }
 }
 
+/// `buffer.root_grace`: `"auto"` (learned from arrival) or a fixed duration (`"2s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grace {
+    Auto,
+    Fixed(Duration),
+}
+
+impl<'de> Deserialize<'de> for Grace {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "auto" {
+            return Ok(Grace::Auto);
+        }
+        humantime::parse_duration(text.trim())
+            .map(|d| Grace::Fixed(Duration(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid grace {text:?} ({e}); write \"auto\", or a duration like \"2s\""
+                ))
+            })
+    }
+}
+
+impl Serialize for Grace {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Grace::Auto => s.serialize_str("auto"),
+            Grace::Fixed(d) => d.serialize(s),
+        }
+    }
+}
+
 /// A size written as text (`"512MiB"`, `"64 MB"`) or as a plain number of bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Size(pub u64);
@@ -96,6 +128,22 @@ impl Serialize for Size {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grace_is_auto_or_a_duration() {
+        for (text, want) in [
+            ("auto", Grace::Auto),
+            ("2s", Grace::Fixed(Duration::from_secs(2))),
+            ("1500ms", Grace::Fixed(Duration::from_millis(1500))),
+        ] {
+            let g: Grace = serde_json::from_value(serde_json::json!(text)).unwrap();
+            assert_eq!(g, want);
+            let back: Grace = serde_json::from_value(serde_json::to_value(g).unwrap()).unwrap();
+            assert_eq!(back, want);
+        }
+        let err = serde_json::from_value::<Grace>(serde_json::json!("soon")).unwrap_err();
+        assert!(err.to_string().contains("\"auto\""), "{err}");
+    }
 
     #[test]
     fn written_forms_read_back_as_the_same_value() {

@@ -1,14 +1,17 @@
 //! The pipeline's metrics: spans and traces by decision, late spans, what waits in the buffer
 //! and how long a decision took to come.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+use crate::buffer::{LearnedGrace, LearnedReport};
 use crate::telemetry::{CounterFamily, Labels, Registry, label};
 use crate::trace::Trigger;
 
@@ -22,7 +25,11 @@ pub(crate) struct PipelineMetrics {
     buffer_bytes: Gauge,
     buffer_spans: Gauge,
     buffer_traces: Gauge,
-    decision_lag: Histogram,
+    /// By trigger, resolved up front.
+    decision_lag: Vec<Histogram>,
+    traces_rescued: CounterFamily,
+    spans_rescued: Counter,
+    revisable_traces: Gauge,
 }
 
 impl PipelineMetrics {
@@ -69,13 +76,48 @@ impl PipelineMetrics {
                 "Traces waiting for a decision",
                 Gauge::default(),
             ),
-            // 1 ms .. ~65 s: from an immediate cap decision to a full decision_wait.
-            decision_lag: registry.register(
-                "decision_lag_seconds",
-                "From a trace's root (or last) span arriving to its decision",
-                Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            decision_lag: {
+                // 1 ms .. ~65 s: from an immediate cap decision to a full decision_wait.
+                let family = registry.register(
+                    "decision_lag_seconds",
+                    "From a trace's root (or last) span arriving to its decision, by trigger",
+                    Family::<Labels, Histogram>::new_with_constructor(|| {
+                        Histogram::new(exponential_buckets(0.001, 2.0, 17))
+                    }),
+                );
+                (Trigger::ALL.iter())
+                    .map(|t| family.get_or_create_owned(&label("trigger", t.as_str())))
+                    .collect()
+            },
+            traces_rescued: registry.counters(
+                "traces_rescued",
+                "Dropped traces kept after all, within buffer.revision_window, when a late span \
+                 changed the verdict; by the policy that kept them",
+            ),
+            spans_rescued: registry.register(
+                "spans_rescued",
+                "Spans counted dropped, then kept when their trace was rescued: received = kept + \
+                 dropped - rescued + refused",
+                Counter::default(),
+            ),
+            revisable_traces: registry.register(
+                "revisable_traces",
+                "Traces decided within buffer.revision_window, whose late spans may re-decide them",
+                Gauge::default(),
             ),
         })
+    }
+
+    /// A dropped trace kept after all by `policy`: `spans` of it had been counted dropped.
+    pub(crate) fn rescued(&self, policy: &str, spans: u64) {
+        self.traces_rescued
+            .get_or_create(&label("policy", policy))
+            .inc();
+        self.spans_rescued.inc_by(spans);
+    }
+
+    pub(crate) fn revisable(&self, delta: i64) {
+        self.revisable_traces.inc_by(delta);
     }
 
     pub(crate) fn kept(&self, trigger: Trigger, spans: u64) {
@@ -112,7 +154,7 @@ impl PipelineMetrics {
                 by_policy.insert(policy.clone(), counter);
             }
         }
-        self.decision_lag.observe(lag.as_secs_f64());
+        self.decision_lag[trigger.index()].observe(lag.as_secs_f64());
     }
 
     pub(crate) fn late(&self, keep: bool, spans: u64) {
@@ -161,4 +203,103 @@ impl DecidedSeries {
 
 fn verdict(keep: bool) -> &'static str {
     if keep { "keep" } else { "drop" }
+}
+
+/// What the shards learned about arrival, for `/status` and `/metrics`. Each worker publishes
+/// its report about once a second; the board shows, per root, the longest grace of any shard.
+pub(crate) struct TimingBoard {
+    shards: Mutex<Vec<LearnedReport>>,
+    graces: Family<Labels, Gauge<f64, AtomicU64>>,
+    shown: Mutex<Vec<Labels>>,
+    default_grace: Gauge<f64, AtomicU64>,
+    idle: Gauge<f64, AtomicU64>,
+}
+
+impl TimingBoard {
+    pub(crate) fn new(registry: &Registry) -> Arc<Self> {
+        Arc::new(Self {
+            shards: Mutex::new(Vec::new()),
+            graces: registry.register(
+                "root_grace_seconds",
+                "The root grace learned per service and root span name (root_grace = \"auto\")",
+                Family::default(),
+            ),
+            shown: Mutex::new(Vec::new()),
+            default_grace: registry.register(
+                "root_grace_default_seconds",
+                "The grace of a root without enough samples of its own",
+                Gauge::default(),
+            ),
+            idle: registry.register(
+                "trace_idle_seconds",
+                "How long a trace without its root waits after its last span",
+                Gauge::default(),
+            ),
+        })
+    }
+
+    pub(crate) fn publish(&self, shard: usize, report: LearnedReport) {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        if shards.len() <= shard {
+            shards.resize_with(shard + 1, LearnedReport::default);
+        }
+        shards[shard] = report;
+        let merged = merge(&shards);
+        drop(shards);
+        self.default_grace.set(merged.grace_seconds);
+        self.idle.set(merged.idle_seconds);
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        let now: Vec<Labels> = (merged.roots.iter())
+            .map(|r| {
+                let labels: Labels = vec![("service", r.service.clone()), ("root", r.root.clone())];
+                self.graces.get_or_create(&labels).set(r.grace_seconds);
+                labels
+            })
+            .collect();
+        for gone in shown.iter().filter(|l| !now.contains(l)) {
+            self.graces.remove(gone);
+        }
+        *shown = now;
+    }
+
+    /// The merged report, as `/status` shows it.
+    pub(crate) fn status_json(&self) -> serde_json::Value {
+        let merged = merge(&self.shards.lock().unwrap_or_else(|e| e.into_inner()));
+        let roots: Vec<serde_json::Value> = (merged.roots.iter())
+            .map(|r| {
+                serde_json::json!({
+                    "service": r.service,
+                    "root": r.root,
+                    "grace_seconds": r.grace_seconds,
+                    "samples": r.samples,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "root_grace_default_seconds": merged.grace_seconds,
+            "trace_idle_seconds": merged.idle_seconds,
+            "root_graces": roots,
+        })
+    }
+}
+
+/// The shards' reports as one: the longest wait of any shard, the samples of all.
+fn merge(shards: &[LearnedReport]) -> LearnedReport {
+    let mut roots: BTreeMap<(String, String), LearnedGrace> = BTreeMap::new();
+    let mut out = LearnedReport::default();
+    for s in shards {
+        out.grace_seconds = out.grace_seconds.max(s.grace_seconds);
+        out.idle_seconds = out.idle_seconds.max(s.idle_seconds);
+        for r in &s.roots {
+            roots
+                .entry((r.service.clone(), r.root.clone()))
+                .and_modify(|m| {
+                    m.grace_seconds = m.grace_seconds.max(r.grace_seconds);
+                    m.samples += r.samples;
+                })
+                .or_insert_with(|| r.clone());
+        }
+    }
+    out.roots = roots.into_values().collect();
+    out
 }

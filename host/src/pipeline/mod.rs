@@ -21,8 +21,18 @@
 //! leave memory; the pinned records in the log hold them) and reads a parked trace back just
 //! before its decision, so a long `decision_wait` can hold far more than memory. Only when
 //! parking frees nothing more does it decide the oldest early (trigger `memory`).
+//!
+//! With the log on, a dropped trace's records stay pinned for `buffer.revision_window`
+//! ([`window`]). A late span in that time that could turn the verdict, an error span or the
+//! root, re-runs the chain on the whole trace read back from the log; kept, the trace is
+//! logged again (keep, trigger `rescue`), then exported whole. Other late spans follow the drop
+//! but join the trace's records, so a later rescue exports them too. Only errors and roots
+//! re-decide: a late span of another kind changes no verdict of the bundled policies but
+//! duration-based ones, which the root's arrival covers, and each re-decision reads the trace
+//! back from disk.
 
 mod metrics;
+mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -31,7 +41,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::buffer::{
-    DecisionMemory, DueTrace, Inserted, MemoryBudget, Remembered, Timings, TraceBuffer, shard_of,
+    DecisionMemory, DueTrace, Inserted, MemoryBudget, PendingTrace, Remembered, Timings,
+    TraceBuffer, shard_of,
 };
 use crate::clock::Clock;
 use crate::decide::{self, Decider, DeciderFactory, Decision, TraceView};
@@ -39,7 +50,14 @@ use crate::export::{ExportQueue, KeptTrace};
 use crate::storage::{DecisionRef, Exported, RecoveredDecision, Storage};
 use crate::trace::{BufferedSpan, Nanos, Stamp, TraceId, Trigger};
 use metrics::DecidedSeries;
-pub(crate) use metrics::PipelineMetrics;
+pub(crate) use metrics::{PipelineMetrics, TimingBoard};
+use window::{Revisable, Window};
+
+/// OTLP `STATUS_CODE_ERROR`.
+const STATUS_ERROR: u8 = 2;
+
+/// How often a worker publishes what it learned and forgets keys long unused.
+const REPORT_EVERY: Nanos = 1_000_000_000;
 
 /// A span for a shard, with the bytes reserved for it in the memory budget.
 pub struct ShardSpan {
@@ -86,6 +104,7 @@ pub(crate) struct WorkerContext {
     pub(crate) remember_kept: usize,
     pub(crate) remember_dropped: usize,
     pub(crate) storage: Option<Arc<Storage>>,
+    pub(crate) timing: Arc<TimingBoard>,
 }
 
 /// How often an idle worker looks at memory pressure; pressure raised by other shards must be
@@ -186,12 +205,17 @@ struct Worker {
     parked_records: std::collections::VecDeque<(u64, HashMap<TraceId, Vec<BufferedSpan>>)>,
     /// This worker's `traces_decided` series.
     decided: DecidedSeries,
+    /// Traces decided within the revision window.
+    window: Window,
+    /// When this worker last published what it learned.
+    reported_at: Nanos,
 }
 
 impl Worker {
     /// One of `shards` workers: its share of the decision memory.
     fn new(ctx: WorkerContext, decider: Box<dyn Decider>, shards: usize) -> Self {
         let mut buffer = TraceBuffer::new(ctx.timings);
+        let window = Window::new(ctx.timings.revision_window);
         if ctx.storage.is_some() {
             buffer.enable_parking();
         }
@@ -211,6 +235,8 @@ impl Worker {
             shard: 0,
             parked_records: std::collections::VecDeque::new(),
             decided: DecidedSeries::default(),
+            window,
+            reported_at: 0,
         }
     }
 
@@ -257,6 +283,13 @@ impl Worker {
             };
             self.decide_due(now);
             self.publish_gauges();
+            if !self.replaying && now.saturating_sub(self.reported_at) >= REPORT_EVERY {
+                self.reported_at = now;
+                let learned = self.buffer.learned();
+                learned.forget_unused(now);
+                let report = learned.report();
+                self.ctx.timing.publish(self.shard, report);
+            }
         }
     }
 
@@ -344,6 +377,7 @@ impl Worker {
         let mut late: HashMap<TraceId, (Arc<Stamp>, Vec<BufferedSpan>)> = HashMap::new();
         let mut reexport: HashMap<TraceId, (Arc<Stamp>, Vec<BufferedSpan>)> = HashMap::new();
         let mut capped: Vec<(TraceId, Trigger)> = Vec::new();
+        let mut revisit: HashMap<TraceId, Vec<BufferedSpan>> = HashMap::new();
         let mut recovered = 0u64;
         for ShardSpan {
             trace_id,
@@ -381,6 +415,7 @@ impl Worker {
                 }
                 Some(Remembered::Kept(stamp)) => {
                     self.ctx.memory.release(cost);
+                    self.learn_late(&trace_id, &span, now);
                     late.entry(trace_id)
                         .or_insert_with(|| (Arc::new(decide::late_stamp(&stamp)), Vec::new()))
                         .1
@@ -388,10 +423,18 @@ impl Worker {
                 }
                 Some(Remembered::Dropped) => {
                     self.ctx.memory.release(cost);
+                    self.learn_late(&trace_id, &span, now);
+                    if self.window.get_mut(&trace_id).is_some_and(|e| e.rescuable) {
+                        revisit.entry(trace_id).or_default().push(span);
+                        continue;
+                    }
                     self.ctx.metrics.late(false, 1);
                     self.ctx.metrics.dropped(Trigger::Late, 1);
                 }
             }
+        }
+        for (trace_id, spans) in revisit {
+            self.revisit(trace_id, spans, record, now);
         }
         for (trace_id, trigger) in capped {
             if let Some(due) = self.buffer.take(&trace_id, trigger) {
@@ -452,10 +495,156 @@ impl Worker {
         }
     }
 
+    /// A span arrived for a trace decided within the window: if the decision waited for the
+    /// trace's arrival, the gap since its last span is one that wait did not cover.
+    fn learn_late(&mut self, trace_id: &TraceId, span: &BufferedSpan, now: Nanos) {
+        let Some(entry) = self.window.get_mut(trace_id) else {
+            return;
+        };
+        let gap = now.saturating_sub(entry.last_seen);
+        if entry.timed && gap > 0 {
+            self.buffer.learn_late(entry.root_key, entry.rooted, gap);
+        }
+        entry.last_seen = now;
+        entry.rooted |= span.is_root();
+    }
+
+    /// Late spans of a dropped trace still in the window. With an error span or the root
+    /// among them, the chain decides the whole trace again, read back from the log; kept, it
+    /// is rescued. Otherwise, or if still dropped, they follow the drop and their record joins
+    /// the trace's, for a later rescue.
+    fn revisit(
+        &mut self,
+        trace_id: TraceId,
+        late: Vec<BufferedSpan>,
+        record: Option<u64>,
+        now: Nanos,
+    ) {
+        let n = late.len() as u64;
+        let turns = late
+            .iter()
+            .any(|s| s.status_code == STATUS_ERROR || s.is_root());
+        let mut late = Some(late);
+        if turns {
+            let records = (self.window.get_mut(&trace_id))
+                .map(|e| e.records.clone())
+                .unwrap_or_default();
+            let mut spans = self.read_back(&trace_id, &records, None);
+            let earlier = spans.len() as u64;
+            spans.extend(late.take().unwrap_or_default());
+            let mut decisions = Vec::with_capacity(1);
+            self.decider.decide_batch(
+                &mut [TraceView {
+                    trace_id: &trace_id,
+                    spans: &mut spans,
+                }],
+                &mut decisions,
+            );
+            if let Some(decision) = decisions.pop().filter(|d| d.keep)
+                && let Some(mut entry) = self.window.remove(&trace_id)
+            {
+                self.ctx.metrics.revisable(-1);
+                if let Some(r) = record
+                    && !entry.records.contains(&r)
+                {
+                    self.pin(r);
+                    entry.records.push(r);
+                }
+                self.ctx.metrics.late(true, n);
+                self.rescue(trace_id, spans, earlier, entry.records, decision, now);
+                return;
+            }
+        }
+        drop(late);
+        self.ctx.metrics.late(false, n);
+        self.ctx.metrics.dropped(Trigger::Late, n);
+        if let Some(r) = record
+            && let Some(entry) = self.window.get_mut(&trace_id)
+            && !entry.records.contains(&r)
+        {
+            entry.records.push(r);
+            self.pin(r);
+        }
+    }
+
+    /// Keeps a dropped trace after all: logs the new decision, then exports it whole. `earlier`
+    /// of its spans had been counted dropped.
+    fn rescue(
+        &mut self,
+        trace_id: TraceId,
+        mut spans: Vec<BufferedSpan>,
+        earlier: u64,
+        records: Vec<u64>,
+        decision: Decision,
+        now: Nanos,
+    ) {
+        let trigger = Trigger::Rescue;
+        if let Some(storage) = &self.ctx.storage {
+            // Before the export: a restart follows the keep, not the drop it replaces.
+            let logged = [DecisionRef {
+                trace_id: &trace_id,
+                keep: true,
+                trigger,
+                probability: decision.probability,
+                policy: &decision.policy,
+                reason: &decision.reason,
+            }];
+            if let Err(e) = storage.log_decisions(&logged) {
+                tracing::error!(error = %e, "cannot log a rescue; exporting it all the same");
+            }
+        }
+        let metrics = &self.ctx.metrics;
+        metrics.rescued(&decision.policy, earlier);
+        metrics.decided(
+            &mut self.decided,
+            trigger,
+            true,
+            &decision.policy,
+            Duration::from_nanos(self.ctx.clock.now().saturating_sub(now)),
+        );
+        let before = spans.len() as u64;
+        let trimmed = decide::apply(&decision, &mut spans) as u64;
+        if trimmed > 0 {
+            metrics.dropped(trigger, trimmed);
+            metrics.trimmed(&decision.policy, trimmed);
+        }
+        metrics.kept(trigger, before - trimmed);
+        let stamp = Arc::new(decide::stamp(&decision, trigger));
+        self.decisions.remember_kept(trace_id, stamp.clone());
+        self.ctx.export.push(KeptTrace {
+            spans,
+            stamp,
+            settle: (!records.is_empty()).then_some(Exported { trace_id, records }),
+        });
+    }
+
+    /// Unpins the records of traces whose window ended: expired, or, while the log is short
+    /// of disk, the oldest.
+    fn close_window(&mut self, now: Nanos) {
+        let mut closed = 0i64;
+        while let Some(entry) = self.window.pop_expired(now) {
+            self.unpin(&entry.records);
+            closed += 1;
+        }
+        if let Some(storage) = self.ctx.storage.clone() {
+            while storage.under_pressure() && closed < PRESSURE_BATCH as i64 * 8 {
+                let Some(entry) = self.window.pop_oldest() else {
+                    break;
+                };
+                self.unpin(&entry.records);
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            self.ctx.metrics.revisable(-closed);
+        }
+    }
+
     /// Decides every trace that is due, in batches: the decider may then enter each policy
     /// once per batch instead of once per trace, so the busier the worker, the cheaper each
     /// decision.
     fn decide_due(&mut self, now: Nanos) {
+        self.close_window(now);
         let mut batch = Vec::new();
         let mut parked = 0;
         while let Some(due) = self.buffer.pop_due(now) {
@@ -520,12 +709,44 @@ impl Worker {
     /// then those that arrived since. A span that cannot be read back (the record is damaged)
     /// is counted dropped, with an error naming the record.
     fn unpark(&mut self, due: &mut DueTrace) {
-        let trace = &mut due.trace;
-        let Some(storage) = self.ctx.storage.clone().filter(|_| trace.parked > 0) else {
+        if due.trace.parked == 0 || self.ctx.storage.is_none() {
             return;
+        }
+        let trace = &mut due.trace;
+        let into = Vec::with_capacity(trace.span_total());
+        let parked = std::mem::take(&mut trace.parked_spans);
+        let mut spans = self.read_back(&due.trace_id, &trace.records[..trace.parked], Some(into));
+        if let Some(storage) = &self.ctx.storage {
+            storage.metrics.parked_spans.dec_by(parked as i64);
+        }
+        if spans.len() < parked {
+            let lost = (parked - spans.len()) as u64;
+            self.ctx.metrics.dropped(due.trigger, lost);
+            tracing::error!(
+                lost,
+                "spans of a parked trace could not be read back from the log"
+            );
+        }
+        spans.append(&mut trace.spans);
+        trace.spans = spans;
+        trace.parked = 0;
+        trace.parked_bytes = 0;
+    }
+
+    /// The spans of `trace_id` in the log records at `positions`, appended to `into` (or a
+    /// new vector). A record that cannot be read or parsed is skipped, counted corrupt, with
+    /// an error naming it.
+    fn read_back(
+        &mut self,
+        trace_id: &TraceId,
+        positions: &[u64],
+        into: Option<Vec<BufferedSpan>>,
+    ) -> Vec<BufferedSpan> {
+        let mut spans = into.unwrap_or_default();
+        let Some(storage) = self.ctx.storage.clone() else {
+            return spans;
         };
-        let mut spans = Vec::with_capacity(trace.span_total());
-        for &position in &trace.records[..trace.parked] {
+        for &position in positions {
             let cached = self.parked_records.iter().position(|(p, _)| *p == position);
             let index = match cached {
                 Some(i) => i,
@@ -540,7 +761,8 @@ impl Worker {
                             }
                         });
                         if let Err(e) = parsed {
-                            tracing::error!(position, error = %e, "a parked trace's record does not parse");
+                            storage.metrics.corrupt_records.inc();
+                            tracing::error!(position, error = %e, "a buffered trace's record does not parse");
                             continue;
                         }
                         if self.parked_records.len() == PARKED_RECORDS_CACHED {
@@ -550,30 +772,17 @@ impl Worker {
                         self.parked_records.len() - 1
                     }
                     Err(e) => {
-                        tracing::error!(position, error = %e, "cannot read a parked trace's record back");
+                        storage.metrics.corrupt_records.inc();
+                        tracing::error!(position, error = %e, "cannot read a buffered trace's record back");
                         continue;
                     }
                 },
             };
-            if let Some(own) = self.parked_records[index].1.remove(&due.trace_id) {
+            if let Some(own) = self.parked_records[index].1.remove(trace_id) {
                 spans.extend(own);
             }
         }
-        let parked = std::mem::take(&mut trace.parked_spans);
-        storage.metrics.parked_spans.dec_by(parked as i64);
-        if spans.len() < parked {
-            let lost = (parked - spans.len()) as u64;
-            storage.metrics.corrupt_records.inc();
-            self.ctx.metrics.dropped(due.trigger, lost);
-            tracing::error!(
-                lost,
-                "spans of a parked trace could not be read back from the log"
-            );
-        }
-        spans.append(&mut trace.spans);
-        trace.spans = spans;
-        trace.parked = 0;
-        trace.parked_bytes = 0;
+        spans
     }
 
     /// Decides one trace on its own (a trace that hit a cap while its spans arrived).
@@ -662,6 +871,10 @@ impl Worker {
             metrics.kept(trigger, before - trimmed);
             let stamp = Arc::new(decide::stamp(&decision, trigger));
             self.decisions.remember_kept(trace_id, stamp.clone());
+            if self.window.is_on() && self.ctx.timings.auto.is_some() {
+                // Not to rescue: to learn from its late spans.
+                self.hold(trace_id, &trace, trigger, false, now);
+            }
             // The trace's record pins pass to the exporter, which releases them on delivery.
             let settle = (!trace.records.is_empty()).then(|| Exported {
                 trace_id,
@@ -675,8 +888,46 @@ impl Worker {
         } else {
             metrics.dropped(trigger, trace.spans.len() as u64);
             self.decisions.remember_dropped(&trace_id);
-            // The drop is logged: nothing needs these records any more.
-            self.unpin(&trace.records);
+            // A late span may rescue it from the log, where a record of each of its spans is
+            // pinned; a trace dropped to free the disk lets its records go.
+            let rescuable = self.window.is_on()
+                && self.ctx.storage.is_some()
+                && !trace.records.is_empty()
+                && trigger != Trigger::Disk
+                && trigger != Trigger::Shutdown;
+            if rescuable || (self.window.is_on() && self.ctx.timings.auto.is_some()) {
+                self.hold(trace_id, &trace, trigger, rescuable, now);
+            }
+            if !rescuable {
+                // The drop is logged: nothing needs these records any more.
+                self.unpin(&trace.records);
+            }
+        }
+    }
+
+    /// Holds a decided trace in the revision window; a rescuable one with its records.
+    fn hold(
+        &mut self,
+        trace_id: TraceId,
+        trace: &PendingTrace,
+        trigger: Trigger,
+        rescuable: bool,
+        now: Nanos,
+    ) {
+        let timed = matches!(trigger, Trigger::RootGrace | Trigger::TraceIdle);
+        let mut entry = Revisable::new(
+            rescuable,
+            timed,
+            trace.root_seen.is_some(),
+            trace.root_key,
+            trace.last_seen,
+        );
+        if rescuable {
+            entry.records = trace.records.clone();
+        }
+        match self.window.insert(trace_id, entry, now) {
+            Some(out) => self.unpin(&out.records),
+            None => self.ctx.metrics.revisable(1),
         }
     }
 
@@ -738,13 +989,12 @@ mod tests {
         let (export, exported) = ExportQueue::detached(1 << 20, &registry);
         let nanos = |d: Duration| d.as_nanos() as u64;
         let ctx = WorkerContext {
-            timings: Timings {
-                root_grace: nanos(2 * S),
-                trace_idle: nanos(10 * S),
-                decision_wait: nanos(30 * S),
+            timings: Timings::fixed(
+                nanos(2 * S),
+                nanos(10 * S),
+                nanos(30 * S),
                 max_spans_per_trace,
-                max_bytes_per_trace: 1 << 20,
-            },
+            ),
             memory: memory.clone(),
             metrics: PipelineMetrics::new(&registry),
             export,
@@ -752,6 +1002,7 @@ mod tests {
             remember_kept: 100,
             remember_dropped: 100,
             storage: None,
+            timing: TimingBoard::new(&registry),
         };
         Harness {
             worker: Worker::new(ctx, Box::new(KeepErrors), 1),
@@ -1151,6 +1402,99 @@ mod tests {
         drop(kept);
         assert_eq!(memory.used(), 0, "every byte released");
         storage.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_late_error_root_rescues_a_dropped_trace_whole_from_the_log_within_the_window() {
+        let (mut h, storage, dir) = with_storage("rescue");
+        let window = 30 * S.as_nanos() as u64;
+        h.worker.window = Window::new(window);
+        // Trace 6: a child alone, dropped at the idle wait; a second child comes late and
+        // follows the drop; then the root, an error, comes late too.
+        h.receive_logged(&storage, request_body(6, 2, 1));
+        h.tick(11 * S);
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_dropped_total{trigger=\"trace_idle\"}"),
+            1.0
+        );
+        let first = storage
+            .pins
+            .low()
+            .expect("the dropped trace's record stays pinned");
+        h.receive_logged(&storage, request_body(6, 3, 1));
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_dropped_total{trigger=\"late\"}"),
+            1.0
+        );
+        assert!(
+            h.exported.try_recv().is_err(),
+            "a plain late span turns nothing"
+        );
+        h.receive_logged(&storage, request_body(6, 1, 0));
+        let kept = h.exported.try_recv().expect("rescued");
+        assert_eq!(
+            kept.spans.len(),
+            3,
+            "whole: both children read back, and the root"
+        );
+        let trigger = crate::otlp::wire::span_attribute(&kept.stamp.encoded, "sampling.trigger");
+        assert!(
+            matches!(trigger, Some(crate::otlp::wire::AnyValueRef::Str("rescue"))),
+            "{trigger:?}"
+        );
+        let settle = kept.settle.expect("the exporter settles its records");
+        assert_eq!(settle.records.len(), 3);
+        assert_eq!(settle.records[0], first);
+        assert_eq!(h.registry.value("tailgate_spans_rescued_total"), 2.0);
+        assert_eq!(
+            h.registry
+                .value("tailgate_traces_rescued_total{policy=\"errors\"}"),
+            1.0
+        );
+        assert_eq!(
+            h.registry
+                .value("tailgate_spans_kept_total{trigger=\"rescue\"}"),
+            3.0
+        );
+        drop(kept.spans);
+        // The rescue is logged: a restart follows the keep.
+        for r in settle.records {
+            storage.pins.unpin(r);
+        }
+
+        // Trace 7 is dropped and nothing comes: its records are let go at the window's end.
+        h.receive_logged(&storage, request_body(7, 2, 1));
+        h.tick(11 * S);
+        assert!(storage.pins.low().is_some());
+        h.tick(31 * S);
+        assert_eq!(storage.pins.low(), None, "the window closed");
+        storage.close();
+        drop(h);
+        drop(storage);
+        let (reopened, recovery) = Storage::open(
+            &crate::config::StorageConfig {
+                dir: dir.clone(),
+                ..Default::default()
+            },
+            &Registry::new(),
+        )
+        .expect("reopen");
+        let logged = |t: u8| {
+            recovery
+                .decisions
+                .get(&[t; 16])
+                .map(|r| (r.decision.keep, r.decision.trigger))
+        };
+        assert_eq!(
+            logged(6),
+            Some((true, Trigger::Rescue)),
+            "the latest record wins"
+        );
+        assert_eq!(logged(7), Some((false, Trigger::TraceIdle)));
+        reopened.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

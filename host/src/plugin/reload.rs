@@ -185,7 +185,7 @@ impl Reloader {
     }
 
     /// The live set and the last reload, as JSON for `GET /status`.
-    pub(crate) fn status_json(&self) -> String {
+    pub(crate) fn status_json(&self) -> serde_json::Value {
         let set = self.runtime.live.load();
         let policies: Vec<serde_json::Value> = set
             .policies
@@ -207,7 +207,6 @@ impl Reloader {
             "last_reload": *self.last.lock(),
             "restart_needed": *self.restart_needed.lock(),
         })
-        .to_string()
     }
 
     /// Files whose change triggers a reload: the config and every policy loaded by path.
@@ -422,7 +421,7 @@ mod tests {
     }
 
     fn status(reloader: &Reloader) -> serde_json::Value {
-        serde_json::from_str(&reloader.status_json()).expect("status is JSON")
+        reloader.status_json()
     }
 
     fn names(status: &serde_json::Value) -> Vec<String> {
