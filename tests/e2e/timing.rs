@@ -127,6 +127,9 @@ fn sdk_service(tg: &Tailgate, service: &str) -> SdkTracerProvider {
 /// trace in four. On the default [buffer] settings every error trace is kept whole.
 #[test]
 fn two_services_with_default_sdk_batching_keep_every_error_trace_whole() {
+    // The SDK's gRPC exporter runs on a Tokio runtime.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
     let tg = Tailgate::start(ERRORS_AND_DROP);
     let api = sdk_service(&tg, "agent-api");
     std::thread::sleep(Duration::from_millis(2500));
@@ -409,6 +412,8 @@ fn long_agent_runs_are_not_cut_before_their_root_nor_flagged_as_losing_a_parent(
          [[policies]]\nname = \"sample\"\nplugin = \"probabilistic\"\n\
          [policies.config]\nrate = 0.2\n",
     );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(format!("http://{}", tg.grpc))

@@ -37,7 +37,8 @@ use sink::{Seen, Sink};
 
 /// The rotel release the comparison is pinned to (PyPI package `rotel`).
 const ROTEL_PACKAGE: &str = "rotel==0.0.1a15";
-/// tailgate's `root_grace` in `config/agent.toml`; the decision-lag target is this + 100 ms.
+/// The decision-lag target is this + 100 ms: a fixed 2 s grace, which `config/agent.toml` had
+/// before its grace was learned (`root_grace = "auto"`, which settles lower on this traffic).
 const ROOT_GRACE_MS: f64 = 2_000.0;
 /// How long an idle collector settles after becoming ready before its RSS is read.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -56,6 +57,10 @@ usage: cargo run --release -p tailgate-load -- [options]
   --secs N            length of each phase in seconds (default 20)
   --connections N     loadgen connections (default 4)
   --skip-rotel        tailgate only
+  --fixed-only        the fixed-rate phase only
+  --config FILE       tailgate's config instead of config/agent.toml (addresses, exporter and
+                      plugin cache are set as for it)
+  --tailgate-bin FILE run this tailgate binary instead of building the workspace's
   --out FILE          Markdown report (default benches/results/load.md; quick runs:
                       target/load/load-quick.md)";
 
@@ -65,6 +70,9 @@ struct Options {
     secs: u64,
     connections: usize,
     skip_rotel: bool,
+    fixed_only: bool,
+    config: Option<PathBuf>,
+    tailgate_bin: Option<PathBuf>,
     out: Option<PathBuf>,
 }
 
@@ -75,6 +83,9 @@ fn parse_args() -> anyhow::Result<Options> {
         secs: 20,
         connections: 4,
         skip_rotel: false,
+        fixed_only: false,
+        config: None,
+        tailgate_bin: None,
         out: None,
     };
     let mut args = std::env::args().skip(1);
@@ -93,6 +104,9 @@ fn parse_args() -> anyhow::Result<Options> {
             }
             "--connections" => o.connections = value("--connections")?.parse()?,
             "--skip-rotel" => o.skip_rotel = true,
+            "--fixed-only" => o.fixed_only = true,
+            "--config" => o.config = Some(value("--config")?.into()),
+            "--tailgate-bin" => o.tailgate_bin = Some(value("--tailgate-bin")?.into()),
             "--out" => o.out = Some(value("--out")?.into()),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -133,6 +147,8 @@ fn main() -> ExitCode {
 struct Paths {
     root: PathBuf,
     tailgate: PathBuf,
+    /// The config tailgate phases start from (config/agent.toml unless `--config`).
+    config: PathBuf,
     /// Scratch space: target/load.
     work: PathBuf,
 }
@@ -212,8 +228,9 @@ impl PhaseResult {
 }
 
 impl Paths {
-    /// The workspace, a freshly built release tailgate, and the scratch folder (created).
-    fn prepare() -> anyhow::Result<Self> {
+    /// The workspace, a freshly built release tailgate (or `binary`), and the scratch folder
+    /// (created).
+    fn prepare(binary: Option<&Path>) -> anyhow::Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../..")
             .canonicalize()
@@ -221,8 +238,15 @@ impl Paths {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
+        let tailgate = match binary {
+            Some(b) => b
+                .canonicalize()
+                .with_context(|| format!("{}", b.display()))?,
+            None => build_tailgate(&root, &target)?,
+        };
         let paths = Paths {
-            tailgate: build_tailgate(&root, &target)?,
+            tailgate,
+            config: root.join("config/agent.toml"),
             work: target.join("load"),
             root,
         };
@@ -233,7 +257,12 @@ impl Paths {
 
 fn run() -> anyhow::Result<()> {
     let opts = parse_args()?;
-    let paths = Paths::prepare()?;
+    let mut paths = Paths::prepare(opts.tailgate_bin.as_deref())?;
+    if let Some(config) = &opts.config {
+        paths.config = config
+            .canonicalize()
+            .with_context(|| format!("{}", config.display()))?;
+    }
     // One plugin cache for every tailgate phase, emptied now: the first phase starts cold
     // (compiling the policies, as a first deployment does) and the next restarts on a warm
     // cache (as every later restart does); the table shows the idle RSS of both.
@@ -277,6 +306,9 @@ fn run() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (collector, binary) in &collectors {
         for phase in phases {
+            if opts.fixed_only && phase.rate == 0.0 {
+                continue;
+            }
             let r = run_phase(&paths, *collector, binary, phase, &opts, &sink, sink_addr)?;
             print_phase(&r);
             results.push(r);
@@ -406,7 +438,7 @@ fn start_tailgate(
     sink: SocketAddr,
     memory_only: bool,
 ) -> anyhow::Result<Running> {
-    let source = paths.root.join("config/agent.toml");
+    let source = paths.config.clone();
     let text =
         std::fs::read_to_string(&source).with_context(|| format!("read {}", source.display()))?;
     let mut config: toml::Table = text.parse().context("config/agent.toml")?;
@@ -801,11 +833,26 @@ fn render(
          the connections go).",
         opts.connections, opts.secs, opts.rate
     );
+    let config = (paths.config.strip_prefix(&paths.root))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| {
+            paths
+                .config
+                .file_name()
+                .unwrap_or_default()
+                .display()
+                .to_string()
+        });
+    let grace = std::fs::read_to_string(&paths.config)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| Some(t.get("buffer")?.get("root_grace")?.as_str()?.to_owned()))
+        .unwrap_or_else(|| "auto".into());
     let _ = writeln!(
         md,
-        "- tailgate: `config/agent.toml` with only the receiver/admin addresses (127.0.0.1:0), the exporter \
+        "- tailgate: `{config}` with only the receiver/admin addresses (127.0.0.1:0), the exporter \
          (`otlp_grpc` to the sink, defaults otherwise: gzip, batches of 8192 spans or 200 ms) and \
-         the plugin cache dir changed. root_grace = 2 s."
+         the plugin cache dir changed. root_grace = {grace:?}."
     );
     let _ = writeln!(
         md,

@@ -117,7 +117,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Options>
 /// Runs the soak; Ok(false) when a check failed (the report says which).
 pub fn run(args: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let opts = parse_args(args)?;
-    let paths = Paths::prepare()?;
+    let paths = Paths::prepare(None)?;
     let work = paths.work.join("soak");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

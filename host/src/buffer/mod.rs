@@ -116,7 +116,7 @@ pub(crate) struct PendingTrace {
     pub(crate) gap_before_root: Nanos,
     pub(crate) gap_after_root: Nanos,
     /// The grace ran out while the trace visibly lacked parts: it waits for them, up to the
-    /// idle wait after its last span, until a new span arrives.
+    /// idle wait (at least twice the grace) after its last span, until a new span arrives.
     awaiting_parts: bool,
     /// Log positions of the records this trace's spans came in, each once (none without a
     /// log). Plain positions: whoever pins them (the pipeline) unpins them.
@@ -148,9 +148,12 @@ impl PendingTrace {
             self.first_seen.saturating_add(t.decision_wait),
             Trigger::DecisionWait,
         );
+        // A trace with its root waits out its grace, which trace_idle never cuts short; one
+        // awaiting a part waits at least twice the grace for it.
         let idle = match self.root_seen {
-            Some(_) if !self.awaiting_parts => t.trace_idle,
-            _ => idle,
+            Some(_) if !self.awaiting_parts => t.trace_idle.max(self.grace),
+            Some(_) => idle.max(self.grace.saturating_mul(2)),
+            None => idle,
         };
         let idle = self.last_seen.saturating_add(idle);
         if idle < due.0 {

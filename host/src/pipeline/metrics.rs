@@ -80,7 +80,7 @@ impl PipelineMetrics {
                 // 1 ms .. ~65 s: from an immediate cap decision to a full decision_wait.
                 let family = registry.register(
                     "decision_lag_seconds",
-                    "From a trace's root (or last) span arriving to its decision, by trigger",
+                    "From a trace's last span arriving to its decision, by trigger",
                     Family::<Labels, Histogram>::new_with_constructor(|| {
                         Histogram::new(exponential_buckets(0.001, 2.0, 17))
                     }),

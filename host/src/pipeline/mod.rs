@@ -849,9 +849,10 @@ impl Worker {
             trigger,
         } = due;
         let now = self.ctx.clock.now();
-        let since = trace.root_seen.unwrap_or(trace.last_seen);
+        // What tailgate added: the wait since the trace's last span, not the senders' delays
+        // before it (a root may come 5 s before another service's spans).
         let metrics = &self.ctx.metrics;
-        let lag = Duration::from_nanos(now.saturating_sub(since));
+        let lag = Duration::from_nanos(now.saturating_sub(trace.last_seen));
         metrics.decided(
             &mut self.decided,
             trigger,
