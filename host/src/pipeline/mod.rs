@@ -273,6 +273,11 @@ impl Worker {
                     }
                 }
                 self.decide_batch(&mut batch);
+                // Nothing will be rescued now: the window's records go, so the checkpoint
+                // holds only what a restart needs.
+                while let Some(entry) = self.window.pop_oldest() {
+                    self.unpin(&entry.records);
+                }
                 self.publish_gauges();
                 return;
             }
@@ -735,19 +740,24 @@ impl Worker {
 
     /// The spans of `trace_id` in the log records at `positions`, appended to `into` (or a
     /// new vector). A record that cannot be read or parsed is skipped, counted corrupt, with
-    /// an error naming it.
+    /// an error naming it. Parked traces (`into` given) share a cache of parsed records, each
+    /// trace taking its spans out; a rescue (`into` None) reads past it, since the spans it
+    /// needs may have been taken out of a cached record when the trace was unparked.
     fn read_back(
         &mut self,
         trace_id: &TraceId,
         positions: &[u64],
         into: Option<Vec<BufferedSpan>>,
     ) -> Vec<BufferedSpan> {
+        let use_cache = into.is_some();
         let mut spans = into.unwrap_or_default();
         let Some(storage) = self.ctx.storage.clone() else {
             return spans;
         };
         for &position in positions {
-            let cached = self.parked_records.iter().position(|(p, _)| *p == position);
+            let cached = (self.parked_records.iter())
+                .position(|(p, _)| *p == position)
+                .filter(|_| use_cache);
             let index = match cached {
                 Some(i) => i,
                 None => match storage.read_spans(position) {
@@ -763,6 +773,10 @@ impl Worker {
                         if let Err(e) = parsed {
                             storage.metrics.corrupt_records.inc();
                             tracing::error!(position, error = %e, "a buffered trace's record does not parse");
+                            continue;
+                        }
+                        if !use_cache {
+                            spans.extend(by_trace.remove(trace_id).unwrap_or_default());
                             continue;
                         }
                         if self.parked_records.len() == PARKED_RECORDS_CACHED {
