@@ -84,6 +84,8 @@ pub struct Seen {
     bitmap: Vec<u64>,
     /// Root lags in microseconds (negative if the clocks disagree).
     pub root_lags_us: Vec<i64>,
+    /// The end time (Unix ns) of the root each lag in `root_lags_us` is of.
+    pub root_ends_ns: Vec<i64>,
 }
 
 impl Seen {
@@ -130,7 +132,17 @@ impl Seen {
 
     /// The `q` quantile of the root lags, in milliseconds.
     pub fn lag_ms(&self, q: f64) -> Option<f64> {
-        let mut lags = self.root_lags_us.clone();
+        self.lag_after_ms(q, 0)
+    }
+
+    /// [`Self::lag_ms`] over the roots that ended `warm_up_ns` or more after the first root
+    /// seen: a learned grace's steady state, past its start value.
+    pub fn lag_after_ms(&self, q: f64, warm_up_ns: i64) -> Option<f64> {
+        let first = self.root_ends_ns.iter().min()?;
+        let mut lags: Vec<i64> = (self.root_lags_us.iter().zip(&self.root_ends_ns))
+            .filter(|(_, end)| **end - first >= warm_up_ns)
+            .map(|(lag, _)| *lag)
+            .collect();
         if lags.is_empty() {
             return None;
         }
@@ -219,6 +231,7 @@ impl Sink {
             if span.parent_span_id.is_empty() && span.name == ROOT_NAME {
                 let lag_us = (now_ns - span.end_time_unix_nano as i64) / 1000;
                 seen.root_lags_us.push(lag_us);
+                seen.root_ends_ns.push(span.end_time_unix_nano as i64);
             }
         }
     }
