@@ -324,10 +324,8 @@ impl Traffic {
 fn settle(tg: &Tailgate, spans: u64) -> Metrics {
     wait_for(Duration::from_secs(90), || {
         let m = tg.metrics();
-        (m.received() == spans as f64
-            && m.kept() + m.dropped() == m.received()
-            && m.exported() == m.kept())
-        .then_some(m)
+        (m.received() == spans as f64 && m.accounted() == m.received() && m.exported() == m.kept())
+            .then_some(m)
     })
     .unwrap_or_else(|| {
         let m = tg.metrics();

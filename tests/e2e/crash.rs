@@ -673,7 +673,7 @@ fn a_backend_outage_waits_in_the_log_within_its_bound_and_loses_nothing() {
     );
     assert_eq!(
         after.received(),
-        after.kept() + after.dropped() + after.refused(),
-        "received = kept + dropped + refused"
+        after.accounted(),
+        "received = kept + dropped - rescued + refused"
     );
 }

@@ -166,7 +166,7 @@ impl Load {
 }
 
 /// Once loadgen is done: every acknowledged seq reaches the file exporter, the accounting
-/// holds (received = kept + dropped + refused, and what was not refused is what loadgen had
+/// holds (received = kept + dropped − rescued + refused, and what was not refused is what loadgen had
 /// acknowledged), some of the refusals were for a full disk, and tailgate stops cleanly.
 fn delivers_every_acked_seq_and_stops(mut tg: Tailgate, acked: &[(u64, u64)]) {
     let acked_spans: u64 = acked.iter().map(|(_, n)| n).sum();
@@ -190,21 +190,22 @@ fn delivers_every_acked_seq_and_stops(mut tg: Tailgate, acked: &[(u64, u64)]) {
     });
     let metrics = wait_for(Duration::from_secs(30), || {
         let m = tg.metrics();
-        (m.received() == m.kept() + m.dropped() + m.refused()).then_some(m)
+        (m.received() == m.accounted()).then_some(m)
     })
     .unwrap_or_else(|| tg.metrics());
-    let (received, kept, dropped, refused) = (
+    let (received, kept, dropped, refused, rescued) = (
         metrics.received(),
         metrics.kept(),
         metrics.dropped(),
         metrics.refused(),
+        metrics.rescued(),
     );
     let disk_full = metrics.sum("tailgate_spans_refused_total", &["reason=\"disk_full\""]);
     let status = tg.terminate();
     let lost = lost_of(&delivered);
     eprintln!(
         "diskfull: {acked_spans} acknowledged, {} delivered, {} lost; received {received} = \
-         kept {kept} + dropped {dropped} + refused {refused} ({disk_full} for disk_full)",
+         kept {kept} + dropped {dropped} - rescued {rescued} + refused {refused} ({disk_full} for disk_full)",
         delivered.len(),
         lost.len()
     );
@@ -217,8 +218,8 @@ fn delivers_every_acked_seq_and_stops(mut tg: Tailgate, acked: &[(u64, u64)]) {
     assert!(disk_full > 0.0, "nothing was refused for disk_full");
     assert_eq!(
         received,
-        kept + dropped + refused,
-        "received = kept + dropped + refused"
+        kept + dropped - rescued + refused,
+        "received = kept + dropped - rescued + refused"
     );
     assert_eq!(
         received - refused,

@@ -4,6 +4,7 @@ mod agent;
 mod author;
 mod cli;
 mod conformance;
+mod cors;
 mod crash;
 mod diskfull;
 mod exporter;

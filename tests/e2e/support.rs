@@ -306,6 +306,16 @@ impl Metrics {
         self.sum("tailgate_spans_refused_total", &[])
     }
 
+    /// Spans counted dropped, then kept when their trace was rescued.
+    pub fn rescued(&self) -> f64 {
+        self.sum("tailgate_spans_rescued_total", &[])
+    }
+
+    /// What `received` must equal: kept + dropped − rescued + refused.
+    pub fn accounted(&self) -> f64 {
+        self.kept() + self.dropped() - self.rescued() + self.refused()
+    }
+
     pub fn exported(&self) -> f64 {
         self.sum("tailgate_exported_spans_total", &[])
     }

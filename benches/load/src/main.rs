@@ -189,6 +189,8 @@ struct Accounting {
     received: f64,
     kept: f64,
     dropped: f64,
+    /// Spans counted dropped, then kept by a rescue.
+    rescued: f64,
     refused: f64,
     exported: f64,
     export_failed: f64,
@@ -563,6 +565,7 @@ fn accounting(admin: SocketAddr) -> anyhow::Result<Accounting> {
         received: metric_sum(&text, "tailgate_spans_received_total"),
         kept: metric_sum(&text, "tailgate_spans_kept_total"),
         dropped: metric_sum(&text, "tailgate_spans_dropped_total"),
+        rescued: metric_sum(&text, "tailgate_spans_rescued_total"),
         refused: metric_sum(&text, "tailgate_spans_refused_total"),
         exported: metric_sum(&text, "tailgate_exported_spans_total"),
         export_failed: metric_sum(&text, "tailgate_export_failed_spans_total"),
@@ -1139,11 +1142,11 @@ fn render(
                 ));
                 checks.push((
                     format!(
-                        "received = kept + dropped + refused ({:.0} = {:.0})",
+                        "received = kept + dropped − rescued + refused ({:.0} = {:.0})",
                         a.received,
-                        a.kept + a.dropped + a.refused
+                        a.kept + a.dropped - a.rescued + a.refused
                     ),
-                    a.received == a.kept + a.dropped + a.refused,
+                    a.received == a.kept + a.dropped - a.rescued + a.refused,
                 ));
                 checks.push((
                     format!(

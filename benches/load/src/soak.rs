@@ -527,7 +527,7 @@ struct OutageReport {
     duplicates: u64,
     sink_refused_requests: u64,
     samples: Vec<Sample>,
-    /// received, kept, dropped, refused at the end, before SIGTERM.
+    /// received, kept, dropped (net of the rescued), refused at the end, before SIGTERM.
     accounting: (f64, f64, f64, f64),
     drained: bool,
     final_stop: Option<ExitStatus>,
@@ -705,7 +705,9 @@ fn outage(
     let accounting = (
         metric_sum(&text, "tailgate_spans_received_total"),
         metric_sum(&text, "tailgate_spans_kept_total"),
-        metric_sum(&text, "tailgate_spans_dropped_total"),
+        // Net of the rescued: spans counted dropped, then kept.
+        metric_sum(&text, "tailgate_spans_dropped_total")
+            - metric_sum(&text, "tailgate_spans_rescued_total"),
         metric_sum(&text, "tailgate_spans_refused_total"),
     );
     let final_stop = running.guard.stop(STOP_GRACE);
@@ -971,9 +973,9 @@ fn render(
             ),
             ("Exit on SIGTERM", exit(o.final_stop)),
             (
-                "received = kept + dropped + refused",
+                "received = kept + dropped − rescued + refused",
                 format!(
-                    "{received:.0} = {kept:.0} + {dropped:.0} + {refused:.0} {}",
+                    "{received:.0} = {kept:.0} + {dropped:.0} (net) + {refused:.0} {}",
                     if received == kept + dropped + refused {
                         "✓"
                     } else {

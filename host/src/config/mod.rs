@@ -216,6 +216,63 @@ pub(crate) struct ReceiversConfig {
     pub(crate) auth: ReceiverAuth,
     /// TLS on both receivers (no `cert_file`: plain TCP).
     pub(crate) tls: ListenerTls,
+    /// Cross-origin requests to the HTTP receiver, for browser SDKs. Off by default.
+    pub(crate) cors: CorsConfig,
+}
+
+/// CORS on the OTLP/HTTP receiver, as the OpenTelemetry Collector's OTLP receiver has it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct CorsConfig {
+    /// Origins allowed to send, exactly (`"https://app.example.com"`), with one wildcard
+    /// (`"https://*.example.com"`, any subdomain), or `"*"` for any. Empty: CORS is off, and
+    /// preflights get 405.
+    pub(crate) allowed_origins: Vec<String>,
+    /// Request headers allowed beyond `Content-Type`, `Content-Encoding`, `Authorization`
+    /// and `X-Requested-With`, which always are.
+    pub(crate) allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight's answer; unset, it decides itself.
+    pub(crate) max_age: Option<Duration>,
+}
+
+impl CorsConfig {
+    fn validate(&self) -> Result<(), KeyError> {
+        for origin in &self.allowed_origins {
+            if origin == "*" {
+                continue;
+            }
+            let Some((scheme, host)) = origin.split_once("://") else {
+                return Err(KeyError::new(
+                    "allowed_origins",
+                    format!(
+                        "{origin:?} is not an origin: write it as scheme://host[:port], like \"https://app.example.com\""
+                    ),
+                ));
+            };
+            if scheme.is_empty()
+                || host.is_empty()
+                || host.contains('/')
+                || host.matches('*').count() > 1
+                || (host.contains('*') && !host.starts_with("*."))
+            {
+                return Err(KeyError::new(
+                    "allowed_origins",
+                    format!(
+                        "{origin:?} is not an origin: scheme://host[:port], no path, and a wildcard only as the first label (\"https://*.example.com\")"
+                    ),
+                ));
+            }
+        }
+        for name in &self.allowed_headers {
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(KeyError::new(
+                    "allowed_headers",
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Bearer tokens on the receivers.
@@ -319,6 +376,7 @@ impl Default for ReceiversConfig {
             limits: ListenerLimits::default(),
             auth: ReceiverAuth::default(),
             tls: ListenerTls::default(),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -707,6 +765,7 @@ impl ReceiversConfig {
             return Err(KeyError::new("max_request_size", "must be at least 1KiB"));
         }
         self.tls.validate().map_err(|e| e.within("tls"))?;
+        self.cors.validate().map_err(|e| e.within("cors"))?;
         if self.max_in_flight_bytes.0 < self.max_request_size.0.saturating_mul(2) {
             return Err(KeyError::new(
                 "max_in_flight_bytes",

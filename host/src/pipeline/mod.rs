@@ -526,41 +526,10 @@ impl Worker {
         now: Nanos,
     ) {
         let n = late.len() as u64;
-        let turns = late
-            .iter()
-            .any(|s| s.status_code == STATUS_ERROR || s.is_root());
-        let mut late = Some(late);
-        if turns {
-            let records = (self.window.get_mut(&trace_id))
-                .map(|e| e.records.clone())
-                .unwrap_or_default();
-            let mut spans = self.read_back(&trace_id, &records, None);
-            let earlier = spans.len() as u64;
-            spans.extend(late.take().unwrap_or_default());
-            let mut decisions = Vec::with_capacity(1);
-            self.decider.decide_batch(
-                &mut [TraceView {
-                    trace_id: &trace_id,
-                    spans: &mut spans,
-                }],
-                &mut decisions,
-            );
-            if let Some(decision) = decisions.pop().filter(|d| d.keep)
-                && let Some(mut entry) = self.window.remove(&trace_id)
-            {
-                self.ctx.metrics.revisable(-1);
-                if let Some(r) = record
-                    && !entry.records.contains(&r)
-                {
-                    self.pin(r);
-                    entry.records.push(r);
-                }
-                self.ctx.metrics.late(true, n);
-                self.rescue(trace_id, spans, earlier, entry.records, decision, now);
-                return;
-            }
+        let turns = (late.iter()).any(|s| s.status_code == STATUS_ERROR || s.is_root());
+        if turns && self.redecide(trace_id, late, record, now) {
+            return;
         }
-        drop(late);
         self.ctx.metrics.late(false, n);
         self.ctx.metrics.dropped(Trigger::Late, n);
         if let Some(r) = record
@@ -570,6 +539,48 @@ impl Worker {
             entry.records.push(r);
             self.pin(r);
         }
+    }
+
+    /// Runs the chain on a dropped trace read back whole, with its `late` spans; rescues it
+    /// if kept. Returns whether it was.
+    fn redecide(
+        &mut self,
+        trace_id: TraceId,
+        late: Vec<BufferedSpan>,
+        record: Option<u64>,
+        now: Nanos,
+    ) -> bool {
+        let n = late.len() as u64;
+        let records = (self.window.get_mut(&trace_id))
+            .map(|e| e.records.clone())
+            .unwrap_or_default();
+        let mut spans = self.read_back(&trace_id, &records, None);
+        let earlier = spans.len() as u64;
+        spans.extend(late);
+        let mut decisions = Vec::with_capacity(1);
+        self.decider.decide_batch(
+            &mut [TraceView {
+                trace_id: &trace_id,
+                spans: &mut spans,
+            }],
+            &mut decisions,
+        );
+        let Some(decision) = decisions.pop().filter(|d| d.keep) else {
+            return false;
+        };
+        let Some(mut entry) = self.window.remove(&trace_id) else {
+            return false;
+        };
+        self.ctx.metrics.revisable(-1);
+        if let Some(r) = record
+            && !entry.records.contains(&r)
+        {
+            self.pin(r);
+            entry.records.push(r);
+        }
+        self.ctx.metrics.late(true, n);
+        self.rescue(trace_id, spans, earlier, entry.records, decision, now);
+        true
     }
 
     /// Keeps a dropped trace after all: logs the new decision, then exports it whole. `earlier`
@@ -1220,6 +1231,15 @@ mod tests {
     }
 
     /// A harness whose worker logs to a real storage log in a fresh folder.
+    /// The log in `dir` opened again, as after a restart.
+    fn reopen(dir: &std::path::Path) -> (Arc<Storage>, crate::storage::Recovery) {
+        let config = crate::config::StorageConfig {
+            dir: dir.to_owned(),
+            ..Default::default()
+        };
+        Storage::open(&config, &Registry::new()).expect("reopen")
+    }
+
     fn with_storage(name: &str) -> (Harness, Arc<Storage>, std::path::PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("tailgate-pipeline-{name}-{}", std::process::id()));
@@ -1489,14 +1509,7 @@ mod tests {
         storage.close();
         drop(h);
         drop(storage);
-        let (reopened, recovery) = Storage::open(
-            &crate::config::StorageConfig {
-                dir: dir.clone(),
-                ..Default::default()
-            },
-            &Registry::new(),
-        )
-        .expect("reopen");
+        let (reopened, recovery) = reopen(&dir);
         let logged = |t: u8| {
             recovery
                 .decisions
@@ -1540,14 +1553,7 @@ mod tests {
         // The lock goes with the last handle.
         drop(h);
         drop(storage);
-        let (reopened, recovery) = Storage::open(
-            &crate::config::StorageConfig {
-                dir: dir.clone(),
-                ..Default::default()
-            },
-            &Registry::new(),
-        )
-        .expect("reopen");
+        let (reopened, recovery) = reopen(&dir);
         let logged = |t: u8| recovery.decisions.get(&[t; 16]).map(|r| r.decision.keep);
         assert_eq!(
             (logged(1), logged(2)),

@@ -3,6 +3,10 @@
 //! The body is read as a stream and bounded after decompression: a small gzip body that would
 //! expand past `max_request_size` is cut off while inflating, never held in memory whole.
 //! Error bodies are `google.rpc.Status` in the request's own encoding, as OTLP asks.
+//!
+//! With `receivers.cors` set, tower-http's CORS layer answers browsers' preflights before the
+//! handler (so a preflight needs no token) and adds the CORS headers to the responses of
+//! allowed origins only.
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use super::admission::{Admission, Held, Over};
 use super::auth::{Caller, Tokens};
 use super::ingest::{Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
-use crate::config::ReceiversConfig;
+use crate::config::{CorsConfig, ReceiversConfig};
 use crate::otlp::{RpcStatus, json};
 
 #[derive(Clone)]
@@ -42,7 +46,7 @@ pub(crate) fn router(
     tokens: Option<Arc<Tokens>>,
     admission: Arc<Admission>,
 ) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/traces", any(export))
         .with_state(HttpState {
             ingest,
@@ -52,7 +56,56 @@ pub(crate) fn router(
             body_read_timeout: config.limits.body_read_timeout.0,
             tokens,
             admission,
-        })
+        });
+    match cors(&config.cors) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// The CORS layer `config` asks for; None while no origin is allowed.
+fn cors(config: &CorsConfig) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if config.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = config.allowed_origins.clone();
+    let mut headers = vec![
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::AUTHORIZATION,
+        header::HeaderName::from_static("x-requested-with"),
+    ];
+    // Checked when the config was read.
+    headers.extend((config.allowed_headers.iter()).filter_map(|h| h.parse().ok()));
+    let mut layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin
+                .to_str()
+                .is_ok_and(|o| origins.iter().any(|allowed| origin_matches(allowed, o)))
+        }))
+        .allow_methods([Method::POST])
+        .allow_headers(headers);
+    if let Some(max_age) = config.max_age {
+        layer = layer.max_age(max_age.0);
+    }
+    Some(layer)
+}
+
+/// Whether `origin` is `allowed`: equal (case-insensitively), `"*"`, or under a wildcard
+/// first label (`https://*.example.com` allows `https://a.example.com` and
+/// `https://a.b.example.com`, not `https://example.com`).
+fn origin_matches(allowed: &str, origin: &str) -> bool {
+    if allowed == "*" || allowed.eq_ignore_ascii_case(origin) {
+        return true;
+    }
+    let Some((prefix, suffix)) = allowed.split_once('*') else {
+        return false;
+    };
+    origin.len() > prefix.len() + suffix.len()
+        && origin[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && origin[origin.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        && !origin[prefix.len()..origin.len() - suffix.len()].contains(['/', ':'])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,6 +495,42 @@ mod tests {
     use super::*;
     use flate2::Compression;
     use flate2::write::GzEncoder;
+
+    #[test]
+    fn an_origin_is_allowed_exactly_or_under_a_wildcard_label() {
+        let cases = [
+            ("https://app.example.com", "https://app.example.com", true),
+            ("https://app.example.com", "HTTPS://APP.example.com", true),
+            ("https://app.example.com", "http://app.example.com", false),
+            (
+                "https://app.example.com",
+                "https://app.example.com:8443",
+                false,
+            ),
+            ("https://*.example.com", "https://a.example.com", true),
+            ("https://*.example.com", "https://a.b.example.com", true),
+            ("https://*.example.com", "https://example.com", false),
+            ("https://*.example.com", "https://.example.com", false),
+            (
+                "https://*.example.com",
+                "https://evil.com:1/.example.com",
+                false,
+            ),
+            (
+                "https://*.example.com",
+                "https://a.example.com.evil.com",
+                false,
+            ),
+            ("*", "http://anything:3000", true),
+        ];
+        for (allowed, origin, want) in cases {
+            assert_eq!(
+                origin_matches(allowed, origin),
+                want,
+                "{allowed} / {origin}"
+            );
+        }
+    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut e = GzEncoder::new(Vec::new(), Compression::best());

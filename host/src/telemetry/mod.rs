@@ -2,10 +2,11 @@
 //! listener that serves them with the host's health.
 //!
 //! The span accounting identity an operator can check on `/metrics` at any quiet moment:
-//! `received = kept + dropped + refused`, and `kept = exported + export_failed + queued`.
+//! `received = kept + dropped − rescued + refused`, and `kept = exported + export_failed + queued`.
 //! The receivers count `received` and `refused`, the pipeline `kept` and `dropped`, the
 //! exporter the rest; every code path that takes a span in or lets one go updates exactly one
-//! of these counters.
+//! of these counters, but a rescue: it keeps spans counted dropped before, and counts them in
+//! `rescued` too, since counters never go down.
 //!
 //! Owns the registry and the admin listener's routes for metrics and health. Must never import
 //! a stage: stages are told nothing by telemetry, they tell it, through metrics they register.
