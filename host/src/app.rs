@@ -103,6 +103,8 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
             remember_dropped: config.buffer.remember_dropped,
             storage: storage.clone(),
             timing: timing.clone(),
+            timing_dir: (config.storage.kind == StorageKind::Local)
+                .then(|| config.storage.dir.join("timing")),
         },
         &WasmChainFactory {
             runtime,

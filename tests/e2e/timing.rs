@@ -557,3 +557,39 @@ fn long_agent_runs_are_not_cut_before_their_root_nor_flagged_as_losing_a_parent(
     }
     provider.shutdown().expect("provider");
 }
+
+/// The learned grace in `/status` for `root` of `svc`, once it has one.
+fn learned_grace(tg: &Tailgate, svc: &str, root: &str) -> Option<f64> {
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(tg.admin, "/status").ok()?.1).ok()?;
+    (status["timing"]["root_graces"].as_array()?.iter())
+        .find(|g| g["service"] == svc && g["root"] == root)?["grace_seconds"]
+        .as_f64()
+}
+
+#[test]
+fn a_restart_keeps_the_learned_grace() {
+    let dir = TempDir::new("timing-restart");
+    let sections = format!(
+        "[buffer]\nworkers = 1\n\n[storage]\ndir = {:?}\n",
+        dir.path().join("storage").display().to_string()
+    );
+    let mut tg = Tailgate::start(&sections);
+    // Traces that arrive whole: the grace settles at root_grace_min, 1 s.
+    for t in 0..40 {
+        let spans = [SpanSpec::new(100 + t, 1, 0), SpanSpec::new(100 + t, 2, 1)];
+        send(&tg, &request("svc", &spans));
+    }
+    let learned = wait_for(Duration::from_secs(30), || {
+        learned_grace(&tg, "svc", "span-1").filter(|g| *g == 1.0)
+    });
+    assert_eq!(learned, Some(1.0), "log:\n{}", tg.log().join("\n"));
+    assert!(tg.terminate().success());
+
+    // The next run starts from it, not from the 6 s start value.
+    let tg = Tailgate::start(&sections);
+    let restored = wait_for(Duration::from_secs(10), || {
+        learned_grace(&tg, "svc", "span-1")
+    });
+    assert_eq!(restored, Some(1.0), "log:\n{}", tg.log().join("\n"));
+}

@@ -13,6 +13,10 @@
 //!   spans got a SERVER or CONSUMER child. A trace waits for a missing child only where the
 //!   callee was seen instrumented ([`Callees::expects_child`]).
 //!
+//! What a shard learned is saved with the storage log ([`Learned::save`], [`Learned::restore`])
+//! and read back at start, so a restart does not wait out [`START`] again. The callees are not
+//! saved: their keys are hashes of this process, and a few traces teach them again.
+//!
 //! One sample per trace and gap kind: the longest gap it showed. A trace cut too early shows
 //! its gap later, as a late span; the pipeline reports that ([`Learned::observe_late`]), so the
 //! estimate is not biased towards the traces it got right.
@@ -25,6 +29,8 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::trace::Nanos;
 
@@ -99,6 +105,21 @@ impl Gaps {
         self.total
     }
 
+    fn counts(&self) -> Vec<u32> {
+        self.counts.to_vec()
+    }
+
+    /// Counts saved by [`Self::counts`]; a list of another length (another bucket layout)
+    /// gives nothing.
+    fn from_counts(counts: &[u32]) -> Self {
+        let mut gaps = Self::default();
+        if counts.len() == BUCKETS {
+            gaps.counts.copy_from_slice(counts);
+            gaps.total = counts.iter().fold(0u32, |t, c| t.saturating_add(*c));
+        }
+        gaps
+    }
+
     /// The upper edge of the bucket holding quantile `q`; None with too few samples.
     pub(crate) fn quantile(&self, q: f64) -> Option<Nanos> {
         if self.total < MIN_SAMPLES {
@@ -155,6 +176,21 @@ pub struct LearnedReport {
     pub grace_seconds: f64,
     pub idle_seconds: f64,
     pub roots: Vec<LearnedGrace>,
+}
+
+/// A shard's learned gaps, as saved between runs.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct SavedGaps {
+    roots: Vec<SavedRoot>,
+    all_roots: Vec<u32>,
+    before_root: Vec<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedRoot {
+    service: String,
+    root: String,
+    gaps: Vec<u32>,
 }
 
 /// A shard's learned timing. Time is a parameter, as in the rest of the buffer.
@@ -263,6 +299,40 @@ impl Learned {
             self.observe(key, Some(gap), None);
         } else {
             self.observe(key, None, Some(gap));
+        }
+    }
+
+    /// What this shard learned, to be restored after a restart.
+    pub(crate) fn save(&self) -> SavedGaps {
+        SavedGaps {
+            roots: (self.roots.values())
+                .filter(|r| r.gaps.samples() > 0)
+                .map(|r| SavedRoot {
+                    service: r.service.to_string(),
+                    root: r.name.to_string(),
+                    gaps: r.gaps.counts(),
+                })
+                .collect(),
+            all_roots: self.all_roots.counts(),
+            before_root: self.before_root.counts(),
+        }
+    }
+
+    /// Takes back what a run before learned, as if used at `now`.
+    pub(crate) fn restore(&mut self, saved: SavedGaps, now: Nanos) {
+        self.all_roots = Gaps::from_counts(&saved.all_roots);
+        self.before_root = Gaps::from_counts(&saved.before_root);
+        for r in saved.roots.into_iter().take(MAX_ROOTS) {
+            let key = self.key(&r.service, &r.root);
+            self.roots.insert(
+                key,
+                RootGaps {
+                    service: Arc::from(r.service),
+                    name: r.root.into(),
+                    gaps: Gaps::from_counts(&r.gaps),
+                    used: now,
+                },
+            );
         }
     }
 
@@ -478,6 +548,29 @@ mod tests {
         assert!(!c.expects_child(db));
         assert!(c.expects_child(tool));
         assert!(!c.expects_child(c.key("agent", "never seen")));
+    }
+
+    #[test]
+    fn what_was_learned_is_restored_after_a_restart() {
+        let mut l = auto();
+        let svc: Arc<str> = Arc::from("api");
+        let (_, key) = l.grace_for(&svc, "GET /", 0);
+        for _ in 0..100 {
+            l.observe(key, Some(3 * S), Some(4 * S));
+        }
+        let before = (l.grace_for(&svc, "GET /", 1).0, l.idle());
+        let text = serde_json::to_string(&l.save()).unwrap();
+        let mut again = auto();
+        assert_eq!(again.grace_for(&svc, "GET /", 0).0, START);
+        again.restore(serde_json::from_str(&text).unwrap(), 0);
+        assert_eq!((again.grace_for(&svc, "GET /", 1).0, again.idle()), before);
+        // A file of another layout restores nothing, and breaks nothing.
+        let mut other = auto();
+        other.restore(
+            serde_json::from_str(r#"{"roots":[],"all_roots":[1,2],"before_root":[]}"#).unwrap(),
+            0,
+        );
+        assert_eq!(other.idle(), START);
     }
 
     #[test]

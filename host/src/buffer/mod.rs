@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::otlp::wire::span_name;
 use crate::trace::{BufferedSpan, Nanos, TraceId, Trigger};
 
-pub(crate) use learned::{AutoGrace, GraceSettings, Learned};
+pub(crate) use learned::{AutoGrace, GraceSettings, Learned, SavedGaps};
 pub use learned::{LearnedGrace, LearnedReport};
 pub use memory::MemoryBudget;
 pub(crate) use remembered::{DecisionMemory, Remembered};
@@ -277,6 +277,12 @@ impl TraceBuffer {
     /// What this shard learned from arrival.
     pub(crate) fn learned(&mut self) -> &mut Learned {
         &mut self.learned
+    }
+
+    /// Takes back what a run before learned (see [`Learned::restore`]).
+    pub(crate) fn restore_learned(&mut self, saved: SavedGaps, now: Nanos) {
+        self.learned.restore(saved, now);
+        self.idle = self.learned.idle();
     }
 
     /// Adds a span to its trace. `cost` is what the caller reserved for it in the budget.

@@ -59,6 +59,9 @@ const STATUS_ERROR: u8 = 2;
 /// How often a worker publishes what it learned and forgets keys long unused.
 const REPORT_EVERY: Nanos = 1_000_000_000;
 
+/// How often a worker saves what it learned (and at shutdown).
+const SAVE_EVERY: Nanos = 60 * REPORT_EVERY;
+
 /// A span for a shard, with the bytes reserved for it in the memory budget.
 pub struct ShardSpan {
     pub trace_id: TraceId,
@@ -105,6 +108,9 @@ pub(crate) struct WorkerContext {
     pub(crate) remember_dropped: usize,
     pub(crate) storage: Option<Arc<Storage>>,
     pub(crate) timing: Arc<TimingBoard>,
+    /// Where each shard keeps what it learned of arrival between runs (with the storage
+    /// log: `<storage.dir>/timing`); None: nowhere.
+    pub(crate) timing_dir: Option<std::path::PathBuf>,
 }
 
 /// How often an idle worker looks at memory pressure; pressure raised by other shards must be
@@ -207,8 +213,9 @@ struct Worker {
     decided: DecidedSeries,
     /// Traces decided within the revision window.
     window: Window,
-    /// When this worker last published what it learned.
+    /// When this worker last published what it learned, and last saved it.
     reported_at: Nanos,
+    saved_at: Nanos,
 }
 
 impl Worker {
@@ -237,10 +244,12 @@ impl Worker {
             decided: DecidedSeries::default(),
             window,
             reported_at: 0,
+            saved_at: 0,
         }
     }
 
     fn run(&mut self, rx: Receiver<ShardMsg>) {
+        self.load_learned();
         loop {
             let now = self.ctx.clock.now();
             let wait = self
@@ -279,6 +288,7 @@ impl Worker {
                     self.unpin(&entry.records);
                 }
                 self.publish_gauges();
+                self.save_learned();
                 return;
             }
             let now = if self.replaying {
@@ -294,7 +304,57 @@ impl Worker {
                 learned.forget_unused(now);
                 let report = learned.report();
                 self.ctx.timing.publish(self.shard, report);
+                if now.saturating_sub(self.saved_at) >= SAVE_EVERY {
+                    self.saved_at = now;
+                    self.save_learned();
+                }
             }
+        }
+    }
+
+    fn learned_file(&self) -> Option<std::path::PathBuf> {
+        let dir = self.ctx.timing_dir.as_ref()?;
+        self.ctx.timings.auto?;
+        Some(dir.join(format!("timing-{}.json", self.shard)))
+    }
+
+    /// Takes back what this shard learned in the run before, if it saved anything.
+    fn load_learned(&mut self) {
+        let Some(path) = self.learned_file() else {
+            return;
+        };
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the learned timing; learning it anew");
+                return;
+            }
+        };
+        match serde_json::from_slice(&saved) {
+            Ok(saved) => self.buffer.restore_learned(saved, self.ctx.clock.now()),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the learned timing does not parse; learning it anew")
+            }
+        }
+    }
+
+    /// Saves what this shard learned, for the next run: written aside, then renamed over.
+    fn save_learned(&mut self) {
+        let Some(path) = self.learned_file() else {
+            return;
+        };
+        let saved = self.buffer.learned().save();
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let aside = path.with_extension("json.tmp");
+            std::fs::write(&aside, serde_json::to_vec(&saved)?)?;
+            std::fs::rename(&aside, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the learned timing");
         }
     }
 
@@ -1029,6 +1089,7 @@ mod tests {
             remember_dropped: 100,
             storage: None,
             timing: TimingBoard::new(&registry),
+            timing_dir: None,
         };
         Harness {
             worker: Worker::new(ctx, Box::new(KeepErrors), 1),
