@@ -678,15 +678,7 @@ impl Worker {
             &decision.policy,
             Duration::from_nanos(self.ctx.clock.now().saturating_sub(now)),
         );
-        let before = spans.len() as u64;
-        let trimmed = decide::apply(&decision, &mut spans) as u64;
-        if trimmed > 0 {
-            metrics.dropped(trigger, trimmed);
-            metrics.trimmed(&decision.policy, trimmed);
-        }
-        metrics.kept(trigger, before - trimmed);
-        let stamp = Arc::new(decide::stamp(&decision, trigger));
-        self.decisions.remember_kept(trace_id, stamp.clone());
+        let stamp = self.keep(trace_id, &mut spans, &decision, trigger);
         self.ctx.export.push(KeptTrace {
             spans,
             stamp,
@@ -947,16 +939,7 @@ impl Worker {
         );
         self.ctx.memory.release(trace.cost);
         if decision.keep {
-            let before = trace.spans.len() as u64;
-            let trimmed = decide::apply(&decision, &mut trace.spans) as u64;
-            if trimmed > 0 {
-                // Trimmed spans leave by a decision too: count them as dropped.
-                metrics.dropped(trigger, trimmed);
-                metrics.trimmed(&decision.policy, trimmed);
-            }
-            metrics.kept(trigger, before - trimmed);
-            let stamp = Arc::new(decide::stamp(&decision, trigger));
-            self.decisions.remember_kept(trace_id, stamp.clone());
+            let stamp = self.keep(trace_id, &mut trace.spans, &decision, trigger);
             if self.window.is_on() && self.ctx.timings.auto.is_some() {
                 // Not to rescue: to learn from its late spans.
                 self.hold(trace_id, &trace, trigger, false, now);
@@ -989,6 +972,28 @@ impl Worker {
                 self.unpin(&trace.records);
             }
         }
+    }
+
+    /// Applies a keep's edits to `spans`, counts them (trimmed spans leave by a decision too:
+    /// dropped), and remembers the keep; returns the stamp its spans carry.
+    fn keep(
+        &mut self,
+        trace_id: TraceId,
+        spans: &mut Vec<BufferedSpan>,
+        decision: &Decision,
+        trigger: Trigger,
+    ) -> Arc<Stamp> {
+        let metrics = &self.ctx.metrics;
+        let before = spans.len() as u64;
+        let trimmed = decide::apply(decision, spans) as u64;
+        if trimmed > 0 {
+            metrics.dropped(trigger, trimmed);
+            metrics.trimmed(&decision.policy, trimmed);
+        }
+        metrics.kept(trigger, before - trimmed);
+        let stamp = Arc::new(decide::stamp(decision, trigger));
+        self.decisions.remember_kept(trace_id, stamp.clone());
+        stamp
     }
 
     /// Holds a decided trace in the revision window; a rescuable one with its records.
