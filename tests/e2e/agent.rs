@@ -14,7 +14,6 @@ use opentelemetry::trace::{
     Span as _, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
@@ -141,11 +140,7 @@ impl Traffic {
     /// `seed` fixes everything the test sends: the traces' shapes and attributes, and their
     /// ids.
     fn new(tg: &Tailgate, pricing: Pricing, seed: u64) -> Self {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(format!("http://{}", tg.grpc))
-            .build()
-            .expect("OTLP gRPC exporter");
+        let exporter = grpc_exporter(tg);
         // A queue large enough that the SDK never drops a span of ours.
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(

@@ -348,6 +348,16 @@ impl SpanSpec {
     }
 }
 
+/// The OTel SDK's OTLP/gRPC span exporter, pointed at `tg` (it needs a Tokio runtime entered).
+pub fn grpc_exporter(tg: &Tailgate) -> opentelemetry_otlp::SpanExporter {
+    use opentelemetry_otlp::WithExportConfig;
+    opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(format!("http://{}", tg.grpc))
+        .build()
+        .expect("OTLP gRPC exporter")
+}
+
 pub fn trace_id(n: u64) -> [u8; 16] {
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&0x7a11_6a7e_u64.to_be_bytes());

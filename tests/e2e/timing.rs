@@ -9,7 +9,6 @@ use opentelemetry::trace::{
     Span as _, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -140,13 +139,8 @@ impl opentelemetry_sdk::trace::SpanExporter for Timed {
 
 /// A service with the SDK's default batch processor (a 5 s export delay).
 fn sdk_service(tg: &Tailgate, service: &str, arrivals: &Arrivals) -> SdkTracerProvider {
-    let inner = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(format!("http://{}", tg.grpc))
-        .build()
-        .expect("OTLP gRPC exporter");
     let exporter = Timed {
-        inner,
+        inner: grpc_exporter(tg),
         arrivals: arrivals.clone(),
     };
     SdkTracerProvider::builder()
@@ -487,11 +481,7 @@ fn long_agent_runs_are_not_cut_before_their_root_nor_flagged_as_losing_a_parent(
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(format!("http://{}", tg.grpc))
-        .build()
-        .expect("OTLP gRPC exporter");
+    let exporter = grpc_exporter(&tg);
     let processor = BatchSpanProcessor::builder(exporter)
         .with_batch_config(
             BatchConfigBuilder::default()

@@ -259,6 +259,7 @@ pub enum Inserted {
 
 impl TraceBuffer {
     pub fn new(timings: Timings) -> Self {
+        let learned = Learned::new(timings.grace_settings());
         Self {
             traces: TraceMap::default(),
             schedule: BinaryHeap::new(),
@@ -269,8 +270,8 @@ impl TraceBuffer {
             in_memory: VecDeque::new(),
             parking: false,
             span_hint: FIRST_SPAN_HINT,
-            learned: Learned::new(timings.grace_settings()),
-            idle: Learned::new(timings.grace_settings()).idle(),
+            idle: learned.idle(),
+            learned,
         }
     }
 

@@ -53,6 +53,13 @@ use metrics::DecidedSeries;
 pub(crate) use metrics::{PipelineMetrics, TimingBoard};
 use window::{Revisable, Window};
 
+/// Whether reading spans back goes through the shard's cache of parsed records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    Use,
+    Bypass,
+}
+
 /// OTLP `STATUS_CODE_ERROR`.
 const STATUS_ERROR: u8 = 2;
 
@@ -614,7 +621,7 @@ impl Worker {
         let records = (self.window.get_mut(&trace_id))
             .map(|e| e.records.clone())
             .unwrap_or_default();
-        let mut spans = self.read_back(&trace_id, &records, None);
+        let mut spans = self.read_back(&trace_id, &records, Vec::new(), Cache::Bypass);
         let earlier = spans.len() as u64;
         spans.extend(late);
         let mut decisions = Vec::with_capacity(1);
@@ -783,7 +790,8 @@ impl Worker {
         let trace = &mut due.trace;
         let into = Vec::with_capacity(trace.span_total());
         let parked = std::mem::take(&mut trace.parked_spans);
-        let mut spans = self.read_back(&due.trace_id, &trace.records[..trace.parked], Some(into));
+        let records = &trace.records[..trace.parked];
+        let mut spans = self.read_back(&due.trace_id, records, into, Cache::Use);
         if let Some(storage) = &self.ctx.storage {
             storage.metrics.parked_spans.dec_by(parked as i64);
         }
@@ -801,19 +809,19 @@ impl Worker {
         trace.parked_bytes = 0;
     }
 
-    /// The spans of `trace_id` in the log records at `positions`, appended to `into` (or a
-    /// new vector). A record that cannot be read or parsed is skipped, counted corrupt, with
-    /// an error naming it. Parked traces (`into` given) share a cache of parsed records, each
-    /// trace taking its spans out; a rescue (`into` None) reads past it, since the spans it
-    /// needs may have been taken out of a cached record when the trace was unparked.
+    /// The spans of `trace_id` in the log records at `positions`, appended to `spans`. A
+    /// record that cannot be read or parsed is skipped, counted corrupt, with an error naming
+    /// it. Parked traces (`Cache::Use`) share a cache of parsed records, each trace taking its
+    /// spans out; a rescue (`Cache::Bypass`) reads past it, since the spans it needs may have
+    /// been taken out of a cached record when the trace was unparked.
     fn read_back(
         &mut self,
         trace_id: &TraceId,
         positions: &[u64],
-        into: Option<Vec<BufferedSpan>>,
+        mut spans: Vec<BufferedSpan>,
+        cache: Cache,
     ) -> Vec<BufferedSpan> {
-        let use_cache = into.is_some();
-        let mut spans = into.unwrap_or_default();
+        let use_cache = cache == Cache::Use;
         let Some(storage) = self.ctx.storage.clone() else {
             return spans;
         };
