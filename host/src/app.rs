@@ -4,7 +4,8 @@
 //! within `shutdown.timeout`, and what it could not deliver stays in the storage log.
 //!
 //! Before anything listens, the storage log left by the previous run is replayed: decisions
-//! first, then every span record from the checkpoint, on its record time.
+//! first, then every span record from the checkpoint, on its record time, and every metrics
+//! record not yet settled, to the exporter again.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,7 +121,8 @@ pub(crate) async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow:
             receiver_metrics.clone(),
         )
         .with_storage(storage.clone())
-        .with_limits(RequestLimits::from_config(&config.receivers)),
+        .with_limits(RequestLimits::from_config(&config.receivers))
+        .with_metrics_queue(exporter.metrics_queue()),
     );
     if let (Some(storage), Some(recovery)) = (&storage, recovery) {
         let (storage, ingest, senders) = (storage.clone(), ingest.clone(), workers.senders.clone());
@@ -222,7 +224,22 @@ fn recover(
     }
     let (wall, mono) = (crate::storage::unix_nanos(), clock.now());
     let mut records = 0u64;
+    let forwarded = std::mem::take(&mut recovery.forwarded);
     recovery.replay(&storage.metrics, |record| {
+        if record.kind == RecordKind::Metrics && !forwarded.contains(&record.position) {
+            // Accepted and not yet settled: forwarded again.
+            storage.pins.pin(record.position);
+            if ingest.replay_metrics(&record.payload, record.position) {
+                records += 1;
+            } else {
+                storage.metrics.corrupt_records.inc();
+                tracing::warn!(
+                    position = record.position,
+                    "a metrics record passed its checksum but does not parse; skipping it"
+                );
+            }
+            return;
+        }
         if record.kind != RecordKind::Spans {
             return;
         }

@@ -21,11 +21,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     // The log under the buffer: appends, pins, the watermark, replay. Knows no stage.
     ("storage", &["config", "telemetry", "trace"]),
+    // Metrics pass the buffer by: the receivers queue them for the exporter.
     (
         "receiver",
         &[
             "buffer",
             "config",
+            "export",
             "otlp",
             "pipeline",
             "storage",

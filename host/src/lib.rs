@@ -5,6 +5,7 @@
 //! ```text
 //! trace (the model: shared types, depends on nothing)
 //! receiver/ ──► buffer/ ──► pipeline/ ──► decide/ ──► export/
+//!     │ └──────────── metrics pass through ──────────────► │
 //!     │                          │           ▲            │
 //!     │                          │        plugin/ (the sandbox: implements decide's Decider)
 //!     └───────────► storage/ ◄───┴────────────────────────┘
@@ -24,7 +25,7 @@
 //! | `otlp` | `trace` |
 //! | `telemetry` | nothing |
 //! | `storage` | `config`, `telemetry`, `trace` |
-//! | `receiver` | `buffer`, `config`, `otlp`, `pipeline`, `storage`, `telemetry`, `trace` |
+//! | `receiver` | `buffer`, `config`, `export`, `otlp`, `pipeline`, `storage`, `telemetry`, `trace` |
 //! | `buffer` | `config`, `otlp`, `trace` |
 //! | `pipeline` | `buffer`, `clock`, `decide`, `export`, `otlp`, `storage`, `telemetry`, `trace` |
 //! | `decide` | `config`, `otlp`, `trace` |

@@ -26,7 +26,7 @@ const AGENT_TOML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/agent.t
 
 /// `config/agent.toml` as shipped, minus the tables a test must own (listen addresses,
 /// exporter), which `Tailgate::start` supplies.
-fn agent_config() -> (String, toml::Table) {
+pub fn agent_config() -> (String, toml::Table) {
     let text = std::fs::read_to_string(AGENT_TOML).expect("read config/agent.toml");
     let mut table: toml::Table = text.parse().expect("config/agent.toml parses");
     for owned in ["receivers", "admin", "exporter"] {

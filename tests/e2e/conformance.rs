@@ -66,6 +66,21 @@ async fn raw_grpc_export(
     tg: &Tailgate,
     body: Vec<u8>,
 ) -> Result<ExportTraceServiceResponse, tonic::Status> {
+    raw_grpc_call(
+        tg,
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        body,
+    )
+    .await
+}
+
+/// Sends arbitrary bytes as the request message of the gRPC method at `path`; the reply is
+/// read as an export response (the same message on the wire for every signal).
+pub async fn raw_grpc_call(
+    tg: &Tailgate,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<ExportTraceServiceResponse, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", tg.grpc))
         .unwrap()
         .connect()
@@ -73,9 +88,7 @@ async fn raw_grpc_export(
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_static(
-        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-    );
+    let path = http::uri::PathAndQuery::from_static(path);
     grpc.unary(
         tonic::Request::new(bytes::Bytes::from(body)),
         path,

@@ -16,6 +16,7 @@ mod loadgen;
 mod memory;
 mod pipeline;
 mod policies;
+mod signals;
 mod support;
 mod timing;
 mod tls;

@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -470,15 +476,26 @@ pub async fn post(
     encoding: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    post_to(addr, "/v1/traces", content_type, encoding, body).await
+}
+
+/// [`post`] to another path of the HTTP receiver.
+pub async fn post_to(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    encoding: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
     let client = reqwest::Client::new();
     let mut req = client
-        .post(format!("http://{addr}/v1/traces"))
+        .post(format!("http://{addr}{path}"))
         .header("content-type", content_type)
         .body(body);
     if let Some(e) = encoding {
         req = req.header("content-encoding", e);
     }
-    let resp = req.send().await.expect("POST /v1/traces");
+    let resp = req.send().await.expect("POST to the HTTP receiver");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.bytes().await.expect("body").to_vec();
@@ -625,6 +642,36 @@ pub struct Received {
     pub request_spans: Vec<Vec<Vec<u8>>>,
     /// While set, every request is refused as temporarily unavailable: an outage.
     pub down: bool,
+    /// Trace ids of the accepted spans, with how many spans of each arrived.
+    pub traces: HashMap<Vec<u8>, usize>,
+    /// Every metrics request accepted, in arrival order.
+    pub metrics: Vec<ExportMetricsServiceRequest>,
+    /// Metrics requests refused as unavailable (during an outage).
+    pub metrics_refused: usize,
+}
+
+impl Received {
+    /// Data points in the accepted metrics requests.
+    pub fn metric_points(&self) -> usize {
+        self.metrics.iter().map(metric_points).sum()
+    }
+}
+
+/// The data points of a metrics request, over every kind of metric.
+pub fn metric_points(request: &ExportMetricsServiceRequest) -> usize {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    (request.resource_metrics.iter())
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(|m| match &m.data {
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            Some(Data::Summary(s)) => s.data_points.len(),
+            None => 0,
+        })
+        .sum()
 }
 
 #[derive(Clone)]
@@ -661,9 +708,36 @@ impl Downstream {
             if let Some(seq) = seq_of(&span) {
                 *r.seqs.entry(seq).or_default() += 1;
             }
+            *r.traces.entry(span.trace_id.clone()).or_default() += 1;
             *r.spans.entry(span.span_id).or_default() += 1;
         }
         Ok(())
+    }
+}
+
+impl Downstream {
+    /// Ok when the metrics request is accepted (everything is, outside an outage).
+    fn handle_metrics(&self, request: ExportMetricsServiceRequest) -> Result<(), Refusal> {
+        let mut r = self.received.lock().unwrap();
+        if r.down {
+            r.metrics_refused += 1;
+            return Err(Refusal::Unavailable);
+        }
+        r.metrics.push(request);
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Downstream {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        match self.handle_metrics(request.into_inner()) {
+            Ok(()) => Ok(tonic::Response::new(ExportMetricsServiceResponse::default())),
+            Err(_) => Err(tonic::Status::unavailable("backend down")),
+        }
     }
 }
 
@@ -716,6 +790,29 @@ async fn http_export(
     }
 }
 
+async fn http_export_metrics(
+    axum::extract::State(d): axum::extract::State<Downstream>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let body = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+        use std::io::Read;
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        plain
+    } else {
+        body.to_vec()
+    };
+    let request = ExportMetricsServiceRequest::decode(body.as_slice())
+        .expect("valid OTLP metrics from the client");
+    match d.handle_metrics(request) {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// A running downstream on 127.0.0.1; shut down when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -723,8 +820,8 @@ pub struct Backend {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts an OTLP downstream (gRPC or HTTP/protobuf) on the current Tokio runtime, bound to
-/// 127.0.0.1 on a free port.
+/// Starts an OTLP downstream (gRPC or HTTP/protobuf; traces and metrics) on the current Tokio
+/// runtime, bound to 127.0.0.1 on a free port.
 pub async fn start_backend(grpc: bool, behaviour: Behaviour) -> Backend {
     let received = Arc::new(Mutex::new(Received::default()));
     let d = Downstream {
@@ -739,7 +836,11 @@ pub async fn start_backend(grpc: bool, behaviour: Behaviour) -> Backend {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(
-                    TraceServiceServer::new(d)
+                    TraceServiceServer::new(d.clone())
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
+                .add_service(
+                    MetricsServiceServer::new(d)
                         .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
                 )
                 .serve_with_incoming_shutdown(incoming, async {
@@ -749,6 +850,7 @@ pub async fn start_backend(grpc: bool, behaviour: Behaviour) -> Backend {
     } else {
         let app = axum::Router::new()
             .route("/v1/traces", axum::routing::post(http_export))
+            .route("/v1/metrics", axum::routing::post(http_export_metrics))
             .with_state(d);
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -763,4 +865,90 @@ pub async fn start_backend(grpc: bool, behaviour: Behaviour) -> Backend {
         received,
         _stop: stop,
     }
+}
+
+// ---- the OpenTelemetry Python SDK ----
+
+/// A virtual environment with `tests/e2e/python/requirements.txt` installed, made once per
+/// requirements under the test target folder (pip from PyPI). A machine without `python3`
+/// fails the test that needs it, with the reason.
+pub fn python_env() -> PathBuf {
+    static ENV: OnceLock<PathBuf> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let requirements =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/python/requirements.txt");
+        let wanted = std::fs::read_to_string(&requirements).expect("read requirements.txt");
+        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-otel");
+        let stamp = venv.join("requirements.installed");
+        std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).expect("target tmp dir");
+        // Another test process may be making it: one at a time.
+        let lock =
+            std::fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-otel.lock"))
+                .expect("lock file");
+        lock.lock().expect("lock the Python environment");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            let _ = std::fs::remove_dir_all(&venv);
+            let made = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .unwrap_or_else(|e| panic!("python3 is needed for the Python SDK tests: {e}"));
+            assert!(made.success(), "python3 -m venv failed");
+            let installed = Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&requirements)
+                .status()
+                .expect("run pip");
+            assert!(
+                installed.success(),
+                "pip install -r {} failed",
+                requirements.display()
+            );
+            std::fs::write(&stamp, &wanted).expect("write the stamp");
+        }
+        venv
+    })
+    .clone()
+}
+
+/// Runs `tests/e2e/python/<script>` in [`python_env`] with `env`; its stdout and stderr, after
+/// it exits (killed past `timeout`).
+pub fn run_python(script: &str, env: &[(&str, String)], timeout: Duration) -> (String, String) {
+    let venv = python_env();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/e2e/python")
+        .join(script);
+    let mut command = Command::new(venv.join("bin/python"));
+    command
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = ChildGuard(command.spawn().expect("spawn python"));
+    let mut stdout = child.0.stdout.take().expect("stdout");
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let status = child.wait_exit(timeout);
+    drop(child);
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{script} failed ({status:?}):\n{err}"
+    );
+    (out, err)
 }

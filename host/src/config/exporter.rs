@@ -93,6 +93,8 @@ pub(crate) struct FileExporterConfig {
     pub(crate) max_file_size: Size,
     /// Rotated files kept beside the live one.
     pub(crate) max_files: usize,
+    /// Where metrics are written, one ExportMetricsServiceRequest per line, rotated as `path`.
+    pub(crate) metrics_path: PathBuf,
 }
 
 impl Default for FileExporterConfig {
@@ -101,6 +103,7 @@ impl Default for FileExporterConfig {
             path: PathBuf::from("tailgate-data/traces.jsonl"),
             max_file_size: Size(256 << 20),
             max_files: 4,
+            metrics_path: PathBuf::from("tailgate-data/metrics.jsonl"),
         }
     }
 }
@@ -109,6 +112,9 @@ impl Default for FileExporterConfig {
 pub(crate) struct OtlpExporterConfig {
     /// `http://host:4317` for gRPC, `http://host:4318` (or a full URL) for HTTP.
     pub(crate) endpoint: String,
+    /// Where metrics go, when not to `endpoint`'s backend: the same forms as `endpoint`, the
+    /// same protocol, headers and TLS.
+    pub(crate) metrics_endpoint: Option<String>,
     /// Extra headers (gRPC metadata), e.g. API keys.
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) compression: Compression,
@@ -135,6 +141,7 @@ impl Default for OtlpExporterConfig {
     fn default() -> Self {
         Self {
             endpoint: String::new(),
+            metrics_endpoint: None,
             headers: BTreeMap::new(),
             compression: Compression::Gzip,
             timeout: Duration::from_secs(10),
@@ -148,6 +155,38 @@ impl Default for OtlpExporterConfig {
             client_cert_file: None,
             client_key_file: None,
         }
+    }
+}
+
+impl OtlpExporterConfig {
+    /// Where metrics go: `metrics_endpoint` as written, or else `endpoint`'s backend. For
+    /// OTLP/HTTP an `endpoint` whose path ends in `/v1/traces` gets `/v1/metrics` in its place,
+    /// and a path of another shape gets `/v1/metrics` appended; a bare `host:port` (and any
+    /// gRPC endpoint) is used as is, the transport adding the signal's path or service.
+    pub(crate) fn metrics_target(&self, http: bool) -> String {
+        if let Some(metrics) = &self.metrics_endpoint {
+            return metrics.clone();
+        }
+        let endpoint = self.endpoint.trim();
+        if !http {
+            return endpoint.to_owned();
+        }
+        let (base, query) = match endpoint.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (endpoint, String::new()),
+        };
+        let path_at = base
+            .find("://")
+            .and_then(|scheme| base[scheme + 3..].find('/').map(|p| scheme + 3 + p));
+        let path = path_at.map_or("", |at| &base[at..]);
+        if path.is_empty() || path == "/" {
+            return endpoint.to_owned();
+        }
+        let base = match base.strip_suffix("/v1/traces") {
+            Some(prefix) => prefix,
+            None => base.trim_end_matches('/'),
+        };
+        format!("{base}/v1/metrics{query}")
     }
 }
 
@@ -168,6 +207,10 @@ pub(crate) struct ExportBatching {
     /// Kept spans waiting for the exporter; when full, deciding pauses and back-pressure reaches
     /// the receivers.
     pub(crate) queue_max_spans: usize,
+    /// Metrics requests waiting for the exporter in memory. Past it, with the storage log on,
+    /// they wait in the log only; without it, the receivers refuse metrics with a retryable
+    /// code.
+    pub(crate) metrics_queue_max_bytes: Size,
 }
 
 impl Default for ExportBatching {
@@ -176,6 +219,7 @@ impl Default for ExportBatching {
             batch_max_spans: 8192,
             batch_timeout: Duration::from_millis(200),
             queue_max_spans: 200_000,
+            metrics_queue_max_bytes: Size(64 << 20),
         }
     }
 }
@@ -223,10 +267,22 @@ impl ExporterConfig {
                 "must be at least exporter.batch_max_spans",
             ));
         }
+        if b.metrics_queue_max_bytes.0 < 1 << 20 {
+            return Err(KeyError::new(
+                "metrics_queue_max_bytes",
+                "must be at least 1MiB",
+            ));
+        }
         match &self.sink {
             ExporterSink::File(file) => {
                 if file.path.as_os_str().is_empty() {
                     return Err(KeyError::new("path", "the file exporter needs a path"));
+                }
+                if file.metrics_path.as_os_str().is_empty() || file.metrics_path == file.path {
+                    return Err(KeyError::new(
+                        "metrics_path",
+                        "needs a file of its own, not exporter.path",
+                    ));
                 }
             }
             ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => {
@@ -239,6 +295,14 @@ impl ExporterConfig {
                             "must be an http:// or https:// URL, got {:?}",
                             otlp.endpoint
                         ),
+                    ));
+                }
+                if let Some(metrics) = &otlp.metrics_endpoint
+                    && !(metrics.starts_with("http://") || metrics.starts_with("https://"))
+                {
+                    return Err(KeyError::new(
+                        "metrics_endpoint",
+                        format!("must be an http:// or https:// URL, got {metrics:?}"),
                     ));
                 }
                 if otlp.timeout.0.is_zero() {
@@ -278,7 +342,9 @@ struct ExporterTable {
     path: Option<PathBuf>,
     max_file_size: Option<Size>,
     max_files: Option<usize>,
+    metrics_path: Option<PathBuf>,
     endpoint: Option<String>,
+    metrics_endpoint: Option<String>,
     headers: Option<BTreeMap<String, String>>,
     compression: Option<Compression>,
     timeout: Option<Duration>,
@@ -292,6 +358,7 @@ struct ExporterTable {
     batch_max_spans: Option<usize>,
     batch_timeout: Option<Duration>,
     queue_max_spans: Option<usize>,
+    metrics_queue_max_bytes: Option<Size>,
 }
 
 impl ExporterTable {
@@ -321,12 +388,14 @@ impl ExporterTable {
                     path: self.path.unwrap_or(d.path),
                     max_file_size: self.max_file_size.unwrap_or(d.max_file_size),
                     max_files: self.max_files.unwrap_or(d.max_files),
+                    metrics_path: self.metrics_path.unwrap_or(d.metrics_path),
                 })
             }
             ExporterKind::OtlpGrpc | ExporterKind::OtlpHttp => {
                 let d = OtlpExporterConfig::default();
                 let otlp = OtlpExporterConfig {
                     endpoint: self.endpoint.unwrap_or(d.endpoint),
+                    metrics_endpoint: self.metrics_endpoint,
                     headers: self.headers.unwrap_or(d.headers),
                     compression: self.compression.unwrap_or(d.compression),
                     timeout: self.timeout.unwrap_or(d.timeout),
@@ -354,6 +423,9 @@ impl ExporterTable {
                 batch_max_spans: self.batch_max_spans.unwrap_or(d.batch_max_spans),
                 batch_timeout: self.batch_timeout.unwrap_or(d.batch_timeout),
                 queue_max_spans: self.queue_max_spans.unwrap_or(d.queue_max_spans),
+                metrics_queue_max_bytes: self
+                    .metrics_queue_max_bytes
+                    .unwrap_or(d.metrics_queue_max_bytes),
             },
         })
     }
@@ -414,6 +486,39 @@ mod tests {
             assert_eq!(kind.refuse_key("queue_max_spans"), None);
             assert_eq!(kind.refuse_key("type"), None);
         }
+    }
+
+    #[test]
+    fn metrics_go_to_the_traces_backend_unless_told_otherwise() {
+        let target = |endpoint: &str, http: bool| {
+            OtlpExporterConfig {
+                endpoint: endpoint.into(),
+                ..Default::default()
+            }
+            .metrics_target(http)
+        };
+        assert_eq!(target("http://h:4318", true), "http://h:4318");
+        assert_eq!(
+            target("https://h/otlp/v1/traces?k=1", true),
+            "https://h/otlp/v1/metrics?k=1"
+        );
+        assert_eq!(target("https://h/otlp/", true), "https://h/otlp/v1/metrics");
+        assert_eq!(target("http://h:4317", false), "http://h:4317");
+        let own = OtlpExporterConfig {
+            endpoint: "http://h:4318".into(),
+            metrics_endpoint: Some("http://m:4318/custom".into()),
+            ..Default::default()
+        };
+        assert_eq!(own.metrics_target(true), "http://m:4318/custom");
+        let err =
+            exporter("type = \"otlp_http\"\nendpoint = \"http://h\"\nmetrics_endpoint = \"m:1\"\n")
+                .map(|c| c.validate().map_err(|e| e.key))
+                .expect("parses");
+        assert_eq!(err, Err("metrics_endpoint".to_owned()));
+        let err = exporter("path = \"a.jsonl\"\nmetrics_path = \"a.jsonl\"\n")
+            .map(|c| c.validate().map_err(|e| e.key))
+            .expect("parses");
+        assert_eq!(err, Err("metrics_path".to_owned()));
     }
 
     #[test]

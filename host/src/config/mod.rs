@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use exporter::{
-    Compression, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig,
+    Compression, ExportBatching, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig,
 };
 pub(crate) use keys::keys_needing_restart;
 pub(crate) use units::{Duration, Grace, Size};
@@ -196,12 +196,16 @@ pub(crate) struct ReceiversConfig {
     pub(crate) grpc: Option<SocketAddr>,
     /// OTLP/HTTP listen address; the OTLP default port is 4318.
     pub(crate) http: Option<SocketAddr>,
+    /// Served before the OTLP/HTTP paths: `"/otlp"` serves `/otlp/v1/traces` and
+    /// `/otlp/v1/metrics`, for a receiver behind a path-routing proxy. Empty: `/v1/...`.
+    pub(crate) http_path_prefix: String,
     /// Largest request accepted, measured after decompression (OTLP recommends 64 MiB).
     /// An OTLP/JSON body may decode to at most twice this.
     pub(crate) max_request_size: Size,
-    /// Most spans one request may hold (resource and scope blocks are held to it too); a
-    /// larger request gets HTTP 413 or `RESOURCE_EXHAUSTED`. An empty span takes 2 bytes of
-    /// protobuf, so without this a request's cost would not be bounded by its size.
+    /// Most spans (or metric data points) one request may hold (resource and scope blocks are
+    /// held to it too); a larger request gets HTTP 413 or `RESOURCE_EXHAUSTED`. An empty span
+    /// takes 2 bytes of protobuf, so without this a request's cost would not be bounded by its
+    /// size.
     pub(crate) max_spans_per_request: usize,
     /// What all requests being read and decoded may hold at once, across both receivers: a
     /// request's body as it arrives (inflated), and then its decoding (once more its size for
@@ -369,6 +373,7 @@ impl Default for ReceiversConfig {
         Self {
             grpc: Some(SocketAddr::from(([127, 0, 0, 1], 4317))),
             http: Some(SocketAddr::from(([127, 0, 0, 1], 4318))),
+            http_path_prefix: String::new(),
             max_request_size: Size(64 << 20),
             max_spans_per_request: 100_000,
             max_in_flight_bytes: Size(256 << 20),
@@ -763,6 +768,20 @@ impl ReceiversConfig {
         }
         if self.max_request_size.0 < 1024 {
             return Err(KeyError::new("max_request_size", "must be at least 1KiB"));
+        }
+        let prefix = &self.http_path_prefix;
+        let path_chars = |c: char| c.is_ascii_alphanumeric() || "/-._~".contains(c);
+        if !prefix.is_empty()
+            && (!prefix.starts_with('/')
+                || prefix.ends_with('/')
+                || !prefix.chars().all(path_chars))
+        {
+            return Err(KeyError::new(
+                "http_path_prefix",
+                format!(
+                    "must start with / and not end with one, in plain path characters (like \"/otlp\"), got {prefix:?}"
+                ),
+            ));
         }
         self.tls.validate().map_err(|e| e.within("tls"))?;
         self.cors.validate().map_err(|e| e.within("cors"))?;

@@ -1,5 +1,6 @@
-//! The file sink: kept traces as OTLP/JSON, one `ExportTraceServiceRequest` per line, the
-//! format the OTel Collector's file exporter writes and its `otlpjsonfile` receiver reads.
+//! The file sink: kept traces (or metrics, in a file of their own) as OTLP/JSON, one export
+//! request per line, the format the OTel Collector's file exporter writes and its
+//! `otlpjsonfile` receiver reads.
 //!
 //! Rotates by size, keeping `max_files` old files (`traces.jsonl.1` is the newest), so a
 //! collector left running on defaults cannot fill the disk.
@@ -13,8 +14,10 @@ use parking_lot::Mutex;
 use prost::Message;
 
 use crate::otlp::json;
+use crate::otlp::signal::{self, Signal};
 
 pub(crate) struct FileSink {
+    signal: Signal,
     state: Mutex<FileState>,
 }
 
@@ -27,13 +30,19 @@ struct FileState {
 }
 
 impl FileSink {
-    pub(crate) fn open(path: &Path, max_size: u64, max_files: usize) -> io::Result<Self> {
+    pub(crate) fn open(
+        signal: Signal,
+        path: &Path,
+        max_size: u64,
+        max_files: usize,
+    ) -> io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
+            signal,
             state: Mutex::new(FileState {
                 path: path.to_owned(),
                 file,
@@ -46,9 +55,13 @@ impl FileSink {
 
     /// Appends one encoded request as a JSON line, rotating first if the file is full.
     pub(crate) fn write_batch(&self, encoded: &[u8]) -> io::Result<()> {
-        let request = ExportTraceServiceRequest::decode(encoded)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let mut line = json::encode_traces(&request);
+        let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut line = match self.signal {
+            Signal::Traces => {
+                json::encode_traces(&ExportTraceServiceRequest::decode(encoded).map_err(invalid)?)
+            }
+            Signal::Metrics => signal::metrics_to_json(encoded).map_err(invalid)?,
+        };
         line.push('\n');
         let mut state = self.state.lock();
         if state.size > 0 && state.size + line.len() as u64 > state.max_size {
@@ -119,7 +132,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tailgate-file-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("out/traces.jsonl");
-        let sink = FileSink::open(&path, 300, 2).unwrap();
+        let sink = FileSink::open(Signal::Traces, &path, 300, 2).unwrap();
         for i in 0..6 {
             sink.write_batch(&request(&format!("span-{i}"))).unwrap();
         }

@@ -7,9 +7,11 @@
 //! half full waits in the log (a `Spill` record) until a slot to the backend frees, so a long
 //! outage costs disk rather than memory, and retries have no time limit unless one is set. It
 //! never drops a span without counting it: every span pushed here ends up counted as exported
-//! or as failed with a reason.
+//! or as failed with a reason. Metrics pass through beside them ([`forward`]), to their own
+//! file or the same backend.
 
 mod file;
+mod forward;
 mod metrics;
 pub(crate) mod transport;
 
@@ -24,12 +26,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::{Compression, ExporterConfig, ExporterKind, ExporterSink, OtlpExporterConfig};
+use crate::otlp::signal::Signal;
 use crate::storage::{Exported, Storage};
 use crate::telemetry::Registry;
 use crate::trace::{BufferedSpan, Stamp};
 
 pub(crate) use file::FileSink;
+use forward::Forwarder;
+pub(crate) use forward::{ForwardQueue, NotQueued};
 use metrics::ExportMetrics;
+use prometheus_client::metrics::counter::Counter;
 use transport::{ClientTls, Protocol, RetryPolicy, SendError, Transport, TransportConfig};
 
 /// `exporter.retry_max_elapsed` when unset in memory-only mode.
@@ -138,10 +144,85 @@ enum Sink {
     Otlp(Arc<Transport>, RetryPolicy),
 }
 
+/// The sink for `signal` that `config` names, and how many batches it takes at once.
+fn open_sink(
+    config: &ExporterConfig,
+    signal: Signal,
+    logged: bool,
+) -> Result<(Sink, usize), ExporterError> {
+    let otlp = match &config.sink {
+        ExporterSink::File(file) => {
+            let path = match signal {
+                Signal::Traces => &file.path,
+                Signal::Metrics => &file.metrics_path,
+            };
+            let sink = FileSink::open(signal, path, file.max_file_size.0, file.max_files).map_err(
+                |source| ExporterError::File {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?;
+            // One writer keeps the file's lines whole and in order.
+            return Ok((Sink::File(Arc::new(sink)), 1));
+        }
+        ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => otlp,
+    };
+    let http = config.kind() == ExporterKind::OtlpHttp;
+    let endpoint = match signal {
+        Signal::Traces => otlp.endpoint.clone(),
+        Signal::Metrics => otlp.metrics_target(http),
+    };
+    if signal == Signal::Traces
+        && let Some(names) = headers_in_clear(otlp)
+    {
+        tracing::warn!(
+            endpoint = %otlp.endpoint,
+            headers = %names,
+            "exporter.headers go to a plain http:// endpoint, readable by anyone on \
+             the path; use https:// for API keys"
+        );
+    }
+    let transport = Transport::new(TransportConfig {
+        protocol: if http {
+            Protocol::HttpProtobuf
+        } else {
+            Protocol::Grpc
+        },
+        signal,
+        endpoint,
+        headers: (otlp.headers.iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        gzip: otlp.compression == Compression::Gzip,
+        timeout: otlp.timeout.0,
+        tls: ClientTls {
+            ca_file: otlp.ca_file.clone(),
+            cert_file: otlp.client_cert_file.clone(),
+            key_file: otlp.client_key_file.clone(),
+        },
+    })
+    .map_err(|e| ExporterError::Transport(e.to_string()))?;
+    // Unset: with the log on, retry while there is disk (the batch waits there); without it,
+    // give up after 5 minutes, as the OTel Collector does.
+    let max_elapsed = match (otlp.retry_max_elapsed, logged) {
+        (Some(limit), _) => limit.0,
+        (None, true) => Duration::MAX,
+        (None, false) => MEMORY_RETRY_MAX_ELAPSED,
+    };
+    let policy = RetryPolicy {
+        initial_backoff: otlp.retry_initial_backoff.0,
+        max_backoff: otlp.retry_max_backoff.0,
+        max_elapsed,
+        ..RetryPolicy::default()
+    };
+    Ok((Sink::Otlp(Arc::new(transport), policy), otlp.concurrency))
+}
+
 /// The running exporter: a queue handle for the workers and the task that drains it.
 pub(crate) struct Exporter {
     pub(crate) queue: ExportQueue,
     task: tokio::task::JoinHandle<()>,
+    forwarder: Forwarder,
     shutdown_deadline: watch::Sender<Option<Instant>>,
 }
 
@@ -164,61 +245,9 @@ impl Exporter {
         storage: Option<Arc<Storage>>,
     ) -> Result<Self, ExporterError> {
         let metrics = ExportMetrics::new(registry);
-        let sink = match &config.sink {
-            ExporterSink::File(file) => Sink::File(Arc::new(
-                FileSink::open(&file.path, file.max_file_size.0, file.max_files).map_err(
-                    |source| ExporterError::File {
-                        path: file.path.display().to_string(),
-                        source,
-                    },
-                )?,
-            )),
-            ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => {
-                if let Some(names) = headers_in_clear(otlp) {
-                    tracing::warn!(
-                        endpoint = %otlp.endpoint,
-                        headers = %names,
-                        "exporter.headers go to a plain http:// endpoint, readable by anyone on \
-                         the path; use https:// for API keys"
-                    );
-                }
-                let transport = Transport::new(TransportConfig {
-                    protocol: if config.kind() == ExporterKind::OtlpGrpc {
-                        Protocol::Grpc
-                    } else {
-                        Protocol::HttpProtobuf
-                    },
-                    endpoint: otlp.endpoint.clone(),
-                    headers: otlp
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    gzip: otlp.compression == Compression::Gzip,
-                    timeout: otlp.timeout.0,
-                    tls: ClientTls {
-                        ca_file: otlp.ca_file.clone(),
-                        cert_file: otlp.client_cert_file.clone(),
-                        key_file: otlp.client_key_file.clone(),
-                    },
-                })
-                .map_err(|e| ExporterError::Transport(e.to_string()))?;
-                // Unset: with the log on, retry while there is disk (the batch waits there);
-                // without it, give up after 5 minutes, as the OTel Collector does.
-                let max_elapsed = match (otlp.retry_max_elapsed, &storage) {
-                    (Some(limit), _) => limit.0,
-                    (None, Some(_)) => Duration::MAX,
-                    (None, None) => MEMORY_RETRY_MAX_ELAPSED,
-                };
-                let policy = RetryPolicy {
-                    initial_backoff: otlp.retry_initial_backoff.0,
-                    max_backoff: otlp.retry_max_backoff.0,
-                    max_elapsed,
-                    ..RetryPolicy::default()
-                };
-                Sink::Otlp(Arc::new(transport), policy)
-            }
-        };
+        let (sink, concurrency) = open_sink(config, Signal::Traces, storage.is_some())?;
+        let (metrics_sink, metrics_concurrency) =
+            open_sink(config, Signal::Metrics, storage.is_some())?;
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(SpanBudget {
             used: Mutex::new(0),
@@ -232,16 +261,20 @@ impl Exporter {
             metrics: metrics.clone(),
             max_spans: config.batching.batch_max_spans,
             timeout: config.batching.batch_timeout.0,
-            storage,
-            in_flight: Arc::new(Semaphore::new(match &config.sink {
-                // One writer keeps the file's lines whole and in decision order.
-                ExporterSink::File(_) => 1,
-                ExporterSink::OtlpGrpc(otlp) | ExporterSink::OtlpHttp(otlp) => otlp.concurrency,
-            })),
-            deadline: deadline_rx,
+            storage: storage.clone(),
+            in_flight: Arc::new(Semaphore::new(concurrency)),
+            deadline: deadline_rx.clone(),
             spill_refused: false,
         };
         let task = tokio::spawn(batcher.run(rx));
+        let forwarder = Forwarder::start(
+            metrics_sink,
+            metrics_concurrency,
+            &config.batching,
+            registry,
+            storage,
+            deadline_rx,
+        );
         Ok(Self {
             queue: ExportQueue {
                 tx,
@@ -249,8 +282,14 @@ impl Exporter {
                 metrics,
             },
             task,
+            forwarder,
             shutdown_deadline,
         })
+    }
+
+    /// The receivers' handle on the metrics queue.
+    pub(crate) fn metrics_queue(&self) -> ForwardQueue {
+        self.forwarder.queue.clone()
     }
 
     /// From now on, retries give up at `deadline`: shutdown has begun. Call before stopping the
@@ -260,10 +299,10 @@ impl Exporter {
     }
 
     /// Flushes what is queued and waits for it to be delivered or to fail. Call after every
-    /// worker has stopped and dropped its queue handle.
+    /// worker has stopped and dropped its queue handle, and the receivers have stopped.
     pub(crate) async fn finish(self) {
         drop(self.queue);
-        let _ = self.task.await;
+        let ((), _) = tokio::join!(self.forwarder.finish(), self.task);
     }
 }
 
@@ -425,7 +464,7 @@ impl Batcher {
             let outcome = match body {
                 Ok(body) => {
                     let started = std::time::Instant::now();
-                    let outcome = deliver(&sink, body, &metrics, deadline).await;
+                    let outcome = deliver(&sink, body, &metrics.retries, deadline).await;
                     metrics.latency.observe(started.elapsed().as_secs_f64());
                     outcome
                 }
@@ -494,7 +533,7 @@ async fn read_spill(storage: &Arc<Storage>, position: u64) -> Result<Bytes, &'st
 async fn deliver(
     sink: &Sink,
     body: Bytes,
-    metrics: &ExportMetrics,
+    retries: &Counter,
     mut deadline: watch::Receiver<Option<Instant>>,
 ) -> Result<u64, &'static str> {
     match sink {
@@ -513,7 +552,7 @@ async fn deliver(
             // Shutdown may begin while this batch is retrying; the watch cuts retries short.
             let result =
                 transport::send_with_retry_until(transport, body, policy, &mut deadline, |e| {
-                    metrics.retries.inc();
+                    retries.inc();
                     tracing::warn!(error = %e, "export attempt failed; retrying");
                 })
                 .await;

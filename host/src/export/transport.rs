@@ -42,10 +42,8 @@ use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
-/// The OTLP trace service method; fixed by `opentelemetry/proto/collector/trace/v1/trace_service.proto`.
-const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-/// OTLP/HTTP default path for traces (OTLP spec, "OTLP/HTTP Request").
-const HTTP_TRACES_PATH: &str = "/v1/traces";
+use crate::otlp::signal::Signal;
+
 /// OTLP/HTTP binary protobuf content type (OTLP spec, "Binary Protobuf Encoding").
 const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 const USER_AGENT_VALUE: &str = concat!("tailgate/", env!("CARGO_PKG_VERSION"));
@@ -75,9 +73,11 @@ pub(crate) enum Protocol {
 #[derive(Clone)]
 pub(crate) struct TransportConfig {
     pub(crate) protocol: Protocol,
+    /// What the bodies are: it picks the gRPC service and the default HTTP path.
+    pub(crate) signal: Signal,
     /// gRPC: `http(s)://host:4317` (no path: the service path is fixed by OTLP). HTTP: a base
-    /// `http(s)://host:4318`, to which `/v1/traces` is appended when the path is empty or `/`,
-    /// or a full URL with a path, used as is.
+    /// `http(s)://host:4318`, to which the signal's path (`/v1/traces`) is appended when the
+    /// path is empty or `/`, or a full URL with a path, used as is.
     pub(crate) endpoint: String,
     /// Extra headers (gRPC: metadata, keys lower-cased), e.g. API keys. The transport's own
     /// headers (content type, encoding) win over these.
@@ -242,6 +242,7 @@ struct Inner {
     /// scheme://authority/path only: the query may carry credentials.
     display: String,
     protocol: Protocol,
+    signal: Signal,
     timeout: Duration,
     gzip: bool,
     wire: Wire,
@@ -306,7 +307,7 @@ impl Transport {
                 (display, grpc_wire(&cfg, tls)?)
             }
             Protocol::HttpProtobuf => {
-                let uri = http_traces_uri(uri, &cfg.endpoint)?;
+                let uri = http_signal_uri(uri, &cfg.endpoint, cfg.signal)?;
                 let display = match uri.authority() {
                     Some(a) => format!(
                         "{}://{}{}",
@@ -323,6 +324,7 @@ impl Transport {
             inner: Arc::new(Inner {
                 display,
                 protocol: cfg.protocol,
+                signal: cfg.signal,
                 timeout: cfg.timeout,
                 gzip: cfg.gzip,
                 wire,
@@ -408,7 +410,7 @@ impl Transport {
         *request.metadata_mut() = metadata.clone();
         // Sent as grpc-timeout so the server can give up when we do.
         request.set_timeout(self.inner.timeout);
-        let path = PathAndQuery::from_static(GRPC_EXPORT_PATH);
+        let path = PathAndQuery::from_static(self.inner.signal.grpc_path());
         match grpc.unary(request, path, RawRequestCodec).await {
             Ok(response) => Ok(match response.into_inner() {
                 Ok(reply) => delivered(reply),
@@ -523,7 +525,7 @@ fn parse_endpoint(endpoint: &str) -> Result<Uri, TransportError> {
 
 /// OTLP/HTTP: a base URL gets the signal path appended; a URL with a path is used verbatim
 /// (the spec's rule for the per-signal endpoint setting).
-fn http_traces_uri(uri: Uri, endpoint: &str) -> Result<Uri, TransportError> {
+fn http_signal_uri(uri: Uri, endpoint: &str, signal: Signal) -> Result<Uri, TransportError> {
     let path = uri.path();
     if !(path.is_empty() || path == "/") {
         return Ok(uri);
@@ -531,7 +533,7 @@ fn http_traces_uri(uri: Uri, endpoint: &str) -> Result<Uri, TransportError> {
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let mut parts = uri.into_parts();
     parts.path_and_query = Some(
-        PathAndQuery::try_from(format!("{HTTP_TRACES_PATH}{query}"))
+        PathAndQuery::try_from(format!("{}{query}", signal.http_path()))
             .map_err(|e| endpoint_error(endpoint, format!("{e}")))?,
     );
     Uri::from_parts(parts).map_err(|e| endpoint_error(endpoint, format!("{e}")))
@@ -1115,6 +1117,7 @@ mod tests {
     fn config(protocol: Protocol, endpoint: String) -> TransportConfig {
         TransportConfig {
             protocol,
+            signal: Signal::Traces,
             endpoint,
             headers: vec![("X-Honeycomb-Team".into(), "secret-key".into())],
             gzip: false,
@@ -1889,6 +1892,12 @@ mod tests {
             shown, "http://c:4318/v1/traces",
             "the query stays out of messages"
         );
+        let metrics = Transport::new(TransportConfig {
+            signal: Signal::Metrics,
+            ..config(Protocol::HttpProtobuf, "http://c:4318".into())
+        })
+        .expect("transport");
+        assert_eq!(metrics.endpoint(), "http://c:4318/v1/metrics");
         let g = Transport::new(config(Protocol::Grpc, "http://c:4317".into())).expect("transport");
         assert_eq!(g.endpoint(), "http://c:4317");
         assert!(!format!("{g:?}").contains("secret-key"));

@@ -350,6 +350,7 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
         .map(|_| {
             Transport::new(TransportConfig {
                 protocol: plan.protocol,
+                signal: crate::otlp::signal::Signal::Traces,
                 endpoint: plan.endpoint.clone(),
                 headers: Vec::new(),
                 gzip: plan.gzip,

@@ -5,6 +5,7 @@
 
 pub(crate) mod json;
 pub(crate) mod regroup;
+pub(crate) mod signal;
 pub(crate) mod spans;
 pub mod wire;
 

@@ -1,11 +1,15 @@
-//! OTLP/gRPC receiver: `opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+//! OTLP/gRPC receiver: `opentelemetry.proto.collector.trace.v1.TraceService/Export` and
+//! `opentelemetry.proto.collector.metrics.v1.MetricsService/Export`.
 //!
 //! tonic frames, decompresses (gzip) and limits the message; a raw codec hands us the request
-//! bytes undecoded so the shared ingest path can split them at the wire level. Status codes
+//! bytes undecoded so the shared ingest path can split them at the wire level. One service
+//! type per signal ([`ExportService<S>`]), as tonic routes by service name; everything after
+//! the routing is shared. Status codes
 //! follow the OTLP spec: bad data is INVALID_ARGUMENT, a full buffer UNAVAILABLE (retryable),
 //! an oversized request RESOURCE_EXHAUSTED without RetryInfo (not retryable).
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -23,12 +27,30 @@ use super::admission::{Admission, Over};
 use super::auth::{Caller, Tokens};
 use super::ingest::{Accepted, Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
+use crate::otlp::signal::Signal;
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// The signal a gRPC service takes, as a type: tonic wants the service name as a constant.
+pub(crate) trait Served: Clone + Send + Sync + 'static {
+    const SIGNAL: Signal;
+}
 
-/// The gRPC TraceService, serving raw request bytes to [`Ingest`].
 #[derive(Clone)]
-pub(crate) struct TraceServiceRaw {
+pub(crate) struct Traces;
+#[derive(Clone)]
+pub(crate) struct Metrics;
+
+impl Served for Traces {
+    const SIGNAL: Signal = Signal::Traces;
+}
+
+impl Served for Metrics {
+    const SIGNAL: Signal = Signal::Metrics;
+}
+
+/// An OTLP export service for signal `S`, serving raw request bytes to [`Ingest`].
+#[derive(Clone)]
+pub(crate) struct ExportService<S> {
+    signal: PhantomData<S>,
     ingest: Arc<Ingest>,
     metrics: Arc<ReceiverMetrics>,
     max_request_size: usize,
@@ -36,7 +58,7 @@ pub(crate) struct TraceServiceRaw {
     admission: Arc<Admission>,
 }
 
-impl TraceServiceRaw {
+impl<S: Served> ExportService<S> {
     pub(crate) fn new(
         ingest: Arc<Ingest>,
         metrics: Arc<ReceiverMetrics>,
@@ -45,6 +67,7 @@ impl TraceServiceRaw {
         admission: Arc<Admission>,
     ) -> Self {
         Self {
+            signal: PhantomData,
             ingest,
             metrics,
             max_request_size,
@@ -54,11 +77,11 @@ impl TraceServiceRaw {
     }
 }
 
-impl NamedService for TraceServiceRaw {
-    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+impl<S: Served> NamedService for ExportService<S> {
+    const NAME: &'static str = S::SIGNAL.grpc_service();
 }
 
-impl<B> Service<http::Request<B>> for TraceServiceRaw
+impl<S: Served, B> Service<http::Request<B>> for ExportService<S>
 where
     B: http_body::Body + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
@@ -72,9 +95,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != EXPORT_PATH {
+        if req.uri().path() != S::SIGNAL.grpc_path() {
             return Box::pin(async move {
-                Ok(Status::unimplemented("only TraceService/Export is served here").into_http())
+                Ok(Status::unimplemented("only Export is served by this service").into_http())
             });
         }
         let mut tenant = None;
@@ -136,9 +159,9 @@ fn remap_framing_errors(
 }
 
 /// The service, and the tenant the caller's token binds it to.
-struct ExportCall(TraceServiceRaw, Option<Arc<str>>);
+struct ExportCall<S>(ExportService<S>, Option<Arc<str>>);
 
-impl UnaryService<Bytes> for ExportCall {
+impl<S: Served> UnaryService<Bytes> for ExportCall<S> {
     type Response = ExportTraceServiceResponse;
     type Future = BoxFuture<tonic::Response<Self::Response>, Status>;
 
@@ -152,7 +175,7 @@ impl UnaryService<Bytes> for ExportCall {
                 let limit = service.admission.limit();
                 // A request the shape checks refuse gets that answer, not a retry.
                 if over == Over::Now
-                    && let Err(refusal) = service.ingest.check_shape(&body)
+                    && let Err(refusal) = service.ingest.check_signal_shape(S::SIGNAL, &body)
                 {
                     return Err(service.refused(refusal));
                 }
@@ -173,7 +196,7 @@ impl UnaryService<Bytes> for ExportCall {
             }
             let result = service
                 .ingest
-                .accept_protobuf_from(body, "grpc", tenant.as_deref())
+                .accept(S::SIGNAL, body, false, "grpc", tenant.as_deref())
                 .await;
             match result {
                 Ok(accepted) => {
@@ -186,7 +209,7 @@ impl UnaryService<Bytes> for ExportCall {
     }
 }
 
-impl TraceServiceRaw {
+impl<S: Served> ExportService<S> {
     /// The status OTLP prescribes for a request that was not taken, counted.
     fn refused(&self, refusal: Refusal) -> Status {
         let metrics = &self.metrics;
@@ -203,6 +226,10 @@ impl TraceServiceRaw {
                 metrics.request("grpc", "unavailable");
                 Status::unavailable("tailgate's trace buffer is full; retry later")
             }
+            Refusal::MetricsQueueFull => {
+                metrics.request("grpc", "unavailable");
+                Status::unavailable("tailgate's metrics queue is full; retry later")
+            }
             Refusal::ShuttingDown => {
                 metrics.request("grpc", "unavailable");
                 Status::unavailable("tailgate is shutting down")
@@ -217,6 +244,9 @@ impl TraceServiceRaw {
     }
 }
 
+/// The answer to an accepted request. The three signals' export responses are the same message
+/// on the wire (field 1 the rejected count, field 2 the message), so the trace one answers for
+/// metrics too.
 pub(crate) fn response_for(accepted: Accepted) -> ExportTraceServiceResponse {
     let partial = accepted.rejected_spans > 0 || !accepted.message.is_empty();
     ExportTraceServiceResponse {

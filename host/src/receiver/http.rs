@@ -1,4 +1,5 @@
-//! OTLP/HTTP receiver: `POST /v1/traces` with a protobuf or JSON body, optionally gzip.
+//! OTLP/HTTP receiver: `POST /v1/traces` and `POST /v1/metrics` (under
+//! `receivers.http_path_prefix`) with a protobuf or JSON body, optionally gzip.
 //!
 //! The body is read as a stream and bounded after decompression: a small gzip body that would
 //! expand past `max_request_size` is cut off while inflating, never held in memory whole.
@@ -26,6 +27,7 @@ use super::auth::{Caller, Tokens};
 use super::ingest::{Ingest, Refusal};
 use super::metrics::ReceiverMetrics;
 use crate::config::{CorsConfig, ReceiversConfig};
+use crate::otlp::signal::Signal;
 use crate::otlp::{RpcStatus, json};
 
 #[derive(Clone)]
@@ -46,8 +48,16 @@ pub(crate) fn router(
     tokens: Option<Arc<Tokens>>,
     admission: Arc<Admission>,
 ) -> Router {
+    let prefix = &config.http_path_prefix;
     let router = Router::new()
-        .route("/v1/traces", any(export))
+        .route(
+            &format!("{prefix}{}", Signal::Traces.http_path()),
+            any(|s, req| export(s, Signal::Traces, req)),
+        )
+        .route(
+            &format!("{prefix}{}", Signal::Metrics.http_path()),
+            any(|s, req| export(s, Signal::Metrics, req)),
+        )
         .with_state(HttpState {
             ingest,
             metrics,
@@ -122,7 +132,7 @@ const UNIMPLEMENTED: i32 = 12;
 const UNAVAILABLE: i32 = 14;
 const UNAUTHENTICATED: i32 = 16;
 
-async fn export(State(s): State<HttpState>, req: Request) -> Response {
+async fn export(State(s): State<HttpState>, signal: Signal, req: Request) -> Response {
     let encoding = content_type(req.headers());
     // Errors about the request itself answer in its encoding when we can tell it, else JSON.
     let reply_as = encoding.unwrap_or(Encoding::Json);
@@ -132,7 +142,7 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
             StatusCode::METHOD_NOT_ALLOWED,
             reply_as,
             UNIMPLEMENTED,
-            "only POST is allowed on /v1/traces",
+            &format!("only POST is allowed on {}", signal.http_path()),
         );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -225,24 +235,26 @@ async fn export(State(s): State<HttpState>, req: Request) -> Response {
         // A request the shape checks refuse gets that answer, not a retry it cannot use.
         if over == Over::Now
             && encoding == Encoding::Protobuf
-            && let Err(refusal) = s.ingest.check_shape(&body)
+            && let Err(refusal) = s.ingest.check_signal_shape(signal, &body)
         {
             return refused(&s, encoding, refusal);
         }
         return over_budget(&s, encoding, over);
     }
-    let result = match encoding {
-        Encoding::Protobuf => {
-            s.ingest
-                .accept_protobuf_from(bytes::Bytes::from(body), "http_protobuf", tenant.as_deref())
-                .await
-        }
-        Encoding::Json => {
-            s.ingest
-                .accept_json(&body, "http_json", tenant.as_deref())
-                .await
-        }
+    let (json, transport) = match encoding {
+        Encoding::Protobuf => (false, "http_protobuf"),
+        Encoding::Json => (true, "http_json"),
     };
+    let result = s
+        .ingest
+        .accept(
+            signal,
+            bytes::Bytes::from(body),
+            json,
+            transport,
+            tenant.as_deref(),
+        )
+        .await;
     match result {
         Ok(accepted) => {
             s.metrics.request("http", super::outcome(&accepted));
@@ -273,9 +285,15 @@ fn refused(s: &HttpState, encoding: Encoding, refusal: Refusal) -> Response {
                 &why,
             )
         }
-        refusal @ (Refusal::Busy | Refusal::ShuttingDown | Refusal::DiskFull(_)) => {
+        refusal @ (Refusal::Busy
+        | Refusal::MetricsQueueFull
+        | Refusal::ShuttingDown
+        | Refusal::DiskFull(_)) => {
             let why = match &refusal {
                 Refusal::Busy => "tailgate's trace buffer is full; retry later".to_owned(),
+                Refusal::MetricsQueueFull => {
+                    "tailgate's metrics queue is full; retry later".to_owned()
+                }
                 Refusal::DiskFull(why) => {
                     format!("tailgate's storage log is full ({why}); retry later")
                 }

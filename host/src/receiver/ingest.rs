@@ -1,4 +1,5 @@
 //! From a request body to spans in the buffer's shards: the part both transports share.
+//! Metrics take [`super::passthrough`]'s way instead; [`Ingest::accept`] chooses.
 //!
 //! Parses at the wire level (no prost decode on the protobuf path), counts every span, rejects
 //! spans with bad ids into `partial_success`, reserves memory for the rest or refuses the whole
@@ -19,6 +20,8 @@ use tokio::sync::Notify;
 
 use super::metrics::{ReceiverMetrics, RefusedReason};
 use crate::buffer::{MemoryBudget, shard_of};
+use crate::export::ForwardQueue;
+use crate::otlp::signal::Signal;
 use crate::otlp::{json, spans, wire};
 use crate::pipeline::{ShardMsg, ShardSpan};
 use crate::storage::{self, AppendError, Storage};
@@ -41,6 +44,8 @@ pub enum Refusal {
     TooLarge(String),
     /// The buffer is full; retryable.
     Busy,
+    /// The metrics queue is full and there is no storage log to wait in; retryable.
+    MetricsQueueFull,
     /// The storage log is full or cannot be written; retryable.
     DiskFull(String),
     /// The host is shutting down; retryable (elsewhere or later).
@@ -68,10 +73,12 @@ impl RequestLimits {
 
 pub struct Ingest {
     shards: Vec<Sender<ShardMsg>>,
-    limits: RequestLimits,
+    pub(super) limits: RequestLimits,
     memory: Arc<MemoryBudget>,
-    metrics: Arc<ReceiverMetrics>,
-    storage: Option<Arc<Storage>>,
+    pub(super) metrics: Arc<ReceiverMetrics>,
+    pub(super) storage: Option<Arc<Storage>>,
+    /// Where metrics go (they pass through, past the buffer).
+    pub(super) forward: Option<ForwardQueue>,
     accepting: AtomicBool,
     /// Requests between the `accepting` check and their spans reaching the shards.
     in_flight: AtomicUsize,
@@ -88,7 +95,7 @@ struct Split {
 }
 
 /// Holds the request in flight until dropped.
-struct InFlight<'a>(&'a Ingest);
+pub(super) struct InFlight<'a>(&'a Ingest);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -97,10 +104,10 @@ impl Drop for InFlight<'_> {
 }
 
 /// [`InFlight`] for a task that carries on a request already admitted.
-struct OwnedInFlight(Arc<Ingest>);
+pub(super) struct OwnedInFlight(pub(super) Arc<Ingest>);
 
 impl OwnedInFlight {
-    fn new(ingest: Arc<Ingest>) -> Self {
+    pub(super) fn new(ingest: Arc<Ingest>) -> Self {
         ingest.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(ingest)
     }
@@ -124,6 +131,7 @@ impl Ingest {
             memory,
             metrics,
             storage: None,
+            forward: None,
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -139,6 +147,37 @@ impl Ingest {
     pub(crate) fn with_storage(mut self, storage: Option<Arc<Storage>>) -> Self {
         self.storage = storage;
         self
+    }
+
+    /// Queues accepted metrics for the exporter.
+    pub(crate) fn with_metrics_queue(mut self, queue: ForwardQueue) -> Self {
+        self.forward = Some(queue);
+        self
+    }
+
+    /// A request of `signal`, protobuf or (with `json`) OTLP/JSON, from a caller whose token
+    /// may bind it to `tenant`.
+    pub(crate) async fn accept(
+        self: &Arc<Self>,
+        signal: Signal,
+        body: Bytes,
+        json: bool,
+        transport: &'static str,
+        tenant: Option<&str>,
+    ) -> Result<Accepted, Refusal> {
+        match (signal, json) {
+            (Signal::Traces, false) => self.accept_protobuf_from(body, transport, tenant).await,
+            (Signal::Traces, true) => self.accept_json(&body, transport, tenant).await,
+            (Signal::Metrics, json) => self.accept_metrics(body, json, transport, tenant).await,
+        }
+    }
+
+    /// [`Self::check_shape`] for a protobuf request of `signal`.
+    pub(crate) fn check_signal_shape(&self, signal: Signal, body: &[u8]) -> Result<(), Refusal> {
+        match signal {
+            Signal::Traces => self.check_shape(body),
+            Signal::Metrics => self.check_metrics_shape(body),
+        }
     }
 
     /// From now on every request is refused as retryable: the host is draining. Returns once
@@ -162,7 +201,7 @@ impl Ingest {
         }
     }
 
-    fn enter(&self) -> Result<InFlight<'_>, Refusal> {
+    pub(super) fn enter(&self) -> Result<InFlight<'_>, Refusal> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(self);
         if !self.accepting.load(Ordering::Acquire) {

@@ -1,4 +1,5 @@
-//! The receivers' metrics: spans received and refused, requests by outcome.
+//! The receivers' metrics: spans and metric data points received and refused, requests by
+//! outcome.
 
 use std::sync::Arc;
 
@@ -9,7 +10,8 @@ use crate::telemetry::{CounterFamily, Labels, Registry, label};
 pub(crate) enum RefusedReason {
     /// Bad trace or span id; reported in `partial_success`.
     InvalidId,
-    /// The buffer is full; the sender was told to retry.
+    /// The buffer (for metrics: the memory queue, with no storage log) is full; the sender was
+    /// told to retry.
     Memory,
     /// The host is shutting down; the sender was told to retry elsewhere.
     ShuttingDown,
@@ -33,6 +35,8 @@ pub struct ReceiverMetrics {
     spans_received: CounterFamily,
     requests: CounterFamily,
     spans_refused: CounterFamily,
+    points_received: CounterFamily,
+    points_refused: CounterFamily,
 }
 
 impl ReceiverMetrics {
@@ -47,6 +51,14 @@ impl ReceiverMetrics {
             spans_refused: registry.counters(
                 "spans_refused",
                 "Spans refused back to the sender, by reason",
+            ),
+            points_received: registry.counters(
+                "metric_points_received",
+                "Metric data points received in valid requests, by transport (including points then refused)",
+            ),
+            points_refused: registry.counters(
+                "metric_points_refused",
+                "Metric data points refused back to the sender, by reason",
             ),
         })
     }
@@ -63,6 +75,20 @@ impl ReceiverMetrics {
             ("outcome", outcome.to_owned()),
         ];
         self.requests.get_or_create(&labels).inc();
+    }
+
+    pub(crate) fn points_received(&self, transport: &'static str, points: u64) {
+        self.points_received
+            .get_or_create(&label("transport", transport))
+            .inc_by(points);
+    }
+
+    pub(crate) fn points_refused(&self, reason: RefusedReason, points: u64) {
+        if points > 0 {
+            self.points_refused
+                .get_or_create(&label("reason", reason.as_str()))
+                .inc_by(points);
+        }
     }
 
     pub(crate) fn refused(&self, reason: RefusedReason, spans: u64) {

@@ -1,4 +1,5 @@
-//! OTLP receivers: gRPC on 4317 and HTTP (protobuf and JSON) on 4318 by default.
+//! OTLP receivers: gRPC on 4317 and HTTP (protobuf and JSON) on 4318 by default, for traces
+//! and metrics.
 //!
 //! Owns the listeners and the translation between OTLP's transport rules (status codes, error
 //! bodies, size limits, compression) and the shared ingest path. A receiver never buffers or
@@ -12,6 +13,7 @@ pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod listen;
 mod metrics;
+mod passthrough;
 mod tls;
 
 use std::net::SocketAddr;
@@ -88,7 +90,14 @@ impl Receivers {
         if let Some(addr) = config.grpc {
             let listener = bind(addr, "grpc").await?;
             grpc_addr = Some(listener.local_addr()?);
-            let service = grpc::TraceServiceRaw::new(
+            let traces = grpc::ExportService::<grpc::Traces>::new(
+                ingest.clone(),
+                metrics.clone(),
+                limit,
+                tokens.clone(),
+                admission.clone(),
+            );
+            let metrics_service = grpc::ExportService::<grpc::Metrics>::new(
                 ingest.clone(),
                 metrics.clone(),
                 limit,
@@ -106,7 +115,8 @@ impl Receivers {
                 .http2_keepalive_timeout(Some(limits.keepalive.0));
             tasks.push(tokio::spawn(async move {
                 let served = server
-                    .add_service(service)
+                    .add_service(traces)
+                    .add_service(metrics_service)
                     .serve_with_incoming_shutdown(incoming, signal)
                     .await;
                 if let Err(e) = served {

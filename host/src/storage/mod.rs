@@ -81,6 +81,8 @@ pub struct RecoveredDecision {
 /// What a start finds in the log: the decisions, and where the span records to replay are.
 pub(crate) struct Recovery {
     pub(crate) decisions: HashMap<TraceId, RecoveredDecision>,
+    /// Pass-through records (metrics) already settled: not forwarded again.
+    pub(crate) forwarded: HashSet<u64>,
     segments: Vec<(u64, PathBuf)>,
     from: u64,
 }
@@ -136,6 +138,7 @@ impl Storage {
 
         // The decision log, whole: the latest decision of each trace, and its exports.
         let mut decisions: HashMap<TraceId, RecoveredDecision> = HashMap::new();
+        let mut forwarded = HashSet::new();
         let mut decision_segments = Vec::new();
         let mut decisions_end = 0;
         for (base, path) in
@@ -146,7 +149,7 @@ impl Storage {
             let mut newest = 0;
             for record in contents.records {
                 newest = newest.max(record.time);
-                apply_decision_record(&mut decisions, &record, &path);
+                apply_decision_record(&mut decisions, &mut forwarded, &record, &path);
             }
             decisions_end = base + contents.len;
             decision_segments.push(SegmentInfo {
@@ -232,6 +235,7 @@ impl Storage {
         });
         let recovery = Recovery {
             decisions,
+            forwarded,
             segments: span_segments
                 .into_iter()
                 .filter(|(base, path)| {
@@ -305,6 +309,38 @@ impl Storage {
             self.spans.end(),
             false,
         )
+    }
+
+    /// Appends an accepted pass-through request (metrics), pinned, as [`Self::append_spans`]
+    /// does a trace request.
+    pub(crate) fn append_passthrough(
+        &self,
+        request: Bytes,
+        time: u64,
+        admission: Option<Admission>,
+    ) -> oneshot::Receiver<Result<u64, AppendError>> {
+        self.spans
+            .append_admitted(RecordKind::Metrics, time, request, 0, true, admission)
+    }
+
+    /// Records that these pass-through records were settled (delivered, or given up on).
+    pub(crate) fn log_forwarded(
+        &self,
+        positions: &[u64],
+    ) -> oneshot::Receiver<Result<u64, AppendError>> {
+        self.decisions.append(
+            RecordKind::Forwarded,
+            unix_nanos(),
+            Bytes::from(records::encode_positions(positions)),
+            self.spans.end(),
+            false,
+        )
+    }
+
+    /// Reads back a pass-through request written by [`Self::append_passthrough`]. Blocking
+    /// file I/O; the caller holds a pin on `position`.
+    pub(crate) fn read_passthrough(&self, position: u64) -> io::Result<Vec<u8>> {
+        self.read_record(position, RecordKind::Metrics)
     }
 
     /// Writes an export batch that would otherwise wait in memory; answers with its position,
@@ -541,6 +577,7 @@ fn free_segments(log: &Log, done: impl Fn(&SegmentInfo) -> bool) -> u64 {
 
 fn apply_decision_record(
     decisions: &mut HashMap<TraceId, RecoveredDecision>,
+    forwarded: &mut HashSet<u64>,
     record: &Record,
     path: &Path,
 ) {
@@ -574,7 +611,13 @@ fn apply_decision_record(
                 tracing::warn!(error = %e, segment = %path.display(), position = record.position, "skipping an export record")
             }
         },
-        RecordKind::Spans | RecordKind::Spill => {}
+        RecordKind::Forwarded => match records::decode_positions(&record.payload) {
+            Ok(list) => forwarded.extend(list),
+            Err(e) => {
+                tracing::warn!(error = %e, segment = %path.display(), position = record.position, "skipping a forwarded record")
+            }
+        },
+        RecordKind::Spans | RecordKind::Spill | RecordKind::Metrics => {}
     }
 }
 

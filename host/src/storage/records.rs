@@ -1,4 +1,5 @@
-//! The payloads of the decision log's records: decisions, and traces exported.
+//! The payloads of the decision log's records: decisions, traces exported, and pass-through
+//! records settled.
 //!
 //! Little-endian, length-prefixed, no framing of their own: the segment record around them
 //! carries the checksum and the format version. A new field goes at the end of an entry with
@@ -88,6 +89,26 @@ pub(crate) fn encode_exported(traces: &[Exported]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Positions of settled pass-through records.
+pub(crate) fn encode_positions(positions: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + positions.len() * 8);
+    out.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+    for p in positions {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    out
+}
+
+pub(crate) fn decode_positions(payload: &[u8]) -> Result<Vec<u64>, Truncated> {
+    let mut r = Reader(payload);
+    let n = r.u32()? as usize;
+    let mut out = Vec::with_capacity(n.min(payload.len() / 8));
+    for _ in 0..n {
+        out.push(r.u64()?);
+    }
+    Ok(out)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -210,6 +231,13 @@ mod tests {
             decode_exported(&encode_exported(&exported)).expect("decoded"),
             exported
         );
+        let positions = vec![0, 77, u64::MAX];
+        assert_eq!(
+            decode_positions(&encode_positions(&positions)).expect("decoded"),
+            positions
+        );
+        let bytes = encode_positions(&positions);
+        assert!(decode_positions(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

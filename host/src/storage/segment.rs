@@ -50,6 +50,12 @@ pub(crate) enum RecordKind {
     /// waits here rather than in memory while the backend is slow or down. Only the running
     /// process reads it back; a restart re-exports from the span records, which stay pinned.
     Spill = 4,
+    /// An accepted OTLP metrics request, as protobuf: passed through, pinned until the
+    /// exporter settles it.
+    Metrics = 5,
+    /// Positions of pass-through records (metrics) the exporter settled: delivered, or given
+    /// up on and counted failed. A restart forwards the others again.
+    Forwarded = 6,
 }
 
 impl RecordKind {
@@ -59,6 +65,8 @@ impl RecordKind {
             2 => Some(Self::Decisions),
             3 => Some(Self::Exported),
             4 => Some(Self::Spill),
+            5 => Some(Self::Metrics),
+            6 => Some(Self::Forwarded),
             _ => None,
         }
     }
