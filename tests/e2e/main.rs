@@ -2,6 +2,7 @@
 
 mod agent;
 mod author;
+mod browser;
 mod cli;
 mod conformance;
 mod cors;

@@ -880,12 +880,8 @@ pub fn python_env() -> PathBuf {
         let wanted = std::fs::read_to_string(&requirements).expect("read requirements.txt");
         let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-otel");
         let stamp = venv.join("requirements.installed");
-        std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).expect("target tmp dir");
         // Another test process may be making it: one at a time.
-        let lock =
-            std::fs::File::create(Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-otel.lock"))
-                .expect("lock file");
-        lock.lock().expect("lock the Python environment");
+        let _lock = setup_lock("python-otel");
         if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
             let _ = std::fs::remove_dir_all(&venv);
             let made = Command::new("python3")
@@ -951,4 +947,79 @@ pub fn run_python(script: &str, env: &[(&str, String)], timeout: Duration) -> (S
         "{script} failed ({status:?}):\n{err}"
     );
     (out, err)
+}
+
+// ---- a browser ----
+
+/// Holds a file lock under the test target folder while a one-time setup runs, so test
+/// processes running side by side do not make the same thing twice.
+fn setup_lock(name: &str) -> std::fs::File {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(dir).expect("target tmp dir");
+    let lock = std::fs::File::create(dir.join(format!("{name}.lock"))).expect("lock file");
+    lock.lock().expect("take the setup lock");
+    lock
+}
+
+/// Debian's Chromium, installed with apt-get when the machine does not have it yet (CI runs
+/// as root on a machine of the same kind). A machine that cannot install it fails the test
+/// that needs it, with the reason.
+pub fn chromium() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = PathBuf::from("/usr/bin/chromium");
+        let _lock = setup_lock("chromium");
+        if !path.exists() {
+            let installed = Command::new("sh")
+                .args([
+                    "-c",
+                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium",
+                ])
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run apt-get to install chromium: {e}"));
+            assert!(
+                installed.success() && path.exists(),
+                "the browser tests need Debian's chromium, and apt-get could not install it"
+            );
+        }
+        path
+    })
+    .clone()
+}
+
+/// `tests/e2e/web` with its npm packages (`npm ci`, from its lock file) under the test target
+/// folder, installed again only when the lock file changes.
+pub fn web_env() -> PathBuf {
+    static ENV: OnceLock<PathBuf> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/web");
+        let env = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-otel");
+        let _lock = setup_lock("web-otel");
+        std::fs::create_dir_all(&env).expect("web env dir");
+        for file in ["package.json", "package-lock.json", "page.js", "drive.mjs"] {
+            std::fs::copy(source.join(file), env.join(file))
+                .unwrap_or_else(|e| panic!("copy tests/e2e/web/{file}: {e}"));
+        }
+        let wanted = std::fs::read_to_string(source.join("package-lock.json")).expect("lock");
+        let stamp = env.join("lock.installed");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            let installed = Command::new("npm")
+                .args(["ci", "--silent", "--no-audit", "--no-fund"])
+                .current_dir(&env)
+                .status()
+                .unwrap_or_else(|e| panic!("npm (Node 20) is needed for the browser tests: {e}"));
+            assert!(installed.success(), "npm ci in {} failed", env.display());
+            std::fs::write(&stamp, &wanted).expect("write the stamp");
+        }
+        env
+    })
+    .clone()
+}
+
+/// A port free on 127.0.0.1 a moment ago, for a server the test does not bind itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
