@@ -14,6 +14,7 @@ use crate::config::{Config, LogFormat};
 
 use crate::export::transport::Protocol;
 use crate::loadgen::{LoadPlan, Shape};
+use crate::otlp::signal::Signal;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,6 +80,17 @@ pub(crate) enum LoadgenProtocol {
     Http,
 }
 
+/// What `tailgate loadgen` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LoadgenSignal {
+    /// Agent-shaped traces.
+    Traces,
+    /// Metric data points, one for each span the trace options describe (a request holds
+    /// traces-per-request * spans-per-trace points, in cumulative sums of 10 series each, every
+    /// point with its `loadgen.seq`), on MetricsService/Export or {endpoint}/v1/metrics.
+    Metrics,
+}
+
 #[derive(Debug, Clone, Args)]
 pub(crate) struct LoadgenArgs {
     /// Where to send: default http://127.0.0.1:4317 for grpc, http://127.0.0.1:4318 for http.
@@ -86,6 +98,9 @@ pub(crate) struct LoadgenArgs {
     pub(crate) endpoint: Option<String>,
     #[arg(long, value_enum, default_value_t = LoadgenProtocol::Grpc)]
     pub(crate) protocol: LoadgenProtocol,
+    /// Traces, or metrics (then every "span" below is a data point).
+    #[arg(long, value_enum, default_value_t = LoadgenSignal::Traces)]
+    pub(crate) signal: LoadgenSignal,
     /// Concurrent connections, each with its own generator (seed + i) and one request in flight.
     #[arg(long, default_value_t = 4)]
     pub(crate) connections: usize,
@@ -169,6 +184,10 @@ impl LoadgenArgs {
         };
         LoadPlan {
             protocol,
+            signal: match self.signal {
+                LoadgenSignal::Traces => Signal::Traces,
+                LoadgenSignal::Metrics => Signal::Metrics,
+            },
             endpoint,
             connections: self.connections,
             rate: self.rate,

@@ -72,6 +72,7 @@ pub mod bench {
         GeneratedTrace, Generator, Rng, SEQ_ATTRIBUTE, Shape, read_requests, request_of, seq_of,
     };
     pub use crate::otlp::json::decode_traces;
+    pub use crate::otlp::signal::points_of as metric_points;
     pub use crate::otlp::{RpcStatus, wire};
     pub use crate::pipeline::{ShardMsg, ShardSpan};
     pub use crate::plugin::chain::WasmChainFactory;

@@ -64,7 +64,7 @@ fn names(received: &Received) -> BTreeMap<String, usize> {
                 ..Default::default()
             }],
         };
-        *out.entry(m.name.clone()).or_default() += metric_points(&one);
+        *out.entry(m.name.clone()).or_default() += metric_points(&one) as usize;
     }
     out
 }

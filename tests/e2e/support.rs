@@ -34,7 +34,7 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 // Library items the tests use; paths adapt here only.
-pub use tailgate::bench::{Rng, RpcStatus, decode_traces, read_requests, seq_of};
+pub use tailgate::bench::{Rng, RpcStatus, decode_traces, metric_points, read_requests, seq_of};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tailgate");
 
@@ -653,25 +653,8 @@ pub struct Received {
 impl Received {
     /// Data points in the accepted metrics requests.
     pub fn metric_points(&self) -> usize {
-        self.metrics.iter().map(metric_points).sum()
+        self.metrics.iter().map(|r| metric_points(r) as usize).sum()
     }
-}
-
-/// The data points of a metrics request, over every kind of metric.
-pub fn metric_points(request: &ExportMetricsServiceRequest) -> usize {
-    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
-    (request.resource_metrics.iter())
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .map(|m| match &m.data {
-            Some(Data::Gauge(g)) => g.data_points.len(),
-            Some(Data::Sum(s)) => s.data_points.len(),
-            Some(Data::Histogram(h)) => h.data_points.len(),
-            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-            Some(Data::Summary(s)) => s.data_points.len(),
-            None => 0,
-        })
-        .sum()
 }
 
 #[derive(Clone)]
@@ -757,6 +740,19 @@ impl TraceService for Downstream {
     }
 }
 
+/// A request body, gunzipped when its `Content-Encoding` says gzip.
+fn inflated(headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+    if headers.get("content-encoding").is_none_or(|v| v != "gzip") {
+        return body.to_vec();
+    }
+    use std::io::Read;
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut plain)
+        .unwrap();
+    plain
+}
+
 async fn http_export(
     axum::extract::State(d): axum::extract::State<Downstream>,
     headers: HeaderMap,
@@ -764,16 +760,7 @@ async fn http_export(
 ) -> (StatusCode, HeaderMap, Vec<u8>) {
     let mut out = HeaderMap::new();
     out.insert("content-type", "application/x-protobuf".parse().unwrap());
-    let body = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
-        use std::io::Read;
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut plain)
-            .unwrap();
-        plain
-    } else {
-        body.to_vec()
-    };
+    let body = inflated(&headers, &body);
     let request =
         ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP from the client");
     match d.handle(&request) {
@@ -795,16 +782,7 @@ async fn http_export_metrics(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    let body = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
-        use std::io::Read;
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut plain)
-            .unwrap();
-        plain
-    } else {
-        body.to_vec()
-    };
+    let body = inflated(&headers, &body);
     let request = ExportMetricsServiceRequest::decode(body.as_slice())
         .expect("valid OTLP metrics from the client");
     match d.handle_metrics(request) {

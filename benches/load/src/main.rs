@@ -7,7 +7,8 @@
 //!
 //! Run: `cargo run --release -p tailgate-load` (add `-- --quick` for a smoke run; `-- --help`).
 //! `cargo run --release -p tailgate-load -- soak` is the storage log's soak instead: `kill -9`
-//! cycles and a backend outage under load (see `soak.rs`).
+//! cycles and a backend outage under load (see `soak.rs`); `-- metrics` measures metrics
+//! pass-through against rotel (see `metrics.rs`).
 //!
 //! Each (collector, phase) pair gets a fresh collector process and a reset sink, so every
 //! number belongs to exactly one phase: phase 1 sends a fixed rate, phase 2 as fast as the load
@@ -17,6 +18,7 @@
 // The admin HTTP client and Prometheus parsing, shared with the e2e tests.
 #[path = "../../../tests/e2e/http.rs"]
 mod http;
+mod metrics;
 mod process;
 mod sink;
 mod soak;
@@ -54,6 +56,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(90);
 const USAGE: &str = "\
 usage: cargo run --release -p tailgate-load -- [options]
        cargo run --release -p tailgate-load -- soak [soak options]   (soak --help)
+       cargo run --release -p tailgate-load -- metrics [options]     (metrics --help)
 
   --quick             short phases (20,000 spans/s for 5 s, saturation for 5 s): a smoke run
   --rate N            fixed-rate phase, spans/s (default 50000)
@@ -130,11 +133,10 @@ fn parse_args() -> anyhow::Result<Options> {
 }
 
 fn main() -> ExitCode {
-    let soak = std::env::args().nth(1).is_some_and(|a| a == "soak");
-    let outcome = if soak {
-        soak::run(std::env::args().skip(2))
-    } else {
-        run().map(|()| true)
+    let outcome = match std::env::args().nth(1).as_deref() {
+        Some("soak") => soak::run(std::env::args().skip(2)),
+        Some("metrics") => metrics::run(std::env::args().skip(2)),
+        _ => run().map(|()| true),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -1241,6 +1241,7 @@ plugin = \"latency\"
         // an unset limit depends on the storage mode); headers are a table.
         for skip in [
             "endpoint",
+            "metrics_endpoint",
             "headers",
             "retry_max_elapsed",
             "ca_file",

@@ -243,12 +243,7 @@ impl Batcher {
         let mut flush_at: Option<Instant> = None;
         let mut open = true;
         while open || !ready.is_empty() || !batch.is_empty() {
-            let timer = async {
-                match flush_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = super::flush_timer(flush_at);
             tokio::select! {
                 msg = rx.recv(), if open => match msg {
                     Some(passed) => {

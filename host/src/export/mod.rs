@@ -346,12 +346,7 @@ impl Batcher {
         let mut flush_at: Option<Instant> = None;
         let mut open = true;
         while open || !ready.is_empty() {
-            let timer = async {
-                match flush_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = flush_timer(flush_at);
             tokio::select! {
                 msg = rx.recv(), if open => match msg {
                     Some(trace) => {
@@ -513,6 +508,14 @@ impl Batcher {
             }
             drop(permit);
         });
+    }
+}
+
+/// Resolves at `at`; never without one (no batch is open).
+async fn flush_timer(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,8 +12,12 @@
 //! Every span carries `loadgen.seq`, an integer unique across the whole load (see
 //! [`Generator::with_seq`]), so a sink counts loss and duplicates exactly.
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{
+    Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 
@@ -394,6 +398,73 @@ impl Generator {
             .map(|i| self.trace(end_unix_nano.saturating_sub(1_000 * (traces - 1 - i) as u64)))
             .collect();
         request_of(generated)
+    }
+}
+
+/// Series in each metric of [`metrics_request`].
+const SERIES_PER_METRIC: u64 = 10;
+
+/// A metrics request of `points` data points, seqs `seq_start..seq_start + points`: cumulative
+/// sums of [`SERIES_PER_METRIC`] series each (by `tenant.id` and `model`, as the cost counters of
+/// an agent), every point carrying its `loadgen.seq`.
+pub(crate) fn metrics_request(
+    seq_start: u64,
+    points: u64,
+    now_unix_nano: u64,
+) -> ExportMetricsServiceRequest {
+    let metrics = (0..points.div_ceil(SERIES_PER_METRIC))
+        .map(|m| {
+            let first = m * SERIES_PER_METRIC;
+            let data_points = (first..(first + SERIES_PER_METRIC).min(points))
+                .map(|i| NumberDataPoint {
+                    attributes: vec![
+                        kv_str("tenant.id", &format!("tenant-{}", i % 5)),
+                        kv_str(
+                            "model",
+                            if i % 2 == 0 {
+                                "gpt-4o"
+                            } else {
+                                "claude-3-haiku"
+                            },
+                        ),
+                        kv_int(SEQ_ATTRIBUTE, (seq_start + i) as i64),
+                    ],
+                    start_time_unix_nano: now_unix_nano.saturating_sub(60_000_000_000),
+                    time_unix_nano: now_unix_nano,
+                    value: Some(number_data_point::Value::AsDouble(
+                        (seq_start + i) as f64 * 0.001,
+                    )),
+                    ..Default::default()
+                })
+                .collect();
+            Metric {
+                name: format!("agent.llm.cost_usd.{}", m % 4),
+                unit: "USD".into(),
+                data: Some(metric::Data::Sum(Sum {
+                    data_points,
+                    aggregation_temporality: 2,
+                    is_monotonic: true,
+                })),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv_str("service.name", "loadgen-metrics")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: "tailgate-loadgen".into(),
+                    ..Default::default()
+                }),
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
     }
 }
 

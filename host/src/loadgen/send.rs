@@ -47,10 +47,11 @@ use prost::Message as _;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::generate::{Generator, Shape};
+use super::generate::{Generator, Shape, metrics_request};
 use crate::export::transport::{
     Protocol, RetryPolicy, SendError, Transport, TransportConfig, TransportError, send_with_retry,
 };
+use crate::otlp::signal::Signal;
 
 /// Backoff between retries of one request: short, because a load generator that backs off for
 /// long measures nothing; how long to keep retrying is the plan's `retry_for`.
@@ -65,6 +66,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub(crate) struct LoadPlan {
     pub(crate) protocol: Protocol,
+    /// Traces, or metrics: a data point for each span the shape describes.
+    pub(crate) signal: Signal,
     /// gRPC: `http://host:port`; HTTP: a base URL to which `/v1/traces` is appended.
     pub(crate) endpoint: String,
     /// Concurrent connections, each with one request in flight.
@@ -217,6 +220,7 @@ struct Schedule {
     total_traces: Option<u64>,
     traces_per_request: u64,
     spans_per_request: u64,
+    spans_per_trace: u64,
     state: Mutex<ScheduleState>,
 }
 
@@ -239,6 +243,7 @@ impl Schedule {
             total_traces: plan.total_traces(),
             traces_per_request: plan.traces_per_request.max(1) as u64,
             spans_per_request,
+            spans_per_trace: plan.shape.spans_per_trace.max(1) as u64,
             state: Mutex::new(ScheduleState::default()),
         }
     }
@@ -350,7 +355,7 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
         .map(|_| {
             Transport::new(TransportConfig {
                 protocol: plan.protocol,
-                signal: crate::otlp::signal::Signal::Traces,
+                signal: plan.signal,
                 endpoint: plan.endpoint.clone(),
                 headers: Vec::new(),
                 gzip: plan.gzip,
@@ -402,6 +407,7 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
             let generator = Generator::new(plan.seed.wrapping_add(i as u64), plan.shape.clone());
             tokio::spawn(run_connection(
                 transport,
+                plan.signal,
                 generator,
                 retry,
                 schedule.clone(),
@@ -432,6 +438,7 @@ pub(crate) async fn send(plan: &LoadPlan) -> Result<Summary, LoadgenError> {
 
 async fn run_connection(
     transport: Transport,
+    signal: Signal,
     mut generator: Generator,
     retry: RetryPolicy,
     schedule: Arc<Schedule>,
@@ -444,10 +451,18 @@ async fn run_connection(
             tokio::time::sleep_until(due).await;
         }
         generator.set_seq(claim.seq_start, 1);
-        let request = generator.request(claim.traces, now_unix_nanos());
-        let spans = generator.next_seq() - claim.seq_start;
-        let body = Bytes::from(request.encode_to_vec());
-        drop(request);
+        let (body, spans) = match signal {
+            Signal::Traces => {
+                let request = generator.request(claim.traces, now_unix_nanos());
+                let spans = generator.next_seq() - claim.seq_start;
+                (Bytes::from(request.encode_to_vec()), spans)
+            }
+            Signal::Metrics => {
+                let points = claim.traces as u64 * schedule.spans_per_trace;
+                let request = metrics_request(claim.seq_start, points, now_unix_nanos());
+                (Bytes::from(request.encode_to_vec()), points)
+            }
+        };
         stats.requests += 1;
         stats.spans_sent += spans;
         let mut retries = 0;
@@ -542,6 +557,11 @@ pub(crate) fn write_requests(plan: &LoadPlan, path: &Path) -> Result<Summary, Lo
             "acknowledged requests are listed from an endpoint's answers; a file gives none".into(),
         ));
     }
+    if plan.signal != Signal::Traces {
+        return Err(LoadgenError::Plan(
+            "--out writes trace requests only".into(),
+        ));
+    }
     let io_err = |source| LoadgenError::Io {
         path: path.to_owned(),
         source,
@@ -621,6 +641,7 @@ mod tests {
     fn plan(total: Option<u64>, duration: Option<Duration>, rate: f64) -> LoadPlan {
         LoadPlan {
             protocol: Protocol::Grpc,
+            signal: Signal::Traces,
             endpoint: "http://127.0.0.1:1".into(),
             connections: 3,
             rate,

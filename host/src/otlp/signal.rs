@@ -138,7 +138,7 @@ fn within(points: u64, max: u64) -> Result<u64, Unread> {
 }
 
 /// Data points of every metric of the request.
-fn points_of(request: &ExportMetricsServiceRequest) -> u64 {
+pub fn points_of(request: &ExportMetricsServiceRequest) -> u64 {
     let metrics = (request.resource_metrics.iter())
         .flat_map(|r| &r.scope_metrics)
         .flat_map(|s| &s.metrics);
