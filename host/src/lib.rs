@@ -123,6 +123,30 @@ pub mod fuzz {
         }
     }
 
+    /// The metrics decoders, protobuf and OTLP/JSON: what either accepts, the file exporter's
+    /// JSON of it reads back with the same points (or, holding a double that is not finite,
+    /// is refused; never read with points missing).
+    pub fn metrics(data: &[u8]) {
+        use crate::otlp::signal;
+        let from_protobuf = signal::count_metric_points(data, u64::MAX).ok();
+        let from_json = signal::metrics_from_json(data, 1 << 22, u64::MAX).ok();
+        for (body, points) in [from_protobuf.map(|p| (data.to_vec(), p)), from_json]
+            .into_iter()
+            .flatten()
+        {
+            let line = signal::metrics_to_json(&body).expect("an accepted request re-encodes");
+            match signal::metrics_from_json(line.as_bytes(), usize::MAX, u64::MAX) {
+                Ok((back, again)) => {
+                    assert_eq!(points, again, "{line}");
+                    assert_eq!(signal::count_metric_points(&back, u64::MAX), Ok(points));
+                }
+                // Doubles that are not finite are written spelled, and refused when read.
+                Err(_) if line.contains("NaN") || line.contains("Infinity") => {}
+                Err(e) => panic!("our own JSON is refused: {e:?}\n{line}"),
+            }
+        }
+    }
+
     /// Patch and edit validation, and applying what it accepts: an edited trace is still OTLP
     /// that prost decodes, with every span that was not removed.
     pub fn edits(data: &[u8]) {

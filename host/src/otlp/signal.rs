@@ -5,9 +5,12 @@
 //! Metrics are decoded with prost and `opentelemetry-proto`'s serde (its `with-serde`
 //! feature), not at the wire level as spans are: a pass-through signal is not indexed, only
 //! checked, counted and forwarded as received, so a full decode per request is the simple,
-//! well-kept way to check it. The JSON side is stricter than the trace codec in [`super::json`]
-//! (it wants the exact camelCase keys and integer enums the OTLP/JSON spec writes, which is
-//! what the SDKs send); a body it cannot read gets 400 with serde's reason.
+//! well-kept way to check it. The JSON side is stricter than the trace codec in [`super::json`]:
+//! it wants the camelCase keys and integer enums the OTLP/JSON spec writes (what the SDKs send),
+//! and doubles as JSON numbers (`"NaN"` and `"Infinity"` are refused, where the trace codec
+//! takes them). A body it cannot read gets 400 with the reason; a metric whose data serde
+//! skips is caught and refused too, never passed on without its points. Written JSON (the file
+//! exporter's) spells non-finite doubles as OTLP/JSON does, which serde_json alone cannot.
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -109,10 +112,56 @@ pub(crate) fn metrics_from_json(
             "decoding this JSON body would take about {decoded} bytes, more than the {max_decoded} one request may"
         )));
     }
-    let request: ExportMetricsServiceRequest = serde_json::from_slice(body)
+    let text: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Unread::Malformed(format!("invalid OTLP/JSON metrics: {e}")))?;
+    let written = metrics_with_data(&text);
+    let request: ExportMetricsServiceRequest = serde_json::from_value(text)
+        .map_err(|e| Unread::Malformed(format!("invalid OTLP/JSON metrics: {e}")))?;
+    // serde reads a metric whose data it cannot read (a `"NaN"` double, say) as a metric
+    // without data; that would lose its points without a word, so it is refused instead.
+    let read = (request.resource_metrics.iter())
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .filter(|m| m.data.is_some())
+        .count();
+    if read != written {
+        return Err(Unread::Malformed(format!(
+            "invalid OTLP/JSON metrics: {} of {written} metrics have data that cannot be read \
+             (doubles must be JSON numbers here, not \"NaN\" or \"Infinity\")",
+            written.saturating_sub(read)
+        )));
+    }
     let points = within(points_of(&request), max_points)?;
     Ok((request.encode_to_vec(), points))
+}
+
+/// The keys that hold a metric's data, in OTLP/JSON.
+const DATA_KEYS: [&str; 6] = [
+    "gauge",
+    "sum",
+    "histogram",
+    "exponentialHistogram",
+    "exponential_histogram",
+    "summary",
+];
+
+/// Metrics in a JSON request that carry one of the data keys.
+fn metrics_with_data(text: &serde_json::Value) -> usize {
+    fn list<'a>(v: &'a serde_json::Value, camel: &str, snake: &str) -> &'a [serde_json::Value] {
+        (v.get(camel).or_else(|| v.get(snake)))
+            .and_then(|l| l.as_array())
+            .map_or(&[], Vec::as_slice)
+    }
+    list(text, "resourceMetrics", "resource_metrics")
+        .iter()
+        .flat_map(|r| list(r, "scopeMetrics", "scope_metrics"))
+        .flat_map(|s| list(s, "metrics", "metrics"))
+        .filter(|m| {
+            DATA_KEYS
+                .iter()
+                .any(|k| m.get(*k).is_some_and(|d| !d.is_null()))
+        })
+        .count()
 }
 
 /// One encoded request (or several concatenated, which protobuf reads as one) as an OTLP/JSON
@@ -120,7 +169,104 @@ pub(crate) fn metrics_from_json(
 pub(crate) fn metrics_to_json(body: &[u8]) -> Result<String, prost::DecodeError> {
     let request = ExportMetricsServiceRequest::decode(body)?;
     // Serializing prost structs with derived serde cannot fail: no maps with non-string keys.
-    Ok(serde_json::to_string(&request).unwrap_or_default())
+    let mut value = serde_json::to_value(&request).unwrap_or_default();
+    spell_non_finite(&request, &mut value);
+    Ok(value.to_string())
+}
+
+/// Writes `x` into `slot` as OTLP/JSON spells a double that is not finite (`"NaN"`,
+/// `"Infinity"`, `"-Infinity"`, proto3's JSON mapping); serde_json wrote `null` there.
+fn spell(slot: Option<&mut serde_json::Value>, x: f64) {
+    if let Some(slot) = slot.filter(|_| !x.is_finite()) {
+        *slot = serde_json::Value::from(if x.is_nan() {
+            "NaN"
+        } else if x > 0.0 {
+            "Infinity"
+        } else {
+            "-Infinity"
+        });
+    }
+}
+
+/// Spells every double of `request` that is not finite in its JSON `value`.
+fn spell_non_finite(request: &ExportMetricsServiceRequest, value: &mut serde_json::Value) {
+    use opentelemetry_proto::tonic::metrics::v1::{Exemplar, exemplar, number_data_point};
+    let exemplars = |list: &[Exemplar], v: &mut serde_json::Value| {
+        for (i, e) in list.iter().enumerate() {
+            if let Some(exemplar::Value::AsDouble(x)) = e.value {
+                spell(v.pointer_mut(&format!("/exemplars/{i}/asDouble")), x);
+            }
+        }
+    };
+    let number = |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint,
+                  v: &mut serde_json::Value| {
+        if let Some(number_data_point::Value::AsDouble(x)) = p.value {
+            spell(v.get_mut("asDouble"), x);
+        }
+        exemplars(&p.exemplars, v);
+    };
+    for (r, rm) in request.resource_metrics.iter().enumerate() {
+        for (s, sm) in rm.scope_metrics.iter().enumerate() {
+            for (m, metric) in sm.metrics.iter().enumerate() {
+                let at = format!("/resourceMetrics/{r}/scopeMetrics/{s}/metrics/{m}");
+                let Some(v) = value.pointer_mut(&at) else {
+                    continue;
+                };
+                match &metric.data {
+                    Some(Data::Gauge(g)) => {
+                        for (i, p) in g.data_points.iter().enumerate() {
+                            if let Some(slot) = v.pointer_mut(&format!("/gauge/dataPoints/{i}")) {
+                                number(p, slot);
+                            }
+                        }
+                    }
+                    Some(Data::Sum(g)) => {
+                        for (i, p) in g.data_points.iter().enumerate() {
+                            if let Some(slot) = v.pointer_mut(&format!("/sum/dataPoints/{i}")) {
+                                number(p, slot);
+                            }
+                        }
+                    }
+                    Some(Data::Histogram(h)) => {
+                        for (i, p) in h.data_points.iter().enumerate() {
+                            let Some(slot) = v.pointer_mut(&format!("/histogram/dataPoints/{i}"))
+                            else {
+                                continue;
+                            };
+                            for (key, x) in [("sum", p.sum), ("min", p.min), ("max", p.max)] {
+                                x.inspect(|x| spell(slot.get_mut(key), *x));
+                            }
+                            for (b, x) in p.explicit_bounds.iter().enumerate() {
+                                spell(slot.pointer_mut(&format!("/explicitBounds/{b}")), *x);
+                            }
+                            exemplars(&p.exemplars, slot);
+                        }
+                    }
+                    Some(Data::ExponentialHistogram(h)) => {
+                        for (i, p) in h.data_points.iter().enumerate() {
+                            let at = format!("/exponentialHistogram/dataPoints/{i}");
+                            let Some(slot) = v.pointer_mut(&at) else {
+                                continue;
+                            };
+                            for (key, x) in [("sum", p.sum), ("min", p.min), ("max", p.max)] {
+                                x.inspect(|x| spell(slot.get_mut(key), *x));
+                            }
+                            exemplars(&p.exemplars, slot);
+                        }
+                    }
+                    Some(Data::Summary(sm)) => {
+                        for (i, p) in sm.data_points.iter().enumerate() {
+                            spell(
+                                v.pointer_mut(&format!("/summary/dataPoints/{i}/sum")),
+                                p.sum,
+                            );
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
 }
 
 fn decode_metrics(body: &[u8]) -> Result<ExportMetricsServiceRequest, Unread> {
@@ -238,6 +384,59 @@ mod tests {
             metrics_from_json(line.as_bytes(), 64, 100),
             Err(Unread::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn odd_but_valid_requests_read_back_from_their_json_the_same() {
+        use opentelemetry_proto::tonic::metrics::v1::{Exemplar, Histogram, HistogramDataPoint};
+        let mut odd = request();
+        let metrics = &mut odd.resource_metrics[0].scope_metrics[0].metrics;
+        metrics[1].data = None;
+        metrics.push(Metric {
+            name: "latency".into(),
+            data: Some(Data::Histogram(Histogram {
+                data_points: vec![HistogramDataPoint {
+                    attributes: vec![KeyValue {
+                        key: "no.value".into(),
+                        value: None,
+                        ..Default::default()
+                    }],
+                    count: 2,
+                    sum: Some(f64::NAN),
+                    bucket_counts: vec![1, 1],
+                    explicit_bounds: vec![f64::INFINITY],
+                    exemplars: vec![Exemplar {
+                        span_id: vec![1; 8],
+                        trace_id: vec![2; 16],
+                        ..Default::default()
+                    }],
+                    min: Some(f64::NEG_INFINITY),
+                    ..Default::default()
+                }],
+                aggregation_temporality: 1,
+            })),
+            ..Default::default()
+        });
+        let line = metrics_to_json(&odd.encode_to_vec()).expect("encodes");
+        // The file's JSON spells what serde_json cannot write as a number.
+        for spelled in [
+            r#""sum":"NaN""#,
+            r#""explicitBounds":["Infinity"]"#,
+            r#""min":"-Infinity""#,
+            r#""traceId":"02020202020202020202020202020202""#,
+        ] {
+            assert!(line.contains(spelled), "{spelled} in {line}");
+        }
+        // Reading such a body is refused with a reason, never a metric silently without data.
+        match metrics_from_json(line.as_bytes(), 1 << 20, 100) {
+            Err(Unread::Malformed(why)) => assert!(why.contains("1 of 2 metrics"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let finite = request();
+        let line = metrics_to_json(&finite.encode_to_vec()).expect("encodes");
+        let (back, points) = metrics_from_json(line.as_bytes(), 1 << 20, 100).expect("decodes");
+        assert_eq!(points, 3);
+        assert_eq!(ExportMetricsServiceRequest::decode(&back[..]), Ok(finite));
     }
 
     #[test]
