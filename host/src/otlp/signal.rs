@@ -114,24 +114,22 @@ pub(crate) fn metrics_from_json(
     }
     let text: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Unread::Malformed(format!("invalid OTLP/JSON metrics: {e}")))?;
-    let written = metrics_with_data(&text);
+    let written = json_points(&text);
     let request: ExportMetricsServiceRequest = serde_json::from_value(text)
         .map_err(|e| Unread::Malformed(format!("invalid OTLP/JSON metrics: {e}")))?;
     // serde reads a metric whose data it cannot read (a `"NaN"` double, say) as a metric
-    // without data; that would lose its points without a word, so it is refused instead.
-    let read = (request.resource_metrics.iter())
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .filter(|m| m.data.is_some())
-        .count();
+    // without data, and skips keys it does not know (`data_points`): either would lose points
+    // without a word, so the body is refused instead.
+    let read = points_of(&request);
     if read != written {
         return Err(Unread::Malformed(format!(
-            "invalid OTLP/JSON metrics: {} of {written} metrics have data that cannot be read \
-             (doubles must be JSON numbers here, not \"NaN\" or \"Infinity\")",
-            written.saturating_sub(read)
+            "invalid OTLP/JSON metrics: {} of {written} data points cannot be read (keys must \
+             be camelCase, as OTLP/JSON writes them, and doubles JSON numbers, not \"NaN\" or \
+             \"Infinity\")",
+            written.abs_diff(read)
         )));
     }
-    let points = within(points_of(&request), max_points)?;
+    let points = within(read, max_points)?;
     Ok((request.encode_to_vec(), points))
 }
 
@@ -145,8 +143,8 @@ const DATA_KEYS: [&str; 6] = [
     "summary",
 ];
 
-/// Metrics in a JSON request that carry one of the data keys.
-fn metrics_with_data(text: &serde_json::Value) -> usize {
+/// The data points a JSON request holds, under either spelling of the keys.
+fn json_points(text: &serde_json::Value) -> u64 {
     fn list<'a>(v: &'a serde_json::Value, camel: &str, snake: &str) -> &'a [serde_json::Value] {
         (v.get(camel).or_else(|| v.get(snake)))
             .and_then(|l| l.as_array())
@@ -156,12 +154,9 @@ fn metrics_with_data(text: &serde_json::Value) -> usize {
         .iter()
         .flat_map(|r| list(r, "scopeMetrics", "scope_metrics"))
         .flat_map(|s| list(s, "metrics", "metrics"))
-        .filter(|m| {
-            DATA_KEYS
-                .iter()
-                .any(|k| m.get(*k).is_some_and(|d| !d.is_null()))
-        })
-        .count()
+        .flat_map(|m| DATA_KEYS.iter().filter_map(|k| m.get(*k)))
+        .map(|data| list(data, "dataPoints", "data_points").len() as u64)
+        .sum()
 }
 
 /// One encoded request (or several concatenated, which protobuf reads as one) as an OTLP/JSON
@@ -380,6 +375,12 @@ mod tests {
             metrics_from_json(b"{\"resourceMetrics\":7}", 1 << 20, 100),
             Err(Unread::Malformed(_))
         ));
+        // Keys serde does not know would drop the points they hold: refused.
+        let snake = line.replace("dataPoints", "data_points");
+        assert!(matches!(
+            metrics_from_json(snake.as_bytes(), 1 << 20, 100),
+            Err(Unread::Malformed(why)) if why.contains("3 of 3 data points")
+        ));
         assert!(matches!(
             metrics_from_json(line.as_bytes(), 64, 100),
             Err(Unread::TooLarge(_))
@@ -429,7 +430,7 @@ mod tests {
         }
         // Reading such a body is refused with a reason, never a metric silently without data.
         match metrics_from_json(line.as_bytes(), 1 << 20, 100) {
-            Err(Unread::Malformed(why)) => assert!(why.contains("1 of 2 metrics"), "{why}"),
+            Err(Unread::Malformed(why)) => assert!(why.contains("1 of 3 data points"), "{why}"),
             other => panic!("{other:?}"),
         }
         let finite = request();
