@@ -41,8 +41,10 @@ const MAX_BATCH_BYTES: usize = 3 << 20;
 struct Passed {
     /// Held in memory; None when it waits in the storage log only.
     body: Option<Bytes>,
-    /// Its length, held against the memory bound while `body` is Some.
+    /// Bytes held against the memory bound (0 when `body` is None).
     held: usize,
+    /// Its length, in memory or in the log.
+    size: usize,
     points: u64,
     /// Its record in the storage log, pinned until settled.
     record: Option<u64>,
@@ -131,20 +133,23 @@ impl ForwardQueue {
             return Err(NotQueued::Full);
         }
         let passed = Passed {
+            size: body.len(),
             body: (held > 0).then_some(body),
             held,
             points,
             record,
         };
+        // Counted before it can be sent, so the gauge never dips below what is queued.
+        self.0.metrics.queued.inc_by(points as i64);
         let sent = match &*self.0.tx.lock() {
             Some(tx) => tx.send(passed).is_ok(),
             None => false,
         };
         if !sent {
+            self.0.metrics.queued.dec_by(points as i64);
             self.0.held.fetch_sub(held, Ordering::AcqRel);
             return Err(NotQueued::Closed);
         }
-        self.0.metrics.queued.inc_by(points as i64);
         Ok(())
     }
 
@@ -247,7 +252,7 @@ impl Batcher {
             tokio::select! {
                 msg = rx.recv(), if open => match msg {
                     Some(passed) => {
-                        let size = passed.body.as_ref().map_or(0, Bytes::len);
+                        let size = passed.size;
                         if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
                             ready.push_back(std::mem::take(&mut batch));
                             (points, bytes) = (0, 0);
